@@ -1,0 +1,36 @@
+# `make test` and `make demo` set everything up on a fresh machine: a .venv with the
+# project and its pinned dependencies (constraints.txt), then run.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+BENCH_STAMP := $(VENV)/.bench-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+# Two workers: the suite is sized for a 2-core machine.
+PYTEST_ARGS ?= -q -n 2
+
+.PHONY: install test demo bench clean
+
+$(STAMP):
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[all,dev]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(VENV)/bin/pyroflows demo
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e ".[all,dev,bench]"
+	touch $@
+
+bench: $(BENCH_STAMP)
+	$(PY) benchmarks/density_throughput.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

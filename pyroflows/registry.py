@@ -1,0 +1,344 @@
+"""The backend-neutral table of flows: names, families, defaults and option validation.
+
+Both backends build from this table, so a name means the same flow with the same
+options on Pyro and on NumPyro. Array code lives in the backends; everything here is
+plain Python so that argument errors read the same whichever backend raised them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Any, Callable, Mapping
+
+__all__ = ["Option", "FlowSpec", "SPECS", "RESERVED", "FlowRegistry", "describe"]
+
+_MISSING = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One keyword option of a flow family: its default, the values it accepts, a doc line."""
+
+    default: Any
+    check: Callable[[str, Any], Any]
+    doc: str = ""
+
+    def validate(self, flow: str, name: str, value: Any) -> Any:
+        try:
+            return self.check(name, value)
+        except ValueError as e:
+            raise ValueError(f"flow {flow!r}: {e}") from None
+
+
+def choice(*values: str) -> Callable[[str, Any], Any]:
+    def check(name, value):
+        if value not in values:
+            raise ValueError(f"option {name}={value!r} is not one of {list(values)}")
+        return value
+
+    return check
+
+
+def positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"option {name}={value!r} must be a positive integer")
+    return int(value)
+
+
+def optional_positive_int(name, value):
+    return None if value is None else positive_int(name, value)
+
+
+def positive_float(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        raise ValueError(f"option {name}={value!r} must be a positive number")
+    return float(value)
+
+
+def int_list(name, value):
+    if isinstance(value, numbers.Integral):
+        value = [value]
+    try:
+        out = tuple(positive_int(name, v) for v in value)
+    except TypeError:
+        raise ValueError(f"option {name}={value!r} must be a list of positive integers") from None
+    if not out:
+        raise ValueError(f"option {name} must not be empty")
+    return out
+
+
+def _epsilon_max(name, value):
+    value = positive_float(name, value)
+    if value >= 0.5:
+        raise ValueError(
+            f"option {name}={value!r} must lie in (0, 0.5): GDN is a bijection of R^d "
+            "only when its exponent is below 1/2"
+        )
+    return value
+
+
+ACTIVATIONS = ("relu", "tanh", "elu", "leaky_relu", "gelu", "silu")
+_activation = Option("relu", choice(*ACTIVATIONS), "non-linearity of the conditioner networks")
+_permutation = Option(
+    "reverse", choice("reverse", "random"), "permutation between blocks ('random' is seeded by the global RNG)"
+)
+_log_scale_bound = Option(
+    5.0, positive_float, "log-scales are soft-clamped to (-bound, bound) by bound * tanh(s / bound)"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowSpec:
+    """What a registered name means, independent of the backend.
+
+    ``num_layers`` and ``hidden_dims`` are the defaults used when ``build_flow`` gets
+    ``None``; ``hidden_dims=None`` in the spec means the family has no conditioner
+    network, and passing hidden dims to it is an error.
+    """
+
+    name: str
+    family: str
+    jacobian: str
+    inverse: str
+    reference: str
+    summary: str
+    num_layers: int
+    hidden_dims: tuple[int, ...] | None = None
+    options: Mapping[str, Option] = dataclasses.field(default_factory=dict)
+
+    def resolve(self, dim, num_layers, hidden_dims, options) -> dict[str, Any]:
+        """Validate a build request and fill in the family's defaults."""
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            valid = sorted(self.options) or ["(none)"]
+            raise ValueError(
+                f"flow {self.name!r} has no option {', '.join(map(repr, unknown))}; "
+                f"valid options: {', '.join(valid)}"
+            )
+        out = {name: opt.default for name, opt in self.options.items()}
+        for name, value in options.items():
+            out[name] = self.options[name].validate(self.name, name, value)
+        out["num_layers"] = self.num_layers if num_layers is None else positive_int("num_layers", num_layers)
+        if self.hidden_dims is None:
+            if hidden_dims is not None:
+                hint = " (it sizes its layers with hidden_factors)" if "hidden_factors" in self.options else ""
+                raise ValueError(f"flow {self.name!r} has no conditioner network, so hidden_dims does not apply{hint}")
+        else:
+            out["hidden_dims"] = self.hidden_dims if hidden_dims is None else int_list("hidden_dims", hidden_dims)
+        return out
+
+
+_COUPLING_REF = "Dinh et al. 2015 (NICE, arXiv:1410.8516); Dinh et al. 2017 (RealNVP, arXiv:1605.08803)"
+
+SPECS: dict[str, FlowSpec] = {
+    s.name: s
+    for s in [
+        FlowSpec(
+            "planar", "determinant identities", "matrix determinant lemma", "numerical (scalar root finding)",
+            "Rezende & Mohamed 2015, arXiv:1505.05770",
+            "y = x + u tanh(w.x + b), with u constrained so the map is invertible",
+            num_layers=8,
+        ),
+        FlowSpec(
+            "radial", "determinant identities", "closed form", "closed form (quadratic in the radius)",
+            "Rezende & Mohamed 2015, arXiv:1505.05770",
+            "y = x + beta (x - x0) / (alpha + |x - x0|)",
+            num_layers=8,
+        ),
+        FlowSpec(
+            "sylvester", "determinant identities", "Sylvester determinant identity",
+            "numerical (triangular system of scalar root finds)",
+            "van den Berg et al. 2018, arXiv:1803.05649",
+            "y = x + Q R tanh(R~ Q^T x + b) with orthogonal Q and triangular R, R~",
+            num_layers=4,
+            options={
+                "variant": Option(
+                    "orthogonal", choice("orthogonal", "householder", "triangular"),
+                    "how Q is parametrised: matrix exponential of a skew matrix, Householder reflections, "
+                    "or alternating identity/reversal permutations",
+                ),
+                "num_vectors": Option(
+                    None, optional_positive_int,
+                    "columns M of Q (orthogonal variant only; default: dim)",
+                ),
+            },
+        ),
+        FlowSpec(
+            "householder", "determinant identities", "zero (volume preserving reflections)", "exact",
+            "Tomczak & Welling 2016, arXiv:1611.09630",
+            "an elementwise affine map followed by products of Householder reflections",
+            num_layers=1,
+            options={"num_reflections": Option(None, optional_positive_int, "reflections per layer (default: dim)")},
+        ),
+        FlowSpec(
+            "nice", "coupling", "triangular (volume preserving couplings, diagonal scaling)", "exact",
+            _COUPLING_REF, "additive couplings followed by a learned diagonal scaling",
+            num_layers=4, hidden_dims=(64, 64),
+            options={"activation": _activation, "permutation": _permutation},
+        ),
+        FlowSpec(
+            "realnvp", "coupling", "triangular", "exact", _COUPLING_REF,
+            "affine couplings with bounded log-scales",
+            num_layers=4, hidden_dims=(64, 64),
+            options={"activation": _activation, "permutation": _permutation, "log_scale_bound": _log_scale_bound},
+        ),
+        FlowSpec(
+            "glow", "coupling", "triangular after an LU-parametrised linear map", "exact",
+            "Kingma & Dhariwal 2018, arXiv:1807.03039",
+            "steps of ActNorm (data-dependent initialisation), LU InvertibleLinear and affine coupling",
+            num_layers=4, hidden_dims=(64, 64),
+            options={"activation": _activation, "log_scale_bound": _log_scale_bound},
+        ),
+        FlowSpec(
+            "iaf", "autoregressive", "triangular", "exact, dim sequential passes",
+            "Kingma et al. 2016, arXiv:1606.04934; MADE: Germain et al. 2015, arXiv:1502.03509",
+            "affine autoregressive layers conditioned on their input: sampling is one parallel pass",
+            num_layers=3, hidden_dims=(64, 64),
+            options={"activation": _activation, "permutation": _permutation, "log_scale_bound": _log_scale_bound},
+        ),
+        FlowSpec(
+            "maf", "autoregressive", "triangular", "exact, one parallel pass (the forward is sequential)",
+            "Papamakarios et al. 2017, arXiv:1705.07057; MADE: Germain et al. 2015, arXiv:1502.03509",
+            "affine autoregressive layers conditioned on their output: density evaluation is one parallel pass",
+            num_layers=5, hidden_dims=(64, 64),
+            options={"activation": _activation, "permutation": _permutation, "log_scale_bound": _log_scale_bound},
+        ),
+        FlowSpec(
+            "naf", "autoregressive", "triangular", "numerical (bisection, one dimension after another)",
+            "Huang et al. 2018 (deep sigmoidal flow), arXiv:1804.00779",
+            "monotone sigmoidal transformers whose parameters come from a MADE",
+            num_layers=3, hidden_dims=(64, 64),
+            options={
+                "activation": _activation,
+                "permutation": _permutation,
+                "hidden_units": Option(16, positive_int, "sigmoid units of the deep sigmoidal transformer"),
+            },
+        ),
+        FlowSpec(
+            "bnaf", "autoregressive", "triangular", "numerical (bisection, one dimension after another)",
+            "De Cao et al. 2019, arXiv:1904.04676",
+            "masked block-triangular monotone networks with a gated residual",
+            num_layers=1,
+            options={
+                "hidden_factors": Option((8, 8), int_list, "hidden width per dimension of each block layer"),
+                "permutation": _permutation,
+            },
+        ),
+        FlowSpec(
+            "nsf", "coupling", "triangular", "exact (closed form per bin)",
+            "Durkan et al. 2019, arXiv:1906.04032",
+            "rational-quadratic spline couplings with linear tails outside [-bound, bound]",
+            num_layers=4, hidden_dims=(64, 64),
+            options={
+                "activation": _activation,
+                "permutation": _permutation,
+                "count_bins": Option(8, positive_int, "spline bins"),
+                "bound": Option(3.0, positive_float, "the spline acts on [-bound, bound], identity outside"),
+                "conditioner": Option(
+                    "coupling", choice("coupling", "autoregressive"),
+                    "coupling halves, or a MADE (SplineAutoregressive, forward one parallel pass)",
+                ),
+            },
+        ),
+        FlowSpec(
+            "gaussianization", "diagonal", "diagonal after a rotation", "numerical (bisection) for the forward",
+            "Meng et al. 2020, arXiv:2003.01941",
+            "Householder rotation, mixture-of-logistics CDF and inverse normal CDF per coordinate",
+            num_layers=4,
+            options={
+                "num_components": Option(8, positive_int, "logistic components per coordinate"),
+                "num_reflections": Option(None, optional_positive_int, "Householder reflections (default: dim)"),
+            },
+        ),
+        FlowSpec(
+            "gdn", "diagonal", "diagonal, or dense when the normalisation mixes coordinates",
+            "numerical (bisection or damped Newton) for the forward",
+            "Balle, Laparra & Simoncelli 2016, arXiv:1511.06281",
+            "generalised divisive normalisation y = z / (beta + Gamma z^2)^eps between LU linear maps",
+            num_layers=3,
+            options={
+                "variant": Option("diagonal", choice("diagonal", "dense"), "diagonal or coordinate-mixing Gamma"),
+                "max_exponent": Option(0.4, _epsilon_max, "upper bound on eps (below 1/2 keeps the map onto R^d)"),
+            },
+        ),
+    ]
+}
+
+#: Names held for families that land in a later release of the backends.
+RESERVED = {
+    "ffjord": "a continuous normalizing flow (Grathwohl et al. 2018)",
+    "residual": "residual flows (Behrmann et al. 2019; Chen et al. 2019)",
+}
+
+
+def describe(name: str) -> str:
+    """One paragraph on a registered family: what it computes, its Jacobian, inverse, options."""
+    s = SPECS[name]
+    opts = "; ".join(f"{k}={v.default!r}: {v.doc}" for k, v in s.options.items()) or "none"
+    return (
+        f"{s.name} ({s.family}): {s.summary}. Jacobian: {s.jacobian}. Inverse: {s.inverse}. "
+        f"Reference: {s.reference}. Defaults: num_layers={s.num_layers}, hidden_dims={s.hidden_dims}. "
+        f"Options: {opts}."
+    )
+
+
+class FlowRegistry:
+    """The builders of one backend, keyed by name, validated against ``SPECS``.
+
+    A builder is called as ``builder(dim, num_layers=..., hidden_dims=..., **options)``
+    (plus backend keywords such as JAX's ``key``). For names in ``SPECS`` the options
+    arrive validated and completed with defaults; a user's own builder gets what the
+    caller passed.
+    """
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self._builders: dict[str, Callable] = {}
+
+    def names(self) -> list[str]:
+        return sorted(self._builders)
+
+    def register(self, name: str, *, replace: bool = False):
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a flow name must be a non-empty string, got {name!r}")
+        if name in RESERVED:
+            raise ValueError(f"the name {name!r} is reserved for {RESERVED[name]}; choose another name")
+        if name in self._builders and not replace:
+            raise ValueError(f"a flow named {name!r} is already registered; pass replace=True to override it")
+
+        def decorator(builder):
+            self._builders[name] = builder
+            return builder
+
+        return decorator
+
+    def resolve(self, name, dim, num_layers=None, hidden_dims=None, options=None):
+        """Return ``(builder, config)``: ``config`` holds every argument the builder gets."""
+        options = dict(options or {})
+        if name not in self._builders:
+            if name in RESERVED:
+                raise NotImplementedError(
+                    f"flow {name!r} ({RESERVED[name]}) is not available in the {self.backend} backend yet"
+                )
+            raise ValueError(f"unknown flow {name!r}; available flows: {', '.join(self.names())}")
+        dim = positive_int("dim", dim)
+        spec = SPECS.get(name)
+        if spec is None:
+            config = dict(options, num_layers=num_layers, hidden_dims=hidden_dims)
+        else:
+            config = spec.resolve(dim, num_layers, hidden_dims, options)
+        return self._builders[name], dict(config, dim=dim)
+
+    def build(self, name, dim, *, num_layers=None, hidden_dims=None, **options):
+        builder, config = self.resolve(name, dim, num_layers, hidden_dims, options)
+        return builder(**config), dict(config, name=name)
+
+
+def check_event_dim(shape, dim: int, what: str = "input") -> None:
+    """Raise ``ValueError`` unless ``shape`` ends in ``dim``."""
+    if len(shape) == 0 or shape[-1] != dim:
+        raise ValueError(
+            f"{what} has shape {tuple(shape)}, but this flow acts on vectors of size {dim}: "
+            f"the last dimension must be {dim}"
+        )

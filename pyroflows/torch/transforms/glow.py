@@ -1,0 +1,116 @@
+"""Glow's step of flow: ActNorm, an LU-parametrised invertible linear map, affine coupling.
+
+Kingma & Dhariwal 2018, arXiv:1807.03039, for vectors: the 1x1 convolution becomes a
+``dim x dim`` matrix ``W = P L (U + diag(sign * exp(log_s)))``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..flows import register_flow
+from .base import ElementwiseAffine, FlowTransform, soft_clamp
+from .coupling import AffineCoupling
+
+__all__ = ["ActNorm", "InvertibleLinear"]
+
+
+class ActNorm(ElementwiseAffine):
+    """Per-coordinate affine map ``y = loc + exp(log_scale) * x`` with data-dependent initialisation.
+
+    The first inverse call in training mode on a batch of two or more points (the data
+    side, as in maximum likelihood) sets ``loc`` and ``log_scale`` so that the inverse
+    maps that batch to zero mean and unit variance per coordinate. A forward call first,
+    or a loaded state dict, marks it initialised without touching the weights.
+    """
+
+    def __init__(self, dim: int, log_scale_bound: float = 5.0):
+        super().__init__(dim, log_scale_bound)
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def initialize(self, y: torch.Tensor) -> None:
+        """Set the weights from data ``y`` of shape ``(n, dim)`` (or any batch shape)."""
+        with torch.no_grad():
+            flat = y.detach().reshape(-1, self.dim)
+            log_std = torch.log(flat.std(0).clamp_min(1e-6))
+            bound = 0.99 * self.log_scale_bound
+            log_std = log_std.clamp(-bound, bound)
+            self.loc.copy_(flat.mean(0))
+            self.unconstrained_log_scale.copy_(self.log_scale_bound * torch.atanh(log_std / self.log_scale_bound))
+            self.initialized.fill_(True)
+
+    def call_and_ladj(self, x):
+        if not self.initialized:
+            self.initialized.fill_(True)
+        return super().call_and_ladj(x)
+
+    def inverse_and_ladj(self, y):
+        if not self.initialized:
+            if self.training and y.reshape(-1, self.dim).shape[0] > 1:
+                self.initialize(y)
+            else:
+                self.initialized.fill_(True)
+        return super().inverse_and_ladj(y)
+
+
+class InvertibleLinear(FlowTransform):
+    """``y = W x`` with ``W = P L (U + diag(sign * exp(log_s)))`` (Glow's LU parametrisation).
+
+    ``P`` and the signs of the diagonal are fixed, ``L`` is unit lower triangular, ``U`` strictly upper
+    triangular; log|det W| = sum(log_s), with ``log_s`` soft-clamped to ``(-bound, bound)``.
+    Initialised at a random rotation.
+    """
+
+    def __init__(self, dim: int, log_scale_bound: float = 5.0):
+        super().__init__(dim)
+        self.log_scale_bound = float(log_scale_bound)
+        q, _ = torch.linalg.qr(torch.randn(dim, dim, dtype=torch.float64))
+        p, lower, upper = torch.linalg.lu(q)
+        diag = torch.diagonal(upper)
+        log_s = torch.log(diag.abs()).clamp(-0.99 * log_scale_bound, 0.99 * log_scale_bound)
+        self.register_buffer("permutation", p.float())
+        self.register_buffer("diag_sign", torch.sign(diag).float())
+        self.register_buffer("lower_mask", torch.tril(torch.ones(dim, dim), -1))
+        self.lower = nn.Parameter(lower.float() * self.lower_mask)
+        self.upper = nn.Parameter(torch.triu(upper, 1).float())
+        self.unconstrained_log_s = nn.Parameter((log_scale_bound * torch.atanh(log_s / log_scale_bound)).float())
+
+    def _factors(self):
+        eye = torch.eye(self.dim, dtype=self.lower.dtype, device=self.lower.device)
+        log_s = soft_clamp(self.unconstrained_log_s, self.log_scale_bound)
+        lower = self.lower * self.lower_mask + eye
+        upper = torch.triu(self.upper, 1) + torch.diag(self.diag_sign * torch.exp(log_s))
+        return lower, upper, log_s
+
+    def weight(self):
+        lower, upper, _ = self._factors()
+        return self.permutation @ lower @ upper
+
+    def call_and_ladj(self, x):
+        lower, upper, log_s = self._factors()
+        y = x @ (self.permutation @ lower @ upper).transpose(-1, -2)
+        return y, log_s.sum().expand(x.shape[:-1])
+
+    def inverse_and_ladj(self, y):
+        lower, upper, log_s = self._factors()
+        # x = U^-1 L^-1 P^T y, solved on row vectors: x^T = y^T P L^-T U^-T.
+        rows = y.reshape(-1, self.dim) @ self.permutation
+        rows = torch.linalg.solve_triangular(lower.transpose(0, 1), rows, upper=True, left=False, unitriangular=True)
+        rows = torch.linalg.solve_triangular(upper.transpose(0, 1), rows, upper=False, left=False)
+        return rows.reshape(y.shape), (-log_s.sum()).expand(y.shape[:-1])
+
+
+@register_flow("glow")
+def glow(dim, num_layers, hidden_dims, activation, log_scale_bound):
+    layers = []
+    for _ in range(num_layers):
+        # Forward order, noise to data: the inverse (data side) meets ActNorm first, as in Glow.
+        layers += [
+            AffineCoupling(dim, hidden_dims, activation, log_scale_bound),
+            InvertibleLinear(dim, log_scale_bound),
+            ActNorm(dim, log_scale_bound),
+        ]
+    return layers

@@ -1,0 +1,130 @@
+"""The properties every registered flow must have, on every backend (DESIGN.md, "What every flow must pass")."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from .backends import ADAPTERS
+
+CASES = [pytest.param(a, n, id=f"{a.name}-{n}") for a in ADAPTERS for n in a.names()]
+DIMS = [1, 2, 5]
+DTYPES = ["float64", "float32"]
+BATCHES = [(), (3,), (3, 4)]
+# float64 properties hold to solver precision; float32 ones to what single precision allows.
+TOL = {"float64": 1e-6, "float32": 2e-3}
+
+
+def _points(shape, seed=0, scale=1.0):
+    return scale * np.random.default_rng(seed).standard_normal(shape)
+
+
+@pytest.mark.parametrize("adapter,name", CASES)
+@pytest.mark.parametrize("dim", DIMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", BATCHES, ids=str)
+def test_inverse_round_trip(adapter, name, dim, dtype, batch):
+    flow = adapter.build(name, dim, dtype)
+    x = _points(batch + (dim,))
+    y, ladj = adapter.forward(flow, x, dtype)
+    x2, ildj = adapter.inverse(flow, y, dtype)
+    tol = TOL[dtype]
+    assert y.shape == x.shape and ladj.shape == batch and ildj.shape == batch
+    assert np.all(np.isfinite(y)) and np.all(np.isfinite(ladj))
+    np.testing.assert_allclose(x2, x, atol=tol * 10, rtol=tol * 10)
+    np.testing.assert_allclose(ildj, -ladj, atol=tol * 10 * (1 + np.abs(ladj)).max())
+
+
+@pytest.mark.parametrize("adapter,name", CASES)
+@pytest.mark.parametrize("dim", DIMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("direction", ["forward", "inverse"])
+def test_log_det_matches_autodiff_jacobian(adapter, name, dim, dtype, direction):
+    flow = adapter.build(name, dim, dtype, seed=1)
+    for i in range(3):
+        x = _points((dim,), seed=10 + i)
+        if direction == "inverse":
+            x = adapter.forward(flow, x, dtype)[0]
+        jac, ladj = adapter.jacobian(flow, x, direction, dtype)
+        sign, logdet = np.linalg.slogdet(jac.astype(np.float64))
+        assert sign != 0 and np.isfinite(logdet)
+        np.testing.assert_allclose(ladj, logdet, atol=TOL[dtype] * 10 * (1 + abs(logdet)))
+
+
+AR_CASES = [c for c in CASES if any(c.values[0].is_autoregressive(l) for l in c.values[0].layers(c.values[0].build(c.values[1], 3)))]
+
+
+@pytest.mark.parametrize("adapter,name", AR_CASES)
+def test_autoregressive_layers_have_triangular_jacobians(adapter, name):
+    dim = 5
+    flow = adapter.build(name, dim, "float64", seed=2)
+    checked = 0
+    for layer in adapter.layers(flow):
+        if not adapter.is_autoregressive(layer):
+            continue
+        jac = adapter.layer_jacobian(layer, _points((dim,), seed=3))
+        perm = adapter.permutation(layer)
+        unpermuted = jac[np.ix_(perm, perm)]
+        assert np.allclose(np.triu(unpermuted, 1), 0.0, atol=1e-12), unpermuted
+        # The lower triangle must actually be used (a diagonal map would pass trivially).
+        assert np.abs(np.tril(unpermuted, -1)).max() > 1e-8
+        checked += 1
+    assert checked > 0
+
+
+@pytest.mark.parametrize("adapter,name", CASES)
+@pytest.mark.parametrize("dim", DIMS)
+@pytest.mark.parametrize("batch", BATCHES, ids=str)
+def test_shapes(adapter, name, dim, batch):
+    flow = adapter.build(name, dim, "float64")
+    x, lp, lp_fresh = adapter.sample_and_log_prob(flow, dim, batch, "float64")
+    assert x.shape == batch + (dim,)
+    assert lp.shape == batch
+    assert np.all(np.isfinite(lp))
+    # Scoring a sample through the cache and through a fresh inverse agree.
+    np.testing.assert_allclose(lp, lp_fresh, atol=1e-6 * (1 + np.abs(lp)).max())
+    shape = batch + (dim,)
+    assert adapter.shapes(flow, shape) == (shape, shape)
+
+
+@pytest.mark.parametrize("adapter,name", CASES)
+def test_default_build_is_a_working_flow(adapter, name):
+    """``build_flow(name, dim)`` with the family's own defaults (no test-size overrides)."""
+    dim = 3
+    flow = adapter.build(name, dim, "float64", num_layers=None, hidden_dims=None)
+    x = _points((7, dim), seed=4)
+    y, ladj = adapter.forward(flow, x)
+    x2, _ = adapter.inverse(flow, y)
+    np.testing.assert_allclose(x2, x, atol=1e-5)
+    assert np.all(np.isfinite(ladj))
+
+
+@pytest.mark.parametrize("adapter,name", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_training_steps_stay_finite_and_rescoring_works(adapter, name, dtype):
+    dim = 2
+    flow = adapter.build(name, dim, dtype, seed=5)
+    data = _points((32, dim), seed=6) * np.array([2.0, 0.5])[:dim] + 1.0
+    losses, params_finite = adapter.train(flow, data, dim, dtype, steps=5)
+    assert np.all(np.isfinite(losses)) and params_finite
+    loss, grads_finite, n_grads = adapter.reparam_grad(flow, dim, dtype)
+    assert np.isfinite(loss) and grads_finite and n_grads > 0
+
+
+@pytest.mark.parametrize("adapter,name", CASES)
+def test_extreme_inputs_stay_finite(adapter, name):
+    dim = 2
+    flow = adapter.build(name, dim, "float64", seed=7)
+    grid = np.array([[-30.0, 30.0], [30.0, -30.0], [-8.0, 8.0], [0.0, 0.0], [1e-8, -1e-8]])
+    for direction in (adapter.forward, adapter.inverse):
+        out, ladj = direction(flow, grid)
+        assert np.all(np.isfinite(out)) and np.all(np.isfinite(ladj)), (direction.__name__, out, ladj)
+
+
+@pytest.mark.parametrize("adapter,name", [c for c in CASES if c.values[0].name == "torch"])
+def test_torch_dtype_and_device_moves(adapter, name):
+    dim = 3
+    flow = adapter.build(name, dim, "float32", seed=8)
+    lp32, lp64 = adapter.moved(flow, dim)
+    assert np.all(np.isfinite(lp64))
+    np.testing.assert_allclose(lp64, lp32, rtol=1e-3, atol=1e-3)
