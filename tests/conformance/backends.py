@@ -117,7 +117,7 @@ class TorchAdapter:
             again = -d.log_prob(x).mean()  # scoring the same tensor again must work
             again.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         grads_finite = all(bool(torch.isfinite(p).all()) for p in flow.parameters())
         return np.array(losses), grads_finite
 

@@ -30,6 +30,7 @@ def test_inverse_round_trip(adapter, name, dim, dtype, batch):
     x2, ildj = adapter.inverse(flow, y, dtype)
     tol = TOL[dtype]
     assert y.shape == x.shape and ladj.shape == batch and ildj.shape == batch
+    assert y.dtype == x2.dtype == ladj.dtype == np.dtype(dtype)  # no silent promotion
     assert np.all(np.isfinite(y)) and np.all(np.isfinite(ladj))
     np.testing.assert_allclose(x2, x, atol=tol * 10, rtol=tol * 10)
     np.testing.assert_allclose(ildj, -ladj, atol=tol * 10 * (1 + np.abs(ladj)).max())
@@ -128,3 +129,16 @@ def test_torch_dtype_and_device_moves(adapter, name):
     lp32, lp64 = adapter.moved(flow, dim)
     assert np.all(np.isfinite(lp64))
     np.testing.assert_allclose(lp64, lp32, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("adapter,name", [c for c in CASES if c.values[0].name == "jax"])
+def test_jax_transform_survives_jit_and_vmap(adapter, name):
+    dim = 3
+    flow = adapter.build(name, dim, "float64", seed=9)
+    x = adapter.tensor(_points((4, dim), seed=10), "float64")
+    y, ladj, yj, ladjj, yv, ladjv, xinv = adapter.jit_and_vmap(flow, x)
+    np.testing.assert_allclose(yj, y, atol=1e-12)
+    np.testing.assert_allclose(ladjj, ladj, atol=1e-10)
+    np.testing.assert_allclose(yv, y, atol=1e-12)
+    np.testing.assert_allclose(ladjv, ladj, atol=1e-10)
+    np.testing.assert_allclose(xinv, np.asarray(x), atol=1e-6)

@@ -74,15 +74,17 @@ class InvertibleLinear(FlowTransform):
         self.register_buffer("permutation", p.float())
         self.register_buffer("diag_sign", torch.sign(diag).float())
         self.register_buffer("lower_mask", torch.tril(torch.ones(dim, dim), -1))
+        # Masks rather than torch.tril/triu per call: those are slow under thread contention.
+        self.register_buffer("upper_mask", torch.triu(torch.ones(dim, dim), 1))
         self.lower = nn.Parameter(lower.float() * self.lower_mask)
-        self.upper = nn.Parameter(torch.triu(upper, 1).float())
+        self.upper = nn.Parameter((upper * self.upper_mask).float())
         self.unconstrained_log_s = nn.Parameter((log_scale_bound * torch.atanh(log_s / log_scale_bound)).float())
 
     def _factors(self):
         eye = torch.eye(self.dim, dtype=self.lower.dtype, device=self.lower.device)
         log_s = soft_clamp(self.unconstrained_log_s, self.log_scale_bound)
         lower = self.lower * self.lower_mask + eye
-        upper = torch.triu(self.upper, 1) + torch.diag(self.diag_sign * torch.exp(log_s))
+        upper = self.upper * self.upper_mask + torch.diag(self.diag_sign * torch.exp(log_s))
         return lower, upper, log_s
 
     def weight(self):

@@ -82,6 +82,23 @@ def _bin(knots: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(inner, v.detach().unsqueeze(-1).contiguous(), right=True)
 
 
+def _quadratic_root(dy, h, s, d, curve):
+    """Position in [0, 1] of a point ``dy`` above a bin's start, and the quadratic's ``b``.
+
+    The bin's rational quadratic equals ``dy`` where ``a t^2 + b t + c = 0`` with
+    ``a = h (s - d) + dy curve``, ``b = h d - dy curve``, ``c = -s dy`` (``d`` is the
+    derivative at the bin's start). Returns the root ``2c / (-b - sqrt(b^2 - 4ac))``.
+    """
+    a = h * (s - d) + dy * curve
+    b = h * d - dy * curve
+    c = -s * dy
+    disc = (b * b - 4.0 * a * c).clamp_min(0.0)
+    den = -b - torch.sqrt(disc)
+    # den <= -b < 0 on the side that is used; the guard keeps the unused side finite.
+    den = torch.where(den < 0, den, -torch.ones_like(den))
+    return (2.0 * c / den).clamp(0.0, 1.0), b
+
+
 def rational_quadratic_spline(inputs: torch.Tensor, params: torch.Tensor, bound: float, inverse: bool = False):
     """The monotone RQ spline (identity outside ``[-bound, bound]``) and its log-derivative.
 
@@ -107,21 +124,24 @@ def rational_quadratic_spline(inputs: torch.Tensor, params: torch.Tensor, bound:
     curve = d_k1 + d_k - 2.0 * s_k
 
     if inverse:
-        dy = v - y_k
-        a = h_k * (s_k - d_k) + dy * curve
-        b = h_k * d_k - dy * curve
-        c = -s_k * dy
-        disc = (b * b - 4.0 * a * c).clamp_min(0.0)
-        # The root of a*t^2 + b*t + c = 0 in [0, 1], in the form without cancellation.
-        theta = (2.0 * c / (-b - torch.sqrt(disc))).clamp(0.0, 1.0)
-        out = x_k + theta * w_k
+        # Solve the bin's quadratic for theta from the lower knot, and for 1 - theta from
+        # the upper knot (the mirrored spline: y_k <-> y_k+1, d_k <-> d_k+1). Each uses the
+        # root 2c / (-b - sqrt(b^2 - 4ac)), free of cancellation when b > 0; the two b's sum
+        # to 2 h s > 0, so the larger one is positive, and that side's root is used.
+        lower, low_b = _quadratic_root(v - y_k, h_k, s_k, d_k, curve)
+        upper, up_b = _quadratic_root(_gather(ys, idx + 1) - v, h_k, s_k, d_k1, curve)
+        from_top = up_b > low_b
+        theta = torch.where(from_top, 1.0 - upper, lower)
+        phi = torch.where(from_top, upper, 1.0 - lower)
+        out = torch.where(from_top, _gather(xs, idx + 1) - upper * w_k, x_k + lower * w_k)
     else:
         theta = ((v - x_k) / w_k).clamp(0.0, 1.0)
-    t1 = theta * (1.0 - theta)
+        phi = 1.0 - theta
+    t1 = theta * phi
     denom = s_k + curve * t1
     if not inverse:
         out = y_k + h_k * (s_k * theta * theta + d_k * t1) / denom
-    deriv_num = s_k * s_k * (d_k1 * theta * theta + 2.0 * s_k * t1 + d_k * (1.0 - theta) ** 2)
+    deriv_num = s_k * s_k * (d_k1 * theta * theta + 2.0 * s_k * t1 + d_k * phi * phi)
     logd = torch.log(deriv_num) - 2.0 * torch.log(denom)
     if inverse:
         logd = -logd
@@ -147,7 +167,9 @@ class SplineCoupling(FlowTransform):
     network outputs (the initialisation) give the identity.
     """
 
-    def __init__(self, dim: int, hidden_dims=(64, 64), count_bins: int = 8, bound: float = 3.0, activation: str = "relu"):
+    def __init__(
+        self, dim: int, hidden_dims=(64, 64), count_bins: int = 8, bound: float = 3.0, activation: str = "relu"
+    ):
         super().__init__(dim)
         self.count_bins, self.bound = int(count_bins), float(bound)
         self.split = dim // 2
@@ -189,7 +211,9 @@ class SplineAutoregressive(FlowTransform):
 
     autoregressive = True
 
-    def __init__(self, dim: int, hidden_dims=(64, 64), count_bins: int = 8, bound: float = 3.0, activation: str = "relu"):
+    def __init__(
+        self, dim: int, hidden_dims=(64, 64), count_bins: int = 8, bound: float = 3.0, activation: str = "relu"
+    ):
         super().__init__(dim)
         self.count_bins, self.bound = int(count_bins), float(bound)
         self.num_params = spline_params_per_coordinate(self.count_bins)

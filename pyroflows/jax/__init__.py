@@ -1,0 +1,12 @@
+"""pyroflows for NumPyro: flows as equinox modules that give NumPyro ``Transform``s.
+
+>>> import jax, pyroflows.jax as pf
+>>> flow = pf.build_flow("maf", 5, key=jax.random.key(0))
+>>> transform = flow.to_transform()
+"""
+
+from .flows import REGISTRY, available_flows, build_flow, register_flow
+from .io import load_flow, save_flow
+from . import transforms  # noqa: E402  (registers the built-in families)
+
+__all__ = ["available_flows", "build_flow", "register_flow", "save_flow", "load_flow", "transforms", "REGISTRY"]

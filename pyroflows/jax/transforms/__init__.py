@@ -1,0 +1,18 @@
+"""Flow layers for NumPyro (equinox modules), one module per family; importing this registers their builders."""
+
+from . import autoregressive, base, coupling, gaussianization, gdn, glow, planar, spline, sylvester
+from .autoregressive import *  # noqa: F401,F403
+from .base import EqxTransform, ElementwiseAffine, Flow, FlowTransform, Permute
+from .coupling import *  # noqa: F401,F403
+from .gaussianization import *  # noqa: F401,F403
+from .gdn import *  # noqa: F401,F403
+from .glow import *  # noqa: F401,F403
+from .planar import *  # noqa: F401,F403
+from .spline import *  # noqa: F401,F403
+from .sylvester import *  # noqa: F401,F403
+
+__all__ = ["FlowTransform", "Flow", "EqxTransform", "Permute", "ElementwiseAffine"] + [
+    name
+    for module in (planar, sylvester, coupling, glow, autoregressive, spline, gaussianization, gdn)
+    for name in module.__all__
+]

@@ -1,0 +1,3 @@
+"""Placeholder: this family lands shortly."""
+
+__all__ = []
