@@ -2,9 +2,11 @@
 
 Peers at the same size, measured side by side in one process, interleaved round by
 round so drift hits every contender alike:
-- zuko's ``MAF`` (features=64, transforms=5, hidden_features=(512, 512));
-- Pyro's ``affine_autoregressive`` (hidden_dims=[512, 512]) used in the MAF direction
-  (``TransformedDistribution(base, [t.inv ...])``, so log_prob is one parallel pass).
+- torch: zuko's ``MAF`` (features=64, transforms=5, hidden_features=(512, 512)), and
+  Pyro's ``affine_autoregressive`` (hidden_dims=[512, 512]) used in the MAF direction
+  (``TransformedDistribution(base, [t.inv ...])``, so log_prob is one parallel pass);
+- JAX: flowjax's ``masked_autoregressive_flow`` (flow_layers=5, nn_width=512,
+  nn_depth=2, affine transformer), both jitted (value and gradient in one call).
 
 Writes benchmarks/results/density_throughput.md. Ratios are peer time / our time
 (above 1: we are faster).
@@ -19,7 +21,12 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
+# One thread for both backends, so the ratios compare kernels rather than threading.
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 DIM, LAYERS, HIDDEN = 64, 5, (512, 512)
 RESULTS = Path(__file__).parent / "results"
@@ -59,52 +66,127 @@ def zuko_maf():
     return flow, lambda x: flow().log_prob(x)
 
 
-CONTENDERS = {"pyroflows maf": ours, "zuko MAF": zuko_maf, "Pyro affine_autoregressive (MAF direction)": pyro_maf}
+def _torch_step(made):
+    module, log_prob = made()
+
+    def step(x):
+        module.zero_grad(set_to_none=True)
+        x = x.clone()  # a fresh tensor: Pyro's cache would hand back last step's freed graph
+        start = time.perf_counter()
+        (-log_prob(x).mean()).backward()
+        return time.perf_counter() - start
+
+    return step
 
 
-def step_time(module, log_prob, x):
-    module.zero_grad(set_to_none=True)
-    start = time.perf_counter()
-    loss = -log_prob(x).mean()
-    loss.backward()
-    return time.perf_counter() - start
+def _jax_step(loss_of_params, params):
+    import equinox as eqx
+    import jax
+
+    grad = eqx.filter_jit(eqx.filter_value_and_grad(loss_of_params))
+
+    def step(x):
+        start = time.perf_counter()
+        loss, g = grad(params, x)
+        jax.block_until_ready((loss, g))
+        return time.perf_counter() - start
+
+    return step
+
+
+def ours_jax():
+    import equinox as eqx
+    import jax
+    import numpyro.distributions as dist
+
+    import pyroflows.jax as pf
+
+    flow = pf.build_flow("maf", DIM, key=jax.random.key(0), num_layers=LAYERS, hidden_dims=HIDDEN)
+    params, static = eqx.partition(flow, eqx.is_inexact_array)
+    base = dist.Normal(jax.numpy.zeros(DIM), 1.0).to_event(1)
+
+    def loss(p, x):
+        return -dist.TransformedDistribution(base, eqx.combine(p, static).to_transform()).log_prob(x).mean()
+
+    return _jax_step(loss, params)
+
+
+def flowjax_maf():
+    import equinox as eqx
+    import jax
+    from flowjax.distributions import Normal
+    from flowjax.flows import masked_autoregressive_flow
+
+    flow = masked_autoregressive_flow(
+        jax.random.key(0), base_dist=Normal(jax.numpy.zeros(DIM)), flow_layers=LAYERS, nn_width=HIDDEN[0], nn_depth=2
+    )
+    params, static = eqx.partition(flow, eqx.is_inexact_array)
+
+    def loss(p, x):
+        return -eqx.combine(p, static).log_prob(x).mean()
+
+    return _jax_step(loss, params)
+
+
+BACKENDS = {
+    "torch": {
+        "pyroflows maf": lambda: _torch_step(ours),
+        "zuko MAF": lambda: _torch_step(zuko_maf),
+        "Pyro affine_autoregressive (MAF direction)": lambda: _torch_step(pyro_maf),
+    },
+    "jax": {"pyroflows.jax maf (jit)": ours_jax, "flowjax masked_autoregressive_flow (jit)": flowjax_maf},
+}
+
+
+def measure(contenders, x, rounds):
+    steps = {}
+    for name, make in contenders.items():
+        try:
+            steps[name] = make()
+        except ImportError as e:
+            print(f"skipping {name}: {e}")
+    for step in steps.values():  # warm-up (and compilation)
+        step(x)
+        step(x)
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name].append(step(x))
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4096, help="batch size (the GPU setting is 65536)")
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (JAX follows XLA_FLAGS)")
+    parser.add_argument("--backend", choices=["torch", "jax", "both"], default="both")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    x = torch.randn(args.batch, DIM)
-    built = {}
-    for name, make in CONTENDERS.items():
-        try:
-            built[name] = make()
-        except ImportError as e:
-            print(f"skipping {name}: {e}")
-    times = {name: [] for name in built}
-    for name, (module, log_prob) in built.items():  # warm-up
-        step_time(module, log_prob, x)
-    for _ in range(args.rounds):
-        for name, (module, log_prob) in built.items():
-            times[name].append(step_time(module, log_prob, x))
-    ours_ms = statistics.median(times["pyroflows maf"]) * 1e3
+    x_np = np.random.default_rng(0).standard_normal((args.batch, DIM)).astype(np.float32)
+    device = "cpu"
     lines = [
         "# Density throughput: log_prob + backward, 5-layer MAF, dim 64, hidden 512x2",
         "",
-        f"CPU ({platform.processor() or platform.machine()}, {args.threads} thread(s), torch {torch.__version__}), "
-        f"batch {args.batch}, median of {args.rounds} interleaved rounds after a warm-up.",
-        "Ratio = peer time / pyroflows time (above 1: pyroflows is faster).",
+        f"{platform.processor() or platform.machine()} CPU, {args.threads} thread(s), batch {args.batch}, float32, "
+        f"median of {args.rounds} rounds after warm-up, contenders interleaved round by round in one process.",
+        "Ratio = peer time / pyroflows time, within each backend (above 1: pyroflows is faster).",
         "",
-        "| flow | ms / step | samples / s | ratio to pyroflows |",
-        "| --- | ---: | ---: | ---: |",
+        "| backend | flow | ms / step | samples / s | ratio to pyroflows |",
+        "| --- | --- | ---: | ---: | ---: |",
     ]
-    for name, ts in times.items():
-        ms = statistics.median(ts) * 1e3
-        lines.append(f"| {name} | {ms:.1f} | {args.batch / ms * 1e3:,.0f} | {ms / ours_ms:.2f} |")
+    for backend in (["torch", "jax"] if args.backend == "both" else [args.backend]):
+        if backend == "torch":
+            x = torch.as_tensor(x_np, device=device)
+        else:
+            import jax.numpy as jnp
+
+            x = jnp.asarray(x_np)
+        ms = measure(BACKENDS[backend], x, args.rounds)
+        ours_ms = next(iter(ms.values()))
+        for name, t in ms.items():
+            lines.append(f"| {backend} | {name} | {t:.1f} | {args.batch / t * 1e3:,.0f} | {t / ours_ms:.2f} |")
     text = "\n".join(lines) + "\n"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "density_throughput.md").write_text(text)
@@ -112,5 +194,4 @@ def main():
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     main()

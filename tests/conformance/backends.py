@@ -129,7 +129,7 @@ class TorchAdapter:
         loss = (d.log_prob(x) + 0.5 * (x**2).sum(-1)).mean()
         loss.backward()
         grads = [p.grad for p in flow.parameters() if p.grad is not None]
-        return float(loss), all(bool(torch.isfinite(g).all()) for g in grads), len(grads)
+        return float(loss.detach()), all(bool(torch.isfinite(g).all()) for g in grads), len(grads)
 
     def moved(self, flow, dim):
         """Log-densities of the flow after ``.to(float64)`` and a device move, against the original."""

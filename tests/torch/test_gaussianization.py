@@ -11,6 +11,7 @@ import torch
 from scipy import special, stats
 
 import pyroflows.torch as pf
+from tests.torch.helpers import call_with_params
 from pyroflows.torch.transforms import Gaussianization
 from pyroflows.torch.transforms.gaussianization import ndtri_exp
 
@@ -192,31 +193,10 @@ def test_round_trip_tolerance(dtype, tol):
             assert float(((y2 - y).abs() / (1 + y.abs())).max()) < 1e-9
 
 
-def _call_with_params(layer, method):
-    names = [n for n, _ in layer.named_parameters()]
-
-    class Wrapper(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layer = layer
-
-        def forward(self, x):
-            out, ld = getattr(self.layer, method)(x)
-            return torch.cat([out.reshape(-1), ld.reshape(-1)])
-
-    wrapper = Wrapper()
-
-    def fn(x, *params):
-        return torch.func.functional_call(wrapper, {f"layer.{n}": p for n, p in zip(names, params)}, (x,))
-
-    params = tuple(p.detach().clone().requires_grad_(True) for p in layer.parameters())
-    return fn, params
-
-
 @pytest.mark.parametrize("method", ["call_and_ladj", "inverse_and_ladj"])
 def test_gradcheck_float64(method):
     layer = make_layer(2, 3, seed=7, perturb=0.5)
-    fn, params = _call_with_params(layer, method)
+    fn, params = call_with_params(layer, method)
     x = torch.tensor([[0.3, -1.2], [2.5, 0.7]], dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(fn, (x,) + params)
 

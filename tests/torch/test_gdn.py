@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import pyroflows.torch as pf
+from tests.torch.helpers import call_with_params
 from pyroflows.torch.transforms import GDN, ElementwiseAffine, InvertibleLinear
 
 VARIANTS = ["diagonal", "dense"]
@@ -166,31 +167,11 @@ def test_whole_flow_stays_finite_at_extremes(variant, dtype):
             assert torch.isfinite(out).all() and torch.isfinite(ladj).all()
 
 
-def _call_with_params(layer, method):
-    names = [n for n, _ in layer.named_parameters()]
-
-    class Wrapper(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layer = layer
-
-        def forward(self, x):
-            out, ld = getattr(self.layer, method)(x)
-            return torch.cat([out.reshape(-1), ld.reshape(-1)])
-
-    wrapper = Wrapper()
-
-    def fn(x, *params):
-        return torch.func.functional_call(wrapper, {f"layer.{n}": p for n, p in zip(names, params)}, (x,))
-
-    return fn, tuple(p.detach().clone().requires_grad_(True) for p in layer.parameters())
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("method", ["call_and_ladj", "inverse_and_ladj"])
 def test_gradcheck_float64(variant, method):
     layer = make_layer(2 if variant == "diagonal" else 3, variant, seed=7)
-    fn, params = _call_with_params(layer, method)
+    fn, params = call_with_params(layer, method)
     x = torch.tensor(np.random.default_rng(7).standard_normal((2, layer.dim)) * 2, requires_grad=True)
     assert torch.autograd.gradcheck(fn, (x,) + params)
 

@@ -10,6 +10,8 @@ import torch
 import pyroflows.torch as pf
 from pyroflows.torch.transforms import ElementwiseAffine, Householder, Sylvester
 
+from tests.torch.helpers import param_grad_check
+
 
 @pytest.fixture(autouse=True)
 def _float64():
@@ -192,32 +194,6 @@ def test_sylvester_float32_inverse():
     assert (ildj + ladj).abs().max().item() < 2e-5
 
 
-def _param_grad_check(layer, fn, inputs, h=1e-6, tol=1e-6, per_param=9):
-    """Autograd gradients of ``sum(weights * fn(inputs))`` against central differences.
-
-    Checks ``per_param`` random entries of every parameter (each check runs two full inverses).
-    """
-    torch.manual_seed(123)
-    out = fn(inputs)
-    weights = [torch.randn_like(o) for o in out]
-    loss = sum((w * o).sum() for w, o in zip(weights, out))
-    params = [p for p in layer.parameters()]
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    for p, g in zip(params, grads):
-        g = torch.zeros_like(p) if g is None else g
-        flat = p.data.view(-1)
-        for k in torch.randperm(flat.numel())[:per_param].tolist():
-            old = flat[k].item()
-            vals = []
-            for step in (h, -h):
-                flat[k] = old + step
-                with torch.no_grad():
-                    vals.append(sum((w * o).sum() for w, o in zip(weights, fn(inputs))).item())
-            flat[k] = old
-            fd = (vals[0] - vals[1]) / (2 * h)
-            assert abs(g.view(-1)[k].item() - fd) <= tol * (1 + abs(fd)), (p.shape, k, g.view(-1)[k], fd)
-
-
 @pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[1], CONFIGS[3], CONFIGS[5]])
 def test_sylvester_inverse_has_exact_first_derivatives(config):
     dim = 3
@@ -228,7 +204,7 @@ def test_sylvester_inverse_has_exact_first_derivatives(config):
     jac_fwd = torch.autograd.functional.jacobian(lambda v: layer.call_and_ladj(v)[0], x)
     np.testing.assert_allclose(_np(jac_inv @ jac_fwd), np.eye(dim), atol=1e-9)
     # Parameter gradients through the sequential root finds, against central differences.
-    _param_grad_check(layer, layer.inverse_and_ladj, torch.randn(4, dim))
+    param_grad_check(layer, layer.inverse_and_ladj, torch.randn(4, dim), per_param=9)
 
 
 @pytest.mark.parametrize("reverse", [False, True])

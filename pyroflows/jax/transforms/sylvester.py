@@ -1,3 +1,260 @@
-"""Placeholder: this family lands shortly."""
+"""Sylvester flows and Householder reflections (JAX mirror of torch).
 
-__all__ = []
+Sylvester: van den Berg, Hasenclever, Tomczak & Welling 2018, arXiv:1803.05649.
+Householder: Tomczak & Welling 2016, arXiv:1611.09630.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..flows import register_flow
+from ..nn import host_rng
+from .base import ElementwiseAffine, FlowTransform, bisect_increasing, implicit_step
+
+__all__ = ["Sylvester", "Householder"]
+
+VARIANTS = ("orthogonal", "householder", "triangular")
+
+
+def _safe_log(x):
+    return jnp.log(jnp.maximum(x, jnp.finfo(x.dtype).tiny))
+
+
+def _log_cosh(x):
+    a = jnp.abs(x)
+    return a + jax.nn.softplus(-2.0 * a) - math.log(2.0)
+
+
+def reflect(x, vectors, reverse: bool = False):
+    """Apply ``H_1``, then ``H_2``, ... (``reverse``: ``H_K`` first) to ``x`` of shape ``(..., dim)``.
+
+    ``H_k = I - 2 v_k v_k^T / |v_k|^2`` for the rows ``v_k`` of ``vectors``. ``|v|^2`` is
+    floored at the dtype's smallest normal number, so ``v = 0`` acts as the identity.
+    A ``scan`` over the reflections, so compile time does not grow with their number.
+    """
+    sq = jnp.sum(vectors * vectors, -1, keepdims=True)
+    units = vectors / jnp.sqrt(jnp.maximum(sq, jnp.finfo(vectors.dtype).tiny))
+
+    def step(x, unit):
+        return x - 2.0 * (x @ unit)[..., None] * unit, None
+
+    return jax.lax.scan(step, x, units, reverse=reverse)[0]
+
+
+class Householder(FlowTransform):
+    r"""A product of Householder reflections ``y = H_K ... H_1 x``, ``H_k = I - 2 v_k v_k^T / |v_k|^2``.
+
+    Tomczak & Welling 2016, "Improving Variational Auto-Encoders using Householder Flow",
+    arXiv:1611.09630. Orthogonal, so log|det J| = 0. Inverse: exact, the same
+    reflections in reverse order. ``|v|^2`` is floored at the smallest normal number of
+    the dtype, so a vector at 0 gives the identity instead of 0/0.
+    """
+
+    vectors: jax.Array
+    num_reflections: int = eqx.field(static=True)
+
+    def __init__(self, dim: int, num_reflections: int | None = None, *, key):
+        self.dim = int(dim)
+        self.num_reflections = self.dim if num_reflections is None else int(num_reflections)
+        if self.num_reflections < 1:
+            raise ValueError(f"num_reflections={num_reflections!r} must be a positive integer")
+        # Gaussian vectors give a random orthogonal map.
+        self.vectors = jnp.asarray(host_rng(key).standard_normal((self.num_reflections, self.dim)), dtype=float)
+
+    def matrix(self):
+        """The orthogonal matrix ``H_K ... H_1`` (for inspection and tests)."""
+        return reflect(jnp.eye(self.dim, dtype=self.vectors.dtype), self.vectors).T
+
+    def call_and_ladj(self, x):
+        return reflect(x, self.vectors), jnp.zeros((), x.dtype)
+
+    def inverse_and_ladj(self, y):
+        return reflect(y, self.vectors, reverse=True), jnp.zeros((), y.dtype)
+
+
+class Sylvester(FlowTransform):
+    r"""Sylvester flow ``y = x + Q R tanh(R~ Q^T x + b)``.
+
+    van den Berg, Hasenclever, Tomczak & Welling 2018, "Sylvester Normalizing Flows for
+    Variational Inference", arXiv:1803.05649. ``Q`` is ``dim x M`` with orthonormal
+    columns; ``R`` and ``R~`` are ``M x M`` upper triangular with diagonals
+    ``r_ii = tanh(p_i)`` and ``r~_ii = tanh(q_i)`` (as in the paper), so
+    ``r_ii r~_ii > -1`` and the layer is invertible for every parameter value. By
+    Sylvester's determinant identity
+
+        log|det J| = sum_i log(1 + r_ii r~_ii tanh'(z_i)),   z = R~ Q^T x + b,
+
+    evaluated as ``log(tanh^2 z_i + (1 + r_ii r~_ii) sech^2 z_i)`` with
+    ``log(1 + tanh p tanh q) = log cosh(p + q) - log cosh p - log cosh q`` (no cancellation).
+
+    ``variant`` chooses ``Q``:
+
+    - ``"orthogonal"``: the first ``M = num_vectors`` (default ``dim``) columns of
+      ``expm(S - S^T)``;
+    - ``"householder"``: the product of ``dim`` Householder reflections (``M = dim``);
+    - ``"triangular"``: the identity, or with ``reverse=True`` the reversal permutation
+      (``M = dim``); stacks alternate the two so both triangles get mixed.
+
+    The masks and the fixed ``Q`` of the triangular variant are boolean arrays (torch
+    keeps them as float buffers under the same names), so NumPyro never trains them.
+
+    Inverse: numerical. With ``v = Q^T x``, ``Q^T y = v + R tanh(R~ v + b)`` is an
+    upper-triangular system; it is solved from the last coordinate to the first in a
+    ``fori_loop``, each a scalar increasing equation
+    ``v_i + r_ii tanh(r~_ii v_i + c_i) = s_i`` bracketed in ``[s_i - |r_ii|, s_i + |r_ii|]``,
+    bisected to ``inverse_tol * (1 + |v_i|)`` (1e-10; at least 8 machine epsilons in lower
+    precision) and refined by an implicit Newton step, one coordinate after another so
+    the first derivatives are exact. Then ``x = y - Q R tanh(R~ v + b)``, which also
+    restores the part of ``x`` outside the span of ``Q`` when ``M < dim``.
+    """
+
+    numerical_inverse: ClassVar[bool] = True
+    inverse_tol: ClassVar[float] = 1e-10
+
+    upper_mask: jax.Array
+    r_offdiag: jax.Array
+    r_tilde_offdiag: jax.Array
+    raw_r_diag: jax.Array
+    raw_r_tilde_diag: jax.Array
+    bias: jax.Array
+    skew_mask: jax.Array | None
+    skew: jax.Array | None
+    vectors: jax.Array | None
+    q_fixed: jax.Array | None
+    variant: str = eqx.field(static=True)
+    num_vectors: int = eqx.field(static=True)
+    reverse: bool = eqx.field(static=True)
+
+    def __init__(
+        self, dim: int, variant: str = "orthogonal", num_vectors: int | None = None, reverse: bool = False, *, key
+    ):
+        self.dim = dim = int(dim)
+        if variant not in VARIANTS:
+            raise ValueError(f"variant={variant!r} is not one of {list(VARIANTS)}")
+        if variant == "orthogonal":
+            m = dim if num_vectors is None else int(num_vectors)
+            if not 1 <= m <= dim:
+                raise ValueError(f"num_vectors={num_vectors!r} must lie in [1, dim={dim}] for the orthogonal variant")
+        else:
+            if num_vectors is not None:
+                raise ValueError(
+                    f"num_vectors applies only to the 'orthogonal' variant; the {variant!r} variant uses M = dim"
+                )
+            m = dim
+        self.variant, self.num_vectors, self.reverse = variant, m, bool(reverse)
+        rng = host_rng(key)
+
+        upper = np.triu(np.ones((m, m), bool), 1)
+        self.upper_mask = jnp.asarray(upper)
+        self.skew_mask = self.skew = self.vectors = self.q_fixed = None
+        if variant == "orthogonal":
+            # A random skew matrix: Q starts as a random M-frame, not the coordinate axes.
+            skew_mask = np.triu(np.ones((dim, dim), bool), 1)
+            self.skew_mask = jnp.asarray(skew_mask)
+            self.skew = jnp.asarray(0.5 * rng.standard_normal((dim, dim)) * skew_mask, dtype=float)
+        elif variant == "householder":
+            self.vectors = jnp.asarray(rng.standard_normal((dim, dim)), dtype=float)
+        else:
+            eye = np.eye(dim, dtype=bool)
+            self.q_fixed = jnp.asarray(eye[:, ::-1] if self.reverse else eye)
+
+        # R~ sets the scale of the tanh arguments (order 1); R is small, so a fresh layer is
+        # a mild perturbation of the identity.
+        self.r_offdiag = jnp.asarray(0.1 * rng.standard_normal((m, m)) / math.sqrt(m) * upper, dtype=float)
+        self.r_tilde_offdiag = jnp.asarray(rng.standard_normal((m, m)) / math.sqrt(m) * upper, dtype=float)
+        self.raw_r_diag = jnp.asarray(0.1 * rng.standard_normal(m), dtype=float)
+        self.raw_r_tilde_diag = jnp.asarray(np.ones(m), dtype=float)
+        self.bias = jnp.asarray(np.zeros(m), dtype=float)
+
+    # --- parametrisation -----------------------------------------------------------
+    def q(self):
+        """``Q``, ``dim x M`` with orthonormal columns."""
+        if self.variant == "orthogonal":
+            upper = jnp.where(self.skew_mask, self.skew, 0.0)
+            return jax.scipy.linalg.expm(upper - upper.T)[:, : self.num_vectors]
+        if self.variant == "householder":
+            return reflect(jnp.eye(self.dim, dtype=self.vectors.dtype), self.vectors)
+        return self.q_fixed.astype(self.r_offdiag.dtype)
+
+    def triangles(self):
+        """``(R, R~, log(1 + r_ii r~_ii))``."""
+        p, q = self.raw_r_diag, self.raw_r_tilde_diag
+        r = jnp.where(self.upper_mask, self.r_offdiag, 0.0) + jnp.diag(jnp.tanh(p))
+        r_tilde = jnp.where(self.upper_mask, self.r_tilde_offdiag, 0.0) + jnp.diag(jnp.tanh(q))
+        log_one_plus_d = _log_cosh(p + q) - _log_cosh(p) - _log_cosh(q)
+        return r, r_tilde, log_one_plus_d
+
+    @staticmethod
+    def _log_slopes(z, one_plus_d):
+        th2 = jnp.square(jnp.tanh(z))
+        return _safe_log(th2 + one_plus_d * (1.0 - th2))
+
+    # --- the map ---------------------------------------------------------------------
+    def call_and_ladj(self, x):
+        q = self.q()
+        r, r_tilde, log_one_plus_d = self.triangles()
+        z = (x @ q) @ r_tilde.T + self.bias
+        y = x + (jnp.tanh(z) @ r.T) @ q.T
+        return y, self._log_slopes(z, jnp.exp(log_one_plus_d)).sum()
+
+    def inverse_and_ladj(self, y):
+        q = self.q()
+        r, r_tilde, log_one_plus_d = self.triangles()
+        one_plus_d = jnp.exp(log_one_plus_d)
+        m = self.num_vectors
+        t = y @ q
+        tol = max(self.inverse_tol, 8 * float(jnp.finfo(y.dtype).eps))
+        r_diag, rt_diag = jnp.diagonal(r), jnp.diagonal(r_tilde)
+        dtype = jnp.result_type(t, r, r_tilde, self.bias)
+
+        def solve(k, carry):
+            # Coordinate i = m-1-k; v and h are still zero at i and before it, so the full
+            # rows of the upper-triangular R~ and R only pick up the later coordinates.
+            v, h = carry
+            i = m - 1 - k
+            c = self.bias[i] + r_tilde[i] @ v
+            s = t[i] - r[i] @ h
+            r_ii, rt_ii = r_diag[i], rt_diag[i]
+            spread = jnp.abs(r_ii)
+            v0 = bisect_increasing(
+                lambda a, u: u + a[0] * jnp.tanh(a[1] * u + a[2]),
+                (r_ii, rt_ii, c),
+                s,
+                tol=tol,
+                lo=s - spread,
+                hi=s + spread,
+            )
+            z0 = rt_ii * v0 + c
+            slope = jnp.exp(self._log_slopes(z0, one_plus_d[i]))
+            vi = implicit_step(v0, v0 + r_ii * jnp.tanh(z0), slope, s)
+            return v.at[i].set(vi), h.at[i].set(jnp.tanh(rt_ii * vi + c))
+
+        zeros = jnp.zeros(m, dtype)
+        v, _ = jax.lax.fori_loop(0, m, solve, (zeros, zeros))
+        z = v @ r_tilde.T + self.bias
+        x = y - (jnp.tanh(z) @ r.T) @ q.T
+        return x, -self._log_slopes(z, one_plus_d).sum()
+
+
+@register_flow("sylvester")
+def sylvester(dim, num_layers, variant, num_vectors, *, key):
+    # The triangular variant alternates Q = I and Q = reversal, so both triangles get mixed.
+    return [
+        Sylvester(dim, variant, num_vectors, reverse=(variant == "triangular" and i % 2 == 1), key=k)
+        for i, k in enumerate(jax.random.split(key, num_layers))
+    ]
+
+
+@register_flow("householder")
+def householder(dim, num_layers, num_reflections, *, key):
+    # The affine map first (forward = noise to sample): Q (loc + scale * x) has a full covariance.
+    return [ElementwiseAffine(dim)] + [
+        Householder(dim, num_reflections, key=k) for k in jax.random.split(key, num_layers)
+    ]

@@ -1,0 +1,124 @@
+"""The JAX base machinery: NumPyro integration, scanned blocks, ActNorm initialisation, errors."""
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import equinox as eqx  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import numpyro  # noqa: E402
+import numpyro.distributions as dist  # noqa: E402
+import optax  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from numpyro.contrib.module import eqx_module  # noqa: E402
+from numpyro.infer import SVI, Trace_ELBO  # noqa: E402
+
+import pyroflows.jax as pf  # noqa: E402
+import pyroflows.torch as pt  # noqa: E402
+from pyroflows.jax.transforms import ActNorm, EqxTransform, Flow, Permute  # noqa: E402
+from pyroflows.jax.transforms.glow import initialize_actnorm  # noqa: E402
+
+
+def test_flow_guide_trains_inside_numpyro_svi_and_constants_stay_fixed():
+    """A guide that registers a flow with ``eqx_module`` and scores its own samples."""
+    dim = 3
+    flow = pf.build_flow("iaf" if "iaf" in pf.available_flows() else "realnvp", dim, key=jax.random.key(0))
+    target = dist.MultivariateNormal(jnp.array([1.0, -1.0, 0.5]), jnp.diag(jnp.array([0.5, 2.0, 1.0])))
+
+    def model():
+        numpyro.sample("z", target)
+
+    def guide():
+        net = eqx_module("flow", flow)
+        base = dist.Normal(jnp.zeros(dim), 1.0).to_event(1)
+        numpyro.sample("z", dist.TransformedDistribution(base, net.to_transform()))
+
+    svi = SVI(model, guide, optax.adam(2e-2), Trace_ELBO(num_particles=8))
+    state = svi.init(jax.random.key(1))
+    update = jax.jit(svi.update)
+    losses = []
+    for _ in range(200):
+        state, loss = update(state)
+        losses.append(float(loss))
+    # The target is normalised, so the loss is KL(q || p): 1.625 nats at the identity start.
+    assert np.mean(losses[-50:]) < 0.05
+    params = svi.get_params(state)["flow$params"]
+    trained = eqx.combine(params, eqx.partition(flow, eqx.is_inexact_array)[1])
+    # Integer/boolean constants (permutations, masks) are not parameters.
+    for a, b in zip(jax.tree.leaves(eqx.filter(flow, eqx.is_array)), jax.tree.leaves(eqx.filter(trained, eqx.is_array))):
+        if not jnp.issubdtype(a.dtype, jnp.inexact):
+            assert jnp.array_equal(a, b)
+    samples = dist.TransformedDistribution(dist.Normal(jnp.zeros(dim), 1.0).to_event(1), trained.to_transform()).sample(
+        jax.random.key(2), (4000,)
+    )
+    np.testing.assert_allclose(samples.mean(0), [1.0, -1.0, 0.5], atol=0.15)
+
+
+def test_repeated_blocks_are_scanned_so_the_program_does_not_grow_with_depth():
+    def size(num_layers):
+        flow = pf.build_flow("realnvp", 4, key=jax.random.key(0), num_layers=num_layers, hidden_dims=(8,))
+        return len(jax.make_jaxpr(lambda x: flow.call_and_ladj(x))(jnp.zeros(4)).jaxpr.eqns)
+
+    assert size(3) == size(9)
+    flow = pf.build_flow("realnvp", 4, key=jax.random.key(0), num_layers=9, hidden_dims=(8,))
+    assert flow.segments[0][1:] == (2, 8)  # (coupling, permute) x 8, then the last coupling
+
+
+def test_scanned_flow_equals_running_its_layers_one_by_one():
+    flow = pf.build_flow("realnvp", 3, key=jax.random.key(0), num_layers=5, hidden_dims=(8,))
+    flow = jax.tree.map(lambda a: a + 0.1 if eqx.is_inexact_array(a) else a, flow)
+    x = jnp.array([0.3, -1.2, 2.0])
+    y, ladj = flow.call_and_ladj(x)
+    total, v = 0.0, x
+    for layer in flow.parts:
+        v, lad = layer.call_and_ladj(v)
+        total += lad
+    np.testing.assert_allclose(y, v, atol=1e-12)
+    np.testing.assert_allclose(ladj, total, atol=1e-12)
+    back, ildj = flow.inverse_and_ladj(y)
+    np.testing.assert_allclose(back, x, atol=1e-12)
+    np.testing.assert_allclose(ildj, -ladj, atol=1e-12)
+
+
+def test_actnorm_initialisation_matches_torch(tmp_path):
+    torch.manual_seed(0)
+    data = np.random.default_rng(0).standard_normal((200, 3)) * [2.0, 0.5, 3.0] + [1.0, -2.0, 0.0]
+    tflow = pt.build_flow("glow", 3, num_layers=2, hidden_dims=(8,)).double()
+    pt.save_flow(tflow, tmp_path / "before.npz")
+    tflow.inv(torch.as_tensor(data))  # torch initialises on its first inverse call
+    jflow = initialize_actnorm(pf.load_flow(tmp_path / "before.npz"), jnp.asarray(data))
+    pt.save_flow(tflow, tmp_path / "after.npz")
+    expected = pf.load_flow(tmp_path / "after.npz")
+    for a, b in zip(jflow.parts, expected.parts):
+        if isinstance(a, ActNorm):
+            assert bool(a.initialized) and bool(b.initialized)
+            np.testing.assert_allclose(a.loc, b.loc, atol=1e-10)
+            np.testing.assert_allclose(a.unconstrained_log_scale, b.unconstrained_log_scale, atol=1e-8)
+
+
+def test_errors_name_the_problem():
+    flow = pf.build_flow("realnvp", 3, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="last dimension must be 3"):
+        flow.to_transform()(jnp.zeros((2, 4)))
+    with pytest.raises(ValueError, match="unknown flow 'nope'"):
+        pf.build_flow("nope", 3, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="no option 'bins'"):
+        pf.build_flow("realnvp", 3, key=jax.random.key(0), bins=3)
+
+
+def test_transform_is_a_pytree_with_the_flow_as_its_child():
+    flow = pf.build_flow("realnvp", 2, key=jax.random.key(0))
+    t = flow.to_transform()
+    leaves, treedef = jax.tree_util.tree_flatten(t)
+    rebuilt = jax.tree_util.tree_unflatten(treedef, leaves)
+    assert isinstance(rebuilt, EqxTransform) and isinstance(rebuilt.module, Flow)
+    x = jnp.ones((5, 2))
+    np.testing.assert_allclose(rebuilt(x), t(x))
+
+
+def test_permute_round_trip():
+    layer = Permute(jnp.array([2, 0, 1]))
+    y, ladj = layer.call_and_ladj(jnp.arange(3.0))
+    assert y.tolist() == [2.0, 0.0, 1.0] and float(ladj) == 0.0
