@@ -24,7 +24,8 @@ def logistic_regression(x, y=None):
     alpha = pyro.sample("alpha", dist.Normal(x.new_zeros(()), 5.0))
     beta = pyro.sample("beta", dist.Normal(x.new_zeros(x.shape[-1]), 1.0).to_event(1))
     with pyro.plate("data", x.shape[0]):
-        logits = alpha.unsqueeze(-1) + torch.einsum("nd,...d->...n", x, beta)
+        # beta's batch shape ends in the data plate's slot (size 1), so broadcast over it.
+        logits = alpha + (beta * x).sum(-1)
         pyro.sample("y", dist.Bernoulli(logits=logits), obs=y)
 
 
@@ -47,7 +48,7 @@ def _elbo(guide, x, y, particles=1000, seed=1):
     return float(np.mean(elbos)), float(np.std(elbos) / np.sqrt(len(elbos)))
 
 
-def run_demo(flow="iaf", steps=2000, lr=5e-3, particles=8, seed=0, progress=True):
+def run_demo(flow="iaf", steps=2000, lr=1e-2, particles=8, seed=0, progress=True):
     """Fit a mean-field and a flow guide; return rows of (guide, ELBO, its standard error, seconds)."""
     torch.set_num_threads(1)
     x_np, y_np = breast_cancer()
