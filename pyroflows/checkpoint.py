@@ -54,8 +54,8 @@ def float_dtype(arrays: dict):
 def match_arrays(expected: dict, arrays: dict, path) -> dict:
     """Check the file holds exactly the arrays the rebuilt flow has, with the same shapes.
 
-    ``expected`` maps names to ``(shape, dtype)`` of the rebuilt flow. Returns the arrays
-    cast to the flow's dtypes for non-floating entries.
+    ``expected`` maps names to ``(shape, dtype)`` of the rebuilt flow. Returns the arrays,
+    cast to the flow's dtype where the flow keeps an integer or boolean constant.
     """
     missing = sorted(set(expected) - set(arrays))
     extra = sorted(set(arrays) - set(expected))
@@ -68,5 +68,7 @@ def match_arrays(expected: dict, arrays: dict, path) -> dict:
         a = arrays[name]
         if tuple(a.shape) != tuple(shape):
             raise ValueError(f"{path}: array {name!r} has shape {a.shape}, the flow expects {tuple(shape)}")
-        out[name] = a if np.issubdtype(a.dtype, np.floating) else a.astype(dtype)
+        # The loading flow's dtype decides: torch keeps masks as float buffers, JAX as
+        # booleans (NumPyro would otherwise train them); weights keep their saved precision.
+        out[name] = a if np.issubdtype(np.dtype(dtype), np.floating) else a.astype(dtype)
     return out

@@ -2,21 +2,59 @@
 
 from __future__ import annotations
 
+import equinox as eqx
+import jax
 import numpy as np
 
 from .backends import small_config
 
 
+# Module level, so equinox's compilation cache (keyed on the flow's structure, not its
+# values) is shared by every test that builds the same family at the same size.
+@eqx.filter_jit
 def _jacobian_and_ladj(module, x, inverse):
-    import equinox as eqx
-    import jax
+    fn = module.inverse_and_ladj if inverse else module.call_and_ladj
+    return jax.jacfwd(lambda v: fn(v)[0])(x), fn(x)[1]
 
-    @eqx.filter_jit
-    def run(module, x, inverse):
-        fn = module.inverse_and_ladj if inverse else module.call_and_ladj
-        return jax.jacfwd(lambda v: fn(v)[0])(x), fn(x)[1]
 
-    return run(module, x, inverse)
+PAD_ROWS = 16
+
+
+def _distribution(flow, dim, dtype):
+    import jax.numpy as jnp
+    import numpyro.distributions as dist
+
+    base = dist.Normal(jnp.zeros(dim, dtype), jnp.ones(dim, dtype)).to_event(1)
+    return dist.TransformedDistribution(base, flow.to_transform())
+
+
+@eqx.filter_jit
+def _sample_and_log_prob(flow, dim, dtype, batch_shape, key):
+    d = _distribution(flow, dim, dtype)
+    x, intermediates = d.sample_with_intermediates(key, batch_shape)
+    return x, d.log_prob(x, intermediates), d.log_prob(x)
+
+
+@eqx.filter_jit
+def _train_step(params, state, static, x, opt, dim):
+    import optax
+
+    def loss_fn(p):
+        return -_distribution(eqx.combine(p, static), dim, x.dtype).log_prob(x).mean()
+
+    loss, g = jax.value_and_grad(loss_fn)(params)
+    updates, state = opt.update(g, state, params)
+    return optax.apply_updates(params, updates), state, loss
+
+
+@eqx.filter_jit
+def _reparam_loss_and_grad(params, static, dim, dtype, n):
+    def loss_fn(p):
+        d = _distribution(eqx.combine(p, static), dim, dtype)
+        x, inter = d.sample_with_intermediates(jax.random.key(4), (n,))
+        return (d.log_prob(x, inter) + 0.5 * (x**2).sum(-1)).mean()
+
+    return jax.value_and_grad(loss_fn)(params)
 
 
 class JaxAdapter:
@@ -54,13 +92,21 @@ class JaxAdapter:
     def tensor(self, a, dtype):
         return self.jnp.asarray(np.asarray(a), dtype=self.dtype(dtype))
 
+    def _padded(self, method, x, dtype):
+        """Run a batch padded to PAD_ROWS rows, so every batch shape reuses one compilation."""
+        x = np.asarray(x)
+        flat = x.reshape(-1, x.shape[-1])
+        n = flat.shape[0]
+        assert n <= PAD_ROWS
+        padded = np.concatenate([flat, np.zeros((PAD_ROWS - n, flat.shape[1]))])
+        out, ladj = method(self.tensor(padded, dtype))
+        return np.asarray(out)[:n].reshape(x.shape), np.asarray(ladj)[:n].reshape(x.shape[:-1])
+
     def forward(self, flow, x, dtype="float64"):
-        y, ladj = flow.to_transform().call_with_intermediates(self.tensor(x, dtype))
-        return np.asarray(y), np.asarray(ladj)
+        return self._padded(flow.to_transform().call_with_intermediates, x, dtype)
 
     def inverse(self, flow, y, dtype="float64"):
-        x, ildj = flow.to_transform().inverse_and_ladj(self.tensor(y, dtype))
-        return np.asarray(x), np.asarray(ildj)
+        return self._padded(flow.to_transform().inverse_and_ladj, y, dtype)
 
     def jacobian(self, flow, x, direction="forward", dtype="float64"):
         jac, ladj = _jacobian_and_ladj(flow, self.tensor(x, dtype), direction == "inverse")
@@ -79,62 +125,36 @@ class JaxAdapter:
         return np.asarray(layer.get_permutation())
 
     def distribution(self, flow, dim, dtype):
-        import numpyro.distributions as dist
-
-        jnp = self.jnp
-        base = dist.Normal(jnp.zeros(dim, self.dtype(dtype)), jnp.ones(dim, self.dtype(dtype))).to_event(1)
-        return dist.TransformedDistribution(base, flow.to_transform())
+        return _distribution(flow, dim, self.dtype(dtype))
 
     def sample_and_log_prob(self, flow, dim, batch_shape, dtype):
-        d = self.distribution(flow, dim, dtype)
-        x, intermediates = d.sample_with_intermediates(self.jax.random.key(3), batch_shape)
-        lp = d.log_prob(x, intermediates)
-        lp_fresh = d.log_prob(x)
-        return np.asarray(x), np.asarray(lp), np.asarray(lp_fresh)
+        out = _sample_and_log_prob(flow, dim, self.dtype(dtype), tuple(batch_shape), self.jax.random.key(3))
+        return tuple(np.asarray(a) for a in out)
 
     def shapes(self, flow, shape):
         t = flow.to_transform()
         return tuple(t.forward_shape(shape)), tuple(t.inverse_shape(shape))
 
     def train(self, flow, data, dim, dtype, steps=5, lr=1e-2):
+        """A few jitted Adam steps on -log_prob of one fixed batch (JAX has no cache to trip over)."""
         import optax
 
-        eqx = self.eqx
         x = self.tensor(data, dtype)
         params, static = eqx.partition(flow, eqx.is_inexact_array)
         opt = optax.adam(lr)
         state = opt.init(params)
-
-        def loss_fn(p):
-            return -self.distribution(eqx.combine(p, static), dim, dtype).log_prob(x).mean()
-
-        @self.jax.jit
-        def step(p, s):
-            loss, g = self.jax.value_and_grad(loss_fn)(p)
-            again = loss_fn(p)  # scoring the same array again
-            updates, s = opt.update(g, s, p)
-            return optax.apply_updates(p, updates), s, loss, again
-
         losses = []
         for _ in range(steps):
-            params, state, loss, again = step(params, state)
+            params, state, loss = _train_step(params, state, static, x, opt, dim)
             losses.append(float(loss))
-            assert np.isfinite(float(again))
-        finite = all(bool(self.jnp.all(self.jnp.isfinite(a))) for a in self.jax.tree.leaves(params))
+        finite = all(bool(self.jnp.all(self.jnp.isfinite(a))) for a in jax.tree.leaves(params))
         return np.array(losses), finite
 
     def reparam_grad(self, flow, dim, dtype, n=16):
-        eqx, jnp = self.eqx, self.jnp
         params, static = eqx.partition(flow, eqx.is_inexact_array)
-
-        def loss_fn(p):
-            d = self.distribution(eqx.combine(p, static), dim, dtype)
-            x, inter = d.sample_with_intermediates(self.jax.random.key(4), (n,))
-            return (d.log_prob(x, inter) + 0.5 * (x**2).sum(-1)).mean()
-
-        loss, grads = self.jax.value_and_grad(loss_fn)(params)
-        leaves = self.jax.tree.leaves(grads)
-        return float(loss), all(bool(jnp.all(jnp.isfinite(g))) for g in leaves), len(leaves)
+        loss, grads = _reparam_loss_and_grad(params, static, dim, self.dtype(dtype), n)
+        leaves = jax.tree.leaves(grads)
+        return float(loss), all(bool(self.jnp.all(self.jnp.isfinite(g))) for g in leaves), len(leaves)
 
     def jit_and_vmap(self, flow, x):
         """Outputs of the transform eagerly, under jit, and vmapped over a leading axis."""

@@ -32,6 +32,33 @@ def _log_cosh(x):
     return a + jax.nn.softplus(-2.0 * a) - math.log(2.0)
 
 
+def expm(a, terms: int = 18, max_squarings: int = 40):
+    """``exp(a)`` for a square matrix by scaling and squaring a Taylor polynomial.
+
+    ``a`` is scaled by ``2^-s`` so that its 1-norm is at most 1/2, where ``terms`` = 18
+    Taylor terms leave a remainder below 1e-22, then squared ``s`` times. The loops have
+    fixed lengths (squarings past ``s`` are skipped by a select) and ``s`` is chosen
+    without gradients, so this compiles in a fraction of a second and is differentiable in
+    reverse mode (``jax.scipy.linalg.expm`` took seconds to compile per traced function).
+    Accurate to about 1e-13 (float64) for entries up to ~50.
+    """
+    n = a.shape[-1]
+    eye = jnp.eye(n, dtype=a.dtype)
+    norm = jax.lax.stop_gradient(jnp.max(jnp.sum(jnp.abs(a), 0)))
+    s = jnp.clip(jnp.ceil(jnp.log2(jnp.maximum(norm, jnp.finfo(a.dtype).tiny) * 2.0)), 0, max_squarings)
+    scaled = a * jnp.exp2(-s)
+
+    def horner(k, p):
+        # I + x (I + x/2 (I + x/3 (...))), innermost term first.
+        return eye + (scaled @ p) / (terms - k)
+
+    def square(k, p):
+        return jnp.where(k < s, p @ p, p)
+
+    p = jax.lax.fori_loop(0, terms, horner, eye)
+    return jax.lax.fori_loop(0, max_squarings, square, p)
+
+
 def reflect(x, vectors, reverse: bool = False):
     """Apply ``H_1``, then ``H_2``, ... (``reverse``: ``H_K`` first) to ``x`` of shape ``(..., dim)``.
 
@@ -97,7 +124,7 @@ class Sylvester(FlowTransform):
     ``variant`` chooses ``Q``:
 
     - ``"orthogonal"``: the first ``M = num_vectors`` (default ``dim``) columns of
-      ``expm(S - S^T)``;
+      ``expm(S - S^T)`` (scaling and squaring, see ``expm``);
     - ``"householder"``: the product of ``dim`` Householder reflections (``M = dim``);
     - ``"triangular"``: the identity, or with ``reverse=True`` the reversal permutation
       (``M = dim``); stacks alternate the two so both triangles get mixed.
@@ -178,7 +205,7 @@ class Sylvester(FlowTransform):
         """``Q``, ``dim x M`` with orthonormal columns."""
         if self.variant == "orthogonal":
             upper = jnp.where(self.skew_mask, self.skew, 0.0)
-            return jax.scipy.linalg.expm(upper - upper.T)[:, : self.num_vectors]
+            return expm(upper - upper.T)[:, : self.num_vectors]
         if self.variant == "householder":
             return reflect(jnp.eye(self.dim, dtype=self.vectors.dtype), self.vectors)
         return self.q_fixed.astype(self.r_offdiag.dtype)
