@@ -19,7 +19,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.special import logsumexp, ndtr, ndtri
+from jax.scipy.special import ndtr, ndtri
 from jax.scipy.special import log_ndtr as _jax_log_ndtr
 
 from ..flows import register_flow
@@ -35,40 +35,57 @@ _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 def log_ndtr(z):
     """``log Phi(z)``, accurate to rounding in both tails.
 
-    ``jax.scipy.special.log_ndtr`` takes ``log(ndtr(z))`` on ``(0, 8]``, which loses
+    ``jax.scipy.special.log_ndtr`` takes ``log(ndtr(z))`` up to ``z = 8``, which loses
     digits as ``Phi(z)`` nears 1, and its 3-term asymptotic series below ``z = -20``
-    leaves relative errors near 2e-11; here ``log1p(-Phi(-z))`` above 0 and 12 series
+    leaves relative errors near 2e-11; here ``log1p(-Phi(-z))`` above 1 and 12 series
     terms below the switch make it exact to rounding in float32 and float64.
     """
-    positive = z > 0
-    upper = jnp.log1p(-ndtr(-jnp.where(positive, z, 0.0)))
-    lower = _jax_log_ndtr(jnp.where(positive, 0.0, z), series_order=12)
-    return jnp.where(positive, upper, lower)
-
-
-def _mills(z):
-    """``Phi(z) / phi(z)`` in log-space terms, accurate for all ``z`` (``inf`` above ~38).
-
-    Formed as ``exp(log Phi - log phi)`` the two logs cancel to ``log|z|`` and leave an
-    error of about ``eps z^2``; below ``-20`` (float64; ``-10`` in float32) the
-    asymptotic series ``(1/x) sum_n (-1)^n (2n-1)!! / x^(2n)``, ``x = -z``, is exact to
-    rounding instead (12 terms: the first omitted one is below 1e-19 at the switch).
-    """
-    switch = -20.0 if jnp.finfo(z.dtype).bits == 64 else -10.0
-    tail = z < switch
-    near = jnp.where(tail, switch, z)
-    direct = jnp.exp(log_ndtr(near) - _log_normal_pdf(near))
-    x = -jnp.where(tail, z, switch)
-    inv2 = 1.0 / (x * x)
-    series, term = jnp.ones_like(x), jnp.ones_like(x)
-    for n in range(1, 13):
-        term = term * (-(2 * n - 1)) * inv2
-        series = series + term
-    return jnp.where(tail, series / x, direct)
+    upper = z > 1.0
+    right = jnp.log1p(-ndtr(-jnp.where(upper, z, 1.0)))
+    rest = _jax_log_ndtr(jnp.where(upper, 1.0, z), series_order=12)
+    return jnp.where(upper, right, rest)
 
 
 def _log_normal_pdf(z):
     return -0.5 * z * z - _HALF_LOG_2PI
+
+
+def _mills_series(x, terms=12):
+    """``sum_n (-1)^n (2n-1)!! / x^(2n)``: ``x Phi(-x) / phi(x)`` for large ``x`` (asymptotic).
+
+    With 12 terms the first omitted one is below 1e-19 at ``x = 20`` and 1e-12 at
+    ``x = 10``: exact to rounding from there on in float64 (resp. float32).
+    """
+    inv2 = 1.0 / (x * x)
+    series, term = jnp.ones_like(x), jnp.ones_like(x)
+    for n in range(1, terms + 1):
+        term = term * (-(2 * n - 1)) * inv2
+        series = series + term
+    return series
+
+
+def _ndtri_exp_slope(log_p, z):
+    """``dz/dlog_p = Phi(z) / phi(z)`` at ``z = ndtri_exp(log_p)``, without cancellation.
+
+    ``exp(log_p - log phi(z))`` (``log Phi(z) = log_p`` there) is exact to about
+    ``eps z^2``; below ``z = -20`` (float64; ``-10`` in float32) the two logs would cancel
+    down to ``log|z|``, and the asymptotic series ``S(x) / x``, ``x = -z``, is exact to
+    rounding instead. Neither form needs ``log_ndtr``, which keeps the derivative cheap
+    to compile.
+    """
+    switch = -20.0 if jnp.finfo(z.dtype).bits == 64 else -10.0
+    tail = z < switch
+    x = -jnp.where(tail, z, switch)
+    direct = jnp.exp(log_p - _log_normal_pdf(jnp.where(tail, 0.0, z)))
+    return jnp.where(tail, _mills_series(x) / x, direct)
+
+
+def _logit_ndtr(z):
+    """``log Phi(z) - log Phi(-z)``, exact in both tails, from one ``log Phi(-|z|)``."""
+    # jax's log_ndtr is exact at or below 0 with enough series terms (see log_ndtr).
+    log_small = _jax_log_ndtr(-jnp.abs(z), series_order=12)  # <= log(1/2): log1p(-exp(.)) is exact
+    logit = jnp.log1p(-jnp.exp(log_small)) - log_small
+    return jnp.where(z < 0, -logit, logit)
 
 
 def _ndtri_exp_lower(log_p):
@@ -78,16 +95,19 @@ def _ndtri_exp_lower(log_p):
     threshold = math.log(float(finfo.tiny)) + 2.0
     direct = ndtri(jnp.exp(jnp.maximum(log_p, threshold)))
     # Deep tail: log Phi(z) ~ -z^2/2 - log|z| - log sqrt(2 pi) gives z^2 ~ a - log a with
-    # a = -2 log_p - log 2 pi; Newton on log_ndtr(z) = log_p then converges quadratically
+    # a = -2 log_p - log 2 pi; Newton on log Phi(z) = log_p then converges quadratically
     # (log Phi is concave, so after one step the iterates approach the root from below).
     lp = jnp.clip(log_p, -float(finfo.max) / 8, threshold)
     a = jnp.maximum(-2.0 * lp - math.log(2.0 * math.pi), 1.0)
-    z = -jnp.sqrt(a - jnp.log(a))
+    x = jnp.sqrt(a - jnp.log(a))  # x = -z, at least 37 (float64) or 12 (float32) here
     for _ in range(4):
-        log_cdf = log_ndtr(z)
-        step = (log_cdf - lp) * _mills(z)
-        z = jnp.where(jnp.isfinite(step), z - step, z)
-    z = jnp.where(log_p >= threshold, direct, z)
+        # There log Phi(-x) = log phi(x) + log(S(x) / x), and Phi/phi = S(x) / x, with S
+        # the asymptotic series: exact to rounding, and far cheaper to compile than log_ndtr.
+        mills = _mills_series(x) / x
+        log_cdf = _log_normal_pdf(x) + jnp.log(mills)
+        step = (log_cdf - lp) * mills
+        x = jnp.where(jnp.isfinite(step), x + step, x)
+    z = jnp.where(log_p >= threshold, direct, -x)
     return jnp.where(log_p == -jnp.inf, -jnp.inf, z)
 
 
@@ -103,13 +123,15 @@ def _ndtri_exp_value(log_p):
 def ndtri_exp(log_p):
     """Inverse standard normal CDF of ``exp(log_p)``: the ``z`` with ``log Phi(z) = log_p``.
 
-    Accurate over the whole range of ``log_p`` (down to ``-finfo.max / 8``, up to ``-1e-300``): it
-    uses ``jax.scipy.special.ndtri`` where ``exp(log_p)`` is a normal float at most 1/2,
-    the reflection ``z = -ndtri_exp(log(1 - p))`` above 1/2, and in the far tail an
-    asymptotic start refined by Newton steps on ``log_ndtr``. Differentiable (any order)
-    through a custom JVP, ``dz/dlog_p = Phi(z)/phi(z)`` (the Mills ratio, formed without
-    cancellation, see ``_mills``); the value's own branches and Newton loop are never
-    differentiated.
+    Accurate to rounding over the whole range of ``log_p`` (from ``-finfo.max / 8`` up to
+    ``-1e-300`` and 0; compared with ``scipy.special.ndtri_exp`` in the tests): it uses
+    ``jax.scipy.special.ndtri`` where ``exp(log_p)`` is a normal float at most 1/2, the
+    reflection ``z = -ndtri_exp(log(1 - p))`` above 1/2, and in the far tail an asymptotic
+    start refined by four Newton steps on ``log Phi(z) = log_p``, with ``log Phi`` from its
+    asymptotic series. Differentiable to any order through a custom JVP (the value's own
+    branches and Newton steps are never differentiated): ``dz/dlog_p = Phi(z)/phi(z)``,
+    formed without cancellation (see ``_ndtri_exp_slope``). ``ndtri_exp(0) = inf``,
+    ``ndtri_exp(-inf) = -inf``.
     """
     return _ndtri_exp_value(log_p)
 
@@ -119,15 +141,27 @@ def _ndtri_exp_jvp(primals, tangents):
     (log_p,), (dlog_p,) = primals, tangents
     z = ndtri_exp(log_p)  # through the custom rule again, so higher derivatives work too
     # Implicit function: log Phi(z) = log_p, so dz/dlog_p = Phi(z) / phi(z).
-    slope = jnp.where(z == -jnp.inf, 0.0, _mills(jnp.where(z == -jnp.inf, 0.0, z)))
-    return z, dlog_p * slope
+    return z, dlog_p * _ndtri_exp_slope(log_p, z)
 
 
 def _normal_icdf_from_logs(log_cdf, log_sf):
-    """``Phi^-1(F)`` given both ``log F`` and ``log(1 - F)``: each tail from its own log."""
-    lower = ndtri_exp(jnp.minimum(log_cdf, _LOG_HALF))
-    upper = -ndtri_exp(jnp.minimum(log_sf, _LOG_HALF))
-    return jnp.where(log_cdf < log_sf, lower, upper)
+    """``Phi^-1(F)`` given both ``log F`` and ``log(1 - F)``: each tail from its own log.
+
+    ``ndtri_exp(log F)`` where ``F < 1 - F``, else ``-ndtri_exp(log(1 - F))``; one call on
+    the smaller log (at most ``log(1/2)``), so the solver is traced once, not twice.
+    """
+    lower = log_cdf < log_sf
+    small = jnp.where(lower, log_cdf, log_sf)
+    # The cap only catches rounding above log(1/2); a where (not minimum, which halves the
+    # gradient at a tie) keeps the full derivative when F is exactly 1/2.
+    z = ndtri_exp(jnp.where(small > _LOG_HALF, _LOG_HALF, small))
+    return jnp.where(lower, z, -z)
+
+
+def _logsumexp(a):
+    """``log sum exp`` over the last axis of finite values (lean: it is traced many times)."""
+    m = jax.lax.stop_gradient(a.max(-1, keepdims=True))
+    return m[..., 0] + jnp.log(jnp.exp(a - m).sum(-1))
 
 
 def _initial_mixture(num_components: int):
@@ -219,20 +253,27 @@ class Gaussianization(FlowTransform):
         return jax.lax.scan(step, x, units, reverse=reverse)[0]
 
     def _mixture_params(self):
+        """``(log w, mu, log s, 1/s)``: softmax weights and soft-clamped log-scales."""
         log_w = jax.nn.log_softmax(self.logits, axis=-1)
         log_s = soft_clamp(self.unconstrained_log_scales, self.log_scale_bound)
-        return log_w, self.means, log_s
+        return log_w, self.means, log_s, jnp.exp(-log_s)
 
     @staticmethod
-    def _mixture(u, params, density=True):
-        """``log F(u)``, ``log(1 - F(u))`` and (optionally) ``log f(u)`` per coordinate."""
-        log_w, means, log_s = params
-        t = (u[:, None] - means) * jnp.exp(-log_s)
-        lower, upper = jax.nn.log_sigmoid(t), jax.nn.log_sigmoid(-t)
-        log_cdf = logsumexp(log_w + lower, axis=-1)
-        log_sf = logsumexp(log_w + upper, axis=-1)
-        log_pdf = logsumexp(log_w - log_s + lower + upper, axis=-1) if density else None
-        return log_cdf, log_sf, log_pdf
+    def _mixture(u, params, parts="csd"):
+        """Per coordinate, in this order, those of ``log F(u)`` (``c``), ``log(1 - F(u))``
+        (``s``) and ``log f(u)`` (``d``) that ``parts`` names.
+
+        The log-sum-exps are stacked into one (one ``exp``, one ``log``): this function is
+        traced many times inside the solver loops, and each transcendental costs compile time.
+        """
+        log_w, means, log_s, inv_s = params
+        t = (u[:, None] - means) * inv_s
+        # log sigmoid(+-t) = min(+-t, 0) - log(1 + e^-|t|), sharing the second term.
+        shared = jnp.log1p(jnp.exp(-jnp.abs(t)))
+        lower, upper = jnp.minimum(t, 0.0) - shared, jnp.minimum(-t, 0.0) - shared
+        terms = {"c": lambda: lower, "s": lambda: upper, "d": lambda: lower + upper - log_s}
+        out = _logsumexp(jnp.stack([log_w + terms[p]() for p in parts]))
+        return tuple(out)
 
     def _tol(self, dtype):
         return max(self.inverse_tol, 8 * float(jnp.finfo(dtype).eps))
@@ -247,14 +288,14 @@ class Gaussianization(FlowTransform):
     def call_and_ladj(self, z):
         params = self._mixture_params()
         # logit Phi(z), exact in both tails; only ever used as a (detached) target.
-        target = jax.lax.stop_gradient(log_ndtr(z) - log_ndtr(-z))
+        target = jax.lax.stop_gradient(_logit_ndtr(z))
         fixed = jax.lax.stop_gradient(params)
         # Each component reaches probability Phi(z) at mu_k + s_k logit Phi(z); the
         # mixture does so between the smallest and the largest of these points.
         ends = fixed[1] + jnp.exp(fixed[2]) * target[:, None]
 
         def logit_cdf(fixed, u):
-            log_cdf, log_sf, _ = self._mixture(u, fixed, density=False)
+            log_cdf, log_sf = self._mixture(u, fixed, "cs")
             return log_cdf - log_sf
 
         root = bisect_increasing(logit_cdf, fixed, target, tol=self._tol(z.dtype),
@@ -264,7 +305,7 @@ class Gaussianization(FlowTransform):
         slope = jnp.exp(log_pdf - _log_normal_pdf(z))  # d Phi^-1(F(u)) / du at the root
         u = implicit_step(root, value, slope, z)
         # Density at the differentiable u so the log-det carries its own gradients.
-        _, _, log_pdf = self._mixture(u, params)
+        (log_pdf,) = self._mixture(u, params, "d")
         y = self._reflect(u, self._unit_reflections(), reverse=True)
         return y, -(log_pdf - _log_normal_pdf(z)).sum()
 
