@@ -53,7 +53,8 @@ def test_flow_guide_trains_inside_numpyro_svi_and_constants_stay_fixed():
     samples = dist.TransformedDistribution(dist.Normal(jnp.zeros(dim), 1.0).to_event(1), trained.to_transform()).sample(
         jax.random.key(2), (4000,)
     )
-    np.testing.assert_allclose(samples.mean(0), [1.0, -1.0, 0.5], atol=0.15)
+    # KL < 0.05 allows mean errors up to about 0.2 sd; the start is 1 sd away.
+    np.testing.assert_allclose(samples.mean(0), [1.0, -1.0, 0.5], atol=0.25)
 
 
 def test_repeated_blocks_are_scanned_so_the_program_does_not_grow_with_depth():
