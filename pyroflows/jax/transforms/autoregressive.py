@@ -18,7 +18,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.special import logsumexp
 
 from ..flows import register_flow
 from ..nn import MADE, host_rng
@@ -126,9 +125,28 @@ class AffineAutoregressive(_Autoregressive):
         return self._sequential(y, forward=False)
 
 
+def _softplus(z):
+    # log(1 + e^z), exact in both tails; leaner than jax.nn.softplus (logaddexp adds
+    # selects), and the solver loops inline several copies of every op.
+    return jnp.maximum(z, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(z)))
+
+
 def _neg_log_sigmoid(z):
-    # -log sigmoid(z) = softplus(-z), exact in both tails.
-    return jax.nn.softplus(-z)
+    return _softplus(-z)
+
+
+def _neg_log_sigmoids(z):
+    """``(-log sigmoid(z), -log sigmoid(-z))`` sharing one ``log1p(exp(-|z|))`` (exact in both tails)."""
+    common = jnp.log1p(jnp.exp(-jnp.abs(z)))
+    return jnp.maximum(-z, 0.0) + common, jnp.maximum(z, 0.0) + common
+
+
+def _logsumexp(v):
+    """logsumexp over the last axis; a lean form (fewer XLA kernels than jax.scipy's) whose
+    shift carries no gradient, so its derivative is the softmax."""
+    m = jax.lax.stop_gradient(jnp.max(v, -1, keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    return m[..., 0] + jnp.log(jnp.sum(jnp.exp(v - m), -1))
 
 
 # Smallest slope of a sigmoid unit: keeps a > 0 even where softplus underflows.
@@ -188,7 +206,7 @@ class NeuralAutoregressive(_Autoregressive):
     def _split(self, out):
         k = self.hidden_units
         raw_a, b, raw_w = out[..., :k], out[..., k : 2 * k], out[..., 2 * k :]
-        return _MIN_SLOPE + jax.nn.softplus(raw_a), b, jax.nn.log_softmax(raw_w, -1)
+        return _MIN_SLOPE + _softplus(raw_a), b, raw_w - _logsumexp(raw_w)[..., None]
 
     @staticmethod
     def transformer(x, a, b, log_w, log_derivative=True):
@@ -197,15 +215,17 @@ class NeuralAutoregressive(_Autoregressive):
         ``x`` has shape ``(...)``, the parameters ``(..., K)``.
         """
         z = b + a * x[..., None]
-        nls_pos, nls_neg = _neg_log_sigmoid(z), _neg_log_sigmoid(-z)
-        log_p = logsumexp(log_w - nls_pos, -1)
-        log_q = logsumexp(log_w - nls_neg, -1)  # log(1 - p), never log1p(-p)
-        y = log_p - log_q
+        nls_pos, nls_neg = _neg_log_sigmoids(z)  # -log sigmoid(z), -log sigmoid(-z)
         if not log_derivative:
-            return y, None
-        # dy/dx = p' / (p (1 - p)),  p' = sum_k w_k a_k sigmoid(z_k) sigmoid(-z_k)
-        log_dp = logsumexp(log_w + jnp.log(a) - nls_pos - nls_neg, -1)
-        return y, log_dp - log_p - log_q
+            log_pq = _logsumexp(jnp.stack([log_w - nls_pos, log_w - nls_neg], -2))
+            return log_pq[..., 0] - log_pq[..., 1], None
+        # One stacked logsumexp for log p, log(1 - p) (never log1p(-p)) and log p', where
+        # p' = sum_k w_k a_k sigmoid(z_k) sigmoid(-z_k): fewer kernels to compile.
+        terms = [log_w - nls_pos, log_w - nls_neg, log_w + jnp.log(a) - nls_pos - nls_neg]
+        lse = _logsumexp(jnp.stack(terms, -2))
+        log_p, log_q, log_dp = lse[..., 0], lse[..., 1], lse[..., 2]
+        # y = logit(p);  dy/dx = p' / (p (1 - p))
+        return log_p - log_q, log_dp - log_p - log_q
 
     def call_and_ladj(self, x):
         a, b, log_w = self.transformer_params(x)
@@ -238,7 +258,7 @@ class NeuralAutoregressive(_Autoregressive):
 def _log_dtanh(h):
     """log(1 - tanh(h)^2) = log 4 - 2|h| - 2 softplus(-2|h|), finite for any h."""
     h = jnp.abs(h)
-    return 2.0 * (math.log(2.0) - h - jax.nn.softplus(-2.0 * h))
+    return 2.0 * (math.log(2.0) - h - _softplus(-2.0 * h))
 
 
 # Row gains of the weight-normalised block layers are exp(soft-clamped log-gain).
@@ -284,14 +304,11 @@ class _BlockLinear(eqx.Module):
 
     def weights(self):
         """``(W, log W_diag)``: the full ``(dim*b, dim*a)`` matrix and its diagonal blocks ``(dim, b, a)``."""
-        raw = self.raw
-        # astype(bool): a torch file stores off_mask as floats 0/1.
-        diag_mask, off_mask = self.diag_mask.astype(bool), self.off_mask.astype(bool)
-        # Factor out each row's largest entry so exp and the squares cannot overflow;
-        # m cancels exactly, so it carries no gradient.
-        big = jnp.max(jnp.where(diag_mask, raw, -jnp.inf), -1, keepdims=True)
-        off_big = jnp.max(jnp.where(off_mask, jnp.abs(raw), 0.0), -1, keepdims=True)
-        m = jax.lax.stop_gradient(jnp.maximum(big, jnp.log(jnp.maximum(off_big, jnp.finfo(raw.dtype).tiny))))
+        raw, diag_mask, off_mask = self.raw, self.diag_mask, self.off_mask
+        # Factor out each row's largest entry (diagonal raw, or log|off-diagonal|) so exp and
+        # the squares cannot overflow; one reduction, and m cancels exactly (no gradient).
+        scale = jnp.where(diag_mask, raw, jnp.where(off_mask, jnp.log(jnp.abs(raw)), -jnp.inf))
+        m = jax.lax.stop_gradient(jnp.max(scale, -1, keepdims=True))
         diag = jnp.exp(jnp.where(diag_mask, raw - m, -jnp.inf))
         off = jnp.where(off_mask, raw, 0.0) * jnp.exp(-m)
         sq = jnp.sum(diag**2 + off**2, -1, keepdims=True)  # >= 1 by the choice of m
@@ -363,7 +380,7 @@ class BlockNeuralAutoregressive(_Autoregressive):
         last = len(weights) - 1
         for n, (layer, (w, log_diag)) in enumerate(zip(self.layers, weights)):
             pre = w @ h + layer.bias
-            log_j = logsumexp(log_diag + log_j[:, None, :], -1)
+            log_j = _logsumexp(log_diag + log_j[:, None, :])
             if n < last:
                 h = jnp.tanh(pre)
                 log_j = log_j + _log_dtanh(pre).reshape(log_j.shape)
@@ -403,7 +420,7 @@ class BlockNeuralAutoregressive(_Autoregressive):
         last = len(blocks) - 1
         for n, (off, block) in enumerate(zip(offs, blocks)):
             pre = off + jnp.exp(block) @ h
-            log_j = logsumexp(block + log_j[None, :], -1)
+            log_j = _logsumexp(block + log_j[None, :])
             if n < last:
                 h = jnp.tanh(pre)
                 log_j = log_j + _log_dtanh(pre)

@@ -158,7 +158,8 @@ class NeuralAutoregressive(_Autoregressive):
         self.made = MADE(dim, hidden_dims, 3 * k, activation)
         a0 = math.log(math.expm1(1.0 - _MIN_SLOPE))  # softplus(a0) + _MIN_SLOPE = 1
         b0 = torch.linspace(-1.0, 1.0, k) if k > 1 else torch.zeros(1)
-        self.register_buffer("offset", torch.cat([torch.full((k,), a0), b0, torch.zeros(k)]))
+        # Derived from hidden_units, so not saved (persistent=False): the JAX layer derives it too.
+        self.register_buffer("offset", torch.cat([torch.full((k,), a0), b0, torch.zeros(k)]), persistent=False)
 
     def transformer_params(self, v):
         """``(a, b, log w)`` for every coordinate, each of shape ``(..., dim, K)``, from ``v_<i``."""
