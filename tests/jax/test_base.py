@@ -123,3 +123,30 @@ def test_permute_round_trip():
     layer = Permute(jnp.array([2, 0, 1]))
     y, ladj = layer.call_and_ladj(jnp.arange(3.0))
     assert y.tolist() == [2.0, 0.0, 1.0] and float(ladj) == 0.0
+
+
+def test_log_prob_runs_one_inverse_pass_not_the_sequential_forward(monkeypatch):
+    # MAF's density direction is one parallel pass; its forward is a loop over
+    # coordinates. log_prob must reuse the inverse's log-det rather than rerun forward.
+    from pyroflows.jax.transforms.autoregressive import AffineAutoregressive
+
+    sequential_calls = []
+    original = AffineAutoregressive._sequential
+
+    def counting(self, given, forward):
+        sequential_calls.append(forward)
+        return original(self, given, forward)
+
+    monkeypatch.setattr(AffineAutoregressive, "_sequential", counting)
+    # an unusual width, so no compiled program from another test is reused
+    flow = pf.build_flow("maf", 4, key=jax.random.key(0), num_layers=2, hidden_dims=(13,))
+    flow = jax.tree.map(lambda a: a + 0.05 if eqx.is_inexact_array(a) else a, flow)
+    base = dist.Normal(jnp.zeros(4), 1.0).to_event(1)
+    y = jnp.array([[0.5, -1.0, 2.0, 0.1], [1.0, 0.0, -0.3, 0.7], [0.0, 0.2, 0.4, -2.0]])
+    log_p = jax.jit(lambda y: dist.TransformedDistribution(base, flow.to_transform()).log_prob(y))(y)
+    assert sequential_calls == []
+    x, ildj = flow.to_transform().inverse_and_ladj(y)
+    np.testing.assert_allclose(log_p, base.log_prob(x) + ildj, rtol=1e-6)
+    # a pair it did not just invert gets the forward log-det (the sequential pass)
+    np.testing.assert_allclose(flow.to_transform().log_abs_det_jacobian(x, y), -ildj, rtol=1e-5)
+    assert sequential_calls and all(sequential_calls)

@@ -165,6 +165,8 @@ class EqxTransform(Transform):
 
     def __init__(self, module: FlowTransform):
         self.module = module
+        self._last_inverse = None
+
 
     @property
     def dim(self):
@@ -177,16 +179,27 @@ class EqxTransform(Transform):
         return self.call_with_intermediates(x)[0]
 
     def _inverse(self, y):
-        return _batched(self.module, y, inverse=True)[0]
+        return self.inverse_and_ladj(y)[0]
 
     def log_abs_det_jacobian(self, x, y, intermediates=None):
         if intermediates is not None:
             return intermediates
+        last = self._last_inverse
+        if last is not None and last[0] is y and last[1] is x:
+            self._last_inverse = None
+            # ``TransformedDistribution.log_prob`` asks for the log-det of the pair it
+            # just inverted: reuse that pass instead of running the forward map, which
+            # for MAF-type layers is the sequential direction.
+            return -last[2]
         return self.call_with_intermediates(x)[1]
 
     def inverse_and_ladj(self, y):
         """``(x, log|det dx/dy|)`` for a batch ``y`` of shape ``(..., dim)``."""
-        return _batched(self.module, y, inverse=True)
+        x, ladj = _batched(self.module, y, inverse=True)
+        # Held by identity (one entry, like Pyro's cache_size=1), so only the very
+        # objects of this call can match; a new trace or a new array never does.
+        self._last_inverse = (y, x, ladj)
+        return x, ladj
 
     def tree_flatten(self):
         return (self.module,), None
