@@ -28,7 +28,7 @@ from ...registry import check_event_dim
 
 __all__ = [
     "FlowTransform", "Flow", "EqxTransform", "Permute", "ElementwiseAffine",
-    "soft_clamp", "bisect_increasing", "implicit_step", "interleave", "astype",
+    "soft_clamp", "bisect_increasing", "implicit_step", "interleave", "astype", "is_stochastic",
 ]
 
 
@@ -48,6 +48,10 @@ class FlowTransform(eqx.Module):
     dim: int = eqx.field(static=True)
     numerical_inverse: ClassVar[bool] = False
     inverse_tol: ClassVar[float] = 0.0
+    # Layers that draw noise (stochastic log-det estimators) set this, or define a
+    # property ``is_stochastic`` when it depends on a static option, and take
+    # ``call_and_ladj(x, key=None)`` / ``inverse_and_ladj(y, key=None)``.
+    stochastic: ClassVar[bool] = False
 
     def call_and_ladj(self, x):
         raise NotImplementedError
@@ -55,9 +59,23 @@ class FlowTransform(eqx.Module):
     def inverse_and_ladj(self, y):
         raise NotImplementedError
 
-    def to_transform(self) -> "EqxTransform":
-        """This layer as a NumPyro ``Transform`` on ``(..., dim)`` arrays."""
-        return EqxTransform(self)
+    def to_transform(self, key=None) -> "EqxTransform":
+        """This layer as a NumPyro ``Transform`` on ``(..., dim)`` arrays.
+
+        ``key`` feeds layers that draw noise; without it they draw from
+        ``numpyro.prng_key()``, so they work inside a model or guide under ``seed``.
+        """
+        return EqxTransform(self, key)
+
+
+def is_stochastic(layer) -> bool:
+    """Whether ``layer`` draws noise, so its calls need a ``key``."""
+    return bool(getattr(layer, "is_stochastic", type(layer).stochastic))
+
+
+def _call_layer(layer, x, inverse, key):
+    fn = layer.inverse_and_ladj if inverse else layer.call_and_ladj
+    return fn(x, key=key) if is_stochastic(layer) else fn(x)
 
 
 def _chunk_signature(chunk):
@@ -84,10 +102,11 @@ def _segments(parts, max_period=3):
     return tuple(out)
 
 
-def _run(chunk, x, inverse):
+def _run(chunk, x, inverse, keys=None):
     total = jnp.zeros((), x.dtype)
-    for layer in (reversed(chunk) if inverse else chunk):
-        x, ladj = layer.inverse_and_ladj(x) if inverse else layer.call_and_ladj(x)
+    order = range(len(chunk) - 1, -1, -1) if inverse else range(len(chunk))
+    for i in order:
+        x, ladj = _call_layer(chunk[i], x, inverse, None if keys is None else keys[i])
         total = total + ladj
     return x, total
 
@@ -105,30 +124,40 @@ class Flow(FlowTransform):
         self.config = _Frozen(config or {})
         self.segments = _segments(self.parts)
 
-    def _apply(self, x, inverse):
+    @property
+    def is_stochastic(self) -> bool:
+        return any(is_stochastic(p) for p in self.parts)
+
+    def _apply(self, x, inverse, key):
         total = jnp.zeros((), x.dtype)
+        # one key per part, so a part's noise does not depend on the direction of travel
+        keys = None if key is None else jax.random.split(key, len(self.parts))
         segments = reversed(self.segments) if inverse else self.segments
         for start, period, repeats in segments:
             chunks = [self.parts[start + k * period : start + (k + 1) * period] for k in range(repeats)]
+            seg_keys = None if keys is None else keys[start : start + period * repeats].reshape((repeats, period) + keys.shape[1:])
             if repeats == 1:
-                x, ladj = _run(chunks[0], x, inverse)
+                x, ladj = _run(chunks[0], x, inverse, None if seg_keys is None else seg_keys[0])
             else:
                 dynamic, static = eqx.partition(chunks, eqx.is_array)
                 stacked = jax.tree.map(lambda *a: jnp.stack(a), *dynamic)
 
-                def body(carry, weights, static=static[0]):
-                    y, lad = _run(eqx.combine(weights, static), carry[0], inverse)
+                def body(carry, xs, static=static[0]):
+                    weights, chunk_keys = xs
+                    y, lad = _run(eqx.combine(weights, static), carry[0], inverse, chunk_keys)
                     return (y, carry[1] + lad), None
 
-                (x, ladj), _ = jax.lax.scan(body, (x, jnp.zeros((), x.dtype)), stacked, reverse=inverse)
+                (x, ladj), _ = jax.lax.scan(
+                    body, (x, jnp.zeros((), x.dtype)), (stacked, seg_keys), reverse=inverse
+                )
             total = total + ladj
         return x, total
 
-    def call_and_ladj(self, x):
-        return self._apply(x, inverse=False)
+    def call_and_ladj(self, x, key=None):
+        return self._apply(x, inverse=False, key=key)
 
-    def inverse_and_ladj(self, y):
-        return self._apply(y, inverse=True)
+    def inverse_and_ladj(self, y, key=None):
+        return self._apply(y, inverse=True, key=key)
 
 
 class _Frozen(dict):
@@ -139,16 +168,40 @@ class _Frozen(dict):
 
 
 @eqx.filter_jit
-def _vmapped(module, flat, inverse: bool):
+def _vmapped(module, flat, inverse: bool, keys):
     # Compiled once per flow structure and batch size, so eager use does not re-trace
     # every scan and solver loop on each call; inside an outer jit it simply inlines.
-    return jax.vmap(module.inverse_and_ladj if inverse else module.call_and_ladj)(flat)
+    # Keys are arguments, never constants, so a compiled program draws fresh noise.
+    if keys is None:
+        return jax.vmap(lambda v: _call_layer(module, v, inverse, None))(flat)
+    return jax.vmap(lambda v, k: _call_layer(module, v, inverse, k))(flat, keys)
 
 
-def _batched(module, x, inverse):
+def _noise_key(module, key):
+    if key is not None:
+        return key
+    import warnings
+
+    import numpyro
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numpyro warns outside a seed handler; we raise below
+        key = numpyro.prng_key()
+    if key is None:
+        raise ValueError(
+            f"{type(module).__name__} draws noise for its log-det estimator and got no random key: "
+            "call it inside numpyro.handlers.seed (a model or guide under SVI does this), "
+            "or pass one with flow.to_transform(key=jax.random.key(0))"
+        )
+    return key
+
+
+def _batched(module, x, inverse, key=None):
     check_event_dim(jnp.shape(x), module.dim, "input")
     shape = jnp.shape(x)
-    out, ladj = _vmapped(module, jnp.reshape(x, (-1, module.dim)), inverse)
+    flat = jnp.reshape(x, (-1, module.dim))
+    keys = jax.random.split(_noise_key(module, key), flat.shape[0]) if is_stochastic(module) else None
+    out, ladj = _vmapped(module, flat, inverse, keys)
     return jnp.reshape(out, shape), jnp.reshape(ladj, shape[:-1])
 
 
@@ -163,8 +216,9 @@ class EqxTransform(Transform):
     domain = constraints.real_vector
     codomain = constraints.real_vector
 
-    def __init__(self, module: FlowTransform):
+    def __init__(self, module: FlowTransform, key=None):
         self.module = module
+        self.key = key
         self._last_inverse = None
 
 
@@ -173,7 +227,7 @@ class EqxTransform(Transform):
         return self.module.dim
 
     def call_with_intermediates(self, x):
-        return _batched(self.module, x, inverse=False)
+        return _batched(self.module, x, False, self.key)
 
     def __call__(self, x):
         return self.call_with_intermediates(x)[0]
@@ -195,18 +249,18 @@ class EqxTransform(Transform):
 
     def inverse_and_ladj(self, y):
         """``(x, log|det dx/dy|)`` for a batch ``y`` of shape ``(..., dim)``."""
-        x, ladj = _batched(self.module, y, inverse=True)
+        x, ladj = _batched(self.module, y, True, self.key)
         # Held by identity (one entry, like Pyro's cache_size=1), so only the very
         # objects of this call can match; a new trace or a new array never does.
         self._last_inverse = (y, x, ladj)
         return x, ladj
 
     def tree_flatten(self):
-        return (self.module,), None
+        return (self.module, self.key), None
 
     @classmethod
     def tree_unflatten(cls, aux_data, children):
-        return cls(children[0])
+        return cls(*children)
 
     def __eq__(self, other):
         return isinstance(other, EqxTransform) and other.module is self.module
