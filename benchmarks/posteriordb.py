@@ -1,0 +1,204 @@
+"""Flow guides against posteriordb's reference posteriors (``../shared/posteriordb``).
+
+For each of the ten posteriors (models in ``posteriordb_models.py``, one code for Pyro
+and NumPyro) and each guide, fit SVI, draw from the guide, and compare with the
+reference draws (long Stan NUTS runs) in the constrained space:
+
+- mean error: max over coordinates of |mean_q - mean_ref| / sd_ref;
+- sd ratio: the coordinate whose sd_q / sd_ref is furthest from 1 (on the log scale);
+- k-hat: PSIS k-hat of log p(x, z) - log q(z) over the guide's draws.
+
+A guide passes on a model when mean error < 0.1, every sd ratio is within 10% and
+k-hat < 0.7. Guides: AutoNormal, the frameworks' own flow guides (Pyro's AutoIAFNormal;
+NumPyro's AutoIAFNormal and AutoBNAFNormal) and pyroflows' AutoFlow with iaf, realnvp,
+nsf and bnaf, all at one recipe (``RECIPE``) per kind of guide. Writes
+``results/posteriordb.md``.
+
+    python benchmarks/posteriordb.py --backend jax
+    python benchmarks/posteriordb.py --backend torch --posteriors kidiq-kidscore_momiq --steps 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import posteriordb_models as pdb  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+# One recipe per kind of guide; the flow guides share theirs (the default recipe under test).
+RECIPE = {
+    "gaussian": {"num_steps": 10_000, "lr": 1e-2, "num_particles": 8},
+    "flow": {"num_steps": 10_000, "lr": 2e-3, "num_particles": 8, "hidden": (64, 64), "layers": 3},
+}
+NUM_DRAWS = 4000
+FLOWS = ("iaf", "realnvp", "nsf", "bnaf")
+
+
+def guide_makers(backend, recipe):
+    r = recipe["flow"]
+    flows = {f"AutoFlow {f}": (lambda m, f=f: _autoflow(backend, m, f, r)) for f in FLOWS}
+    if backend == "torch":
+        from pyro.infer.autoguide import AutoIAFNormal, AutoNormal
+
+        return {
+            "AutoNormal": ("gaussian", AutoNormal),
+            "Pyro AutoIAFNormal": ("flow", lambda m: AutoIAFNormal(m, hidden_dim=list(r["hidden"]), num_transforms=r["layers"])),
+            **{k: ("flow", v) for k, v in flows.items()},
+        }
+    from numpyro.infer.autoguide import AutoBNAFNormal, AutoIAFNormal, AutoNormal
+
+    return {
+        "AutoNormal": ("gaussian", AutoNormal),
+        "NumPyro AutoIAFNormal": ("flow", lambda m: AutoIAFNormal(m, num_flows=r["layers"], hidden_dims=list(r["hidden"]))),
+        "NumPyro AutoBNAFNormal": ("flow", lambda m: AutoBNAFNormal(m, num_flows=r["layers"], hidden_factors=[8, 8])),
+        **{k: ("flow", v) for k, v in flows.items()},
+    }
+
+
+def _autoflow(backend, model, flow, r):
+    if backend == "torch":
+        import pyroflows.torch as pf
+    else:
+        import pyroflows.jax as pf
+    hidden = None if flow == "bnaf" else r["hidden"]
+    return pf.AutoFlow(model, flow=flow, num_layers=r["layers"], hidden_dims=hidden)
+
+
+def fit_torch(model, guide, settings, seed, progress, sites):
+    import pyro
+    import torch
+    from pyro.infer import SVI, Predictive, Trace_ELBO
+    from tqdm.auto import tqdm
+
+    import pyroflows.torch as pf
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": settings["lr"]}),
+              Trace_ELBO(num_particles=settings["num_particles"], vectorize_particles=True))
+    for _ in tqdm(range(settings["num_steps"]), disable=not progress, leave=False):
+        svi.step()
+    with torch.no_grad():
+        draws = Predictive(model, guide=guide, num_samples=NUM_DRAWS, return_sites=sites, parallel=True)()
+    diag = pf.evaluate(model, guide, num_samples=NUM_DRAWS)
+    return {k: v.detach().double().numpy() for k, v in draws.items()}, diag
+
+
+def fit_jax(model, guide, settings, seed, progress, sites):
+    import jax
+    import optax
+    from numpyro.infer import SVI, Predictive, Trace_ELBO
+
+    import pyroflows.jax as pf
+
+    svi = SVI(model, guide, optax.adam(settings["lr"]), Trace_ELBO(num_particles=settings["num_particles"]))
+    result = svi.run(jax.random.key(seed), settings["num_steps"], progress_bar=progress)
+    draws = Predictive(model, guide=guide, params=result.params, num_samples=NUM_DRAWS, return_sites=sites)(
+        jax.random.key(seed + 1)
+    )
+    diag = pf.evaluate(model, guide, result.params, key=jax.random.key(seed + 2), num_samples=NUM_DRAWS)
+    return {k: np.asarray(v, dtype=float) for k, v in draws.items()}, diag
+
+
+def compare(name, draws, diag):
+    ref = pdb.reference(name)
+    errors, log_ratios = [], []
+    for param, r in ref.items():
+        q = draws[param].reshape(draws[param].shape[0], -1)
+        errors.append(np.abs(q.mean(0) - r.mean(0)) / r.std(0))
+        log_ratios.append(np.log(q.std(0) / r.std(0)))
+    errors, log_ratios = np.concatenate(errors), np.concatenate(log_ratios)
+    worst = log_ratios[np.argmax(np.abs(log_ratios))]
+    out = {"mean_error": float(errors.max()), "sd_ratio": float(np.exp(worst)), "khat": diag["khat"],
+           "elbo": diag["elbo"]}
+    out["pass"] = out["mean_error"] < 0.1 and abs(out["sd_ratio"] - 1) <= 0.1 and out["khat"] < 0.7
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=["torch", "jax"], default="jax")
+    parser.add_argument("--posteriors", nargs="*", default=pdb.NAMES)
+    parser.add_argument("--guides", nargs="*", default=None, help="guide names (default: all)")
+    parser.add_argument("--steps", type=int, default=None, help="override the recipes' step counts")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--out", default=None, help="output markdown (default results/posteriordb_<backend>.md)")
+    args = parser.parse_args()
+
+    os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={args.threads}")
+    recipe = {k: dict(v) for k, v in RECIPE.items()}
+    if args.steps:
+        for v in recipe.values():
+            v["num_steps"] = args.steps
+    if args.backend == "torch":
+        import torch
+
+        torch.set_num_threads(args.threads)
+        torch.set_default_dtype(torch.float64)
+        fit = fit_torch
+    else:
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+        fit = fit_jax
+    makers = guide_makers(args.backend, recipe)
+    chosen = args.guides or list(makers)
+    rows = []
+    for name in args.posteriors:
+        model = pdb.model_for(name, args.backend)
+        for guide_name in chosen:
+            kind, make = makers[guide_name]
+            start = time.perf_counter()
+            try:
+                sites = list(pdb.metadata(name)["dimensions"])
+                draws, diag = fit(model, make(model), recipe[kind], args.seed, not args.no_progress, sites)
+                row = compare(name, draws, diag)
+            except Exception as e:  # a guide that crashes is a result too
+                row = {"error": f"{type(e).__name__}: {str(e)[:80]}"}
+            row.update(posterior=name, guide=guide_name, seconds=time.perf_counter() - start)
+            rows.append(row)
+            print(_format_row(row), flush=True)
+    write_table(rows, args, recipe)
+
+
+def _format_row(r):
+    if "error" in r:
+        return f"| {r['posterior']} | {r['guide']} | error: {r['error']} | | | | |"
+    return (f"| {r['posterior']} | {r['guide']} | {r['mean_error']:.3f} | {r['sd_ratio']:.3f} | "
+            f"{r['khat']:.2f} | {'yes' if r['pass'] else 'no'} | {r['seconds']:.0f} |")
+
+
+def write_table(rows, args, recipe):
+    RESULTS.mkdir(exist_ok=True)
+    out = Path(args.out) if args.out else RESULTS / f"posteriordb_{args.backend}.md"
+    lines = [
+        f"# Flow guides on posteriordb reference posteriors ({args.backend})",
+        "",
+        f"Recipes: {recipe}; {NUM_DRAWS} guide draws per fit; seed {args.seed}; {args.threads} thread(s).",
+        "Mean error: max over coordinates of |mean_q - mean_ref| / sd_ref. sd ratio: the coordinate",
+        "furthest from 1. Pass: mean error < 0.1, sd ratio within 10%, k-hat < 0.7.",
+        "",
+        "| posterior | guide | mean error (sd) | sd ratio | k-hat | pass | seconds |",
+        "| --- | --- | ---: | ---: | ---: | --- | ---: |",
+        *[_format_row(r) for r in rows],
+    ]
+    passes = {}
+    for r in rows:
+        passes.setdefault(r["guide"], []).append(bool(r.get("pass")))
+    lines += ["", "| guide | models passed |", "| --- | ---: |"]
+    lines += [f"| {g} | {sum(p)} / {len(p)} |" for g, p in passes.items()]
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
