@@ -29,8 +29,12 @@ $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e ".[all,dev,bench]"
 	touch $@
 
+# Every benchmark; each writes benchmarks/results/*.md (see benchmarks/README.md).
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/density_throughput.py
+	$(PY) benchmarks/svi_speed.py
+	$(PY) benchmarks/posteriordb.py --backend jax --no-progress
+	$(PY) benchmarks/posteriordb.py --backend torch --no-progress
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

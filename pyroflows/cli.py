@@ -1,4 +1,4 @@
-"""The ``pyroflows`` command."""
+"""The ``pyroflows`` command: ``pyroflows demo`` (what ``make demo`` runs) and ``pyroflows flows``."""
 
 from __future__ import annotations
 
@@ -6,27 +6,55 @@ import argparse
 import sys
 
 
-def _demo(args):
-    if args.backend != "torch":
-        raise SystemExit(f"the demo runs on the torch backend for now (got --backend {args.backend})")
-    from .torch import available_flows
-    from .torch.demo import format_table, run_demo
+def _backend_module(backend):
+    try:
+        if backend == "torch":
+            import pyroflows.torch as pf
+        else:
+            import pyroflows.jax as pf
+    except ImportError as e:
+        raise SystemExit(f"the {backend} backend is not installed ({e}); pip install 'pyroflows[{backend}]'") from None
+    return pf
 
-    if args.flow not in available_flows():
-        raise SystemExit(f"unknown flow {args.flow!r}; available: {', '.join(available_flows())}")
-    rows = run_demo(flow=args.flow, steps=args.steps, progress=not args.no_progress)
-    print(format_table(rows, args.steps))
+
+def _demo(args):
+    pf = _backend_module(args.backend)
+    if args.flow not in pf.available_flows():
+        raise SystemExit(f"unknown flow {args.flow!r}; available: {', '.join(pf.available_flows())}")
+    from .demo import run
+
+    run(backend=args.backend, flow=args.flow, steps=args.steps, progress=not args.no_progress,
+        out=None if args.no_plot else args.out)
+
+
+def _flows(args):
+    from .registry import SPECS, describe
+
+    pf = _backend_module(args.backend)
+    for name in pf.available_flows():
+        print(describe(name) if name in SPECS else f"{name}: registered by the user")
+        print()
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="pyroflows", description="Normalizing flows for Pyro and NumPyro.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="fit a flow posterior to a built-in Bayesian model and compare it to mean field")
-    demo.add_argument("--backend", default="torch", choices=["torch", "jax"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = sub.add_parser(
+        "demo", help="fit AutoFlow and AutoNormal to Bayesian logistic regression; compare with NUTS",
+        description="Fits AutoNormal and AutoFlow(FLOW) with SVI to Bayesian logistic regression on the "
+        "breast-cancer data, prints ELBO, k-hat and posterior-mean errors against a NUTS reference, "
+        "and writes a PNG of the posterior.",
+    )
+    demo.add_argument("--backend", default="torch", choices=["torch", "jax"], help="Pyro (torch) or NumPyro (jax)")
     demo.add_argument("--flow", default="iaf", help="a registered flow name (default: iaf)")
-    demo.add_argument("--steps", type=int, default=2000)
+    demo.add_argument("--steps", type=int, default=2000, help="SVI steps per guide (default: 2000)")
+    demo.add_argument("--out", default="pyroflows_demo.png", help="where to write the figure")
+    demo.add_argument("--no-plot", action="store_true", help="do not write the figure")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     demo.set_defaults(func=_demo)
+    flows = sub.add_parser("flows", help="list the registered flows with their papers and options")
+    flows.add_argument("--backend", default="torch", choices=["torch", "jax"])
+    flows.set_defaults(func=_flows)
     args = parser.parse_args(argv)
     args.func(args)
 
