@@ -1,0 +1,116 @@
+"""Toy targets, written once: 2-D data sets (numpy samplers) and unnormalised log-densities.
+
+The log-densities are written against a small array namespace, so the torch and the
+JAX backends (``pyroflows.torch.targets``, ``pyroflows.jax.targets``) evaluate the same
+formula.
+
+Data sets (as in FFJORD's experiments, Grathwohl et al. 2018, arXiv:1810.01367):
+``8gaussians`` (entropy 2.8313 nats) and ``checkerboard`` (uniform on 8 squares of area
+4: entropy log 32 = 3.4657 nats).
+
+Energies (log p = -U): ``u1`` ... ``u4`` of Rezende & Mohamed 2015 (arXiv:1505.05770,
+Table 1), and the double well ``u(x) = x1^4 - 6 x1^2 - 0.5 x1 + x2^2 / 2`` of Wu, Kohler
+& Noe 2020 (arXiv:2002.06707), with log Z = 10.2935 and P(x1 < 0) = 0.1557.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+
+import numpy as np
+
+__all__ = ["DATASETS", "ENERGIES", "DATA_ENTROPY", "sample_dataset", "log_density", "DOUBLE_WELL_LOG_Z",
+           "DOUBLE_WELL_P_LEFT", "namespace"]
+
+DATA_ENTROPY = {"8gaussians": 2.8313, "checkerboard": math.log(32.0)}
+DOUBLE_WELL_LOG_Z = 10.2935
+DOUBLE_WELL_P_LEFT = 0.1557
+
+
+def _eight_gaussians(n, rng):
+    angles = np.arange(8) * (np.pi / 4)
+    centers = 4.0 * np.stack([np.cos(angles), np.sin(angles)], -1)
+    points = centers[rng.integers(0, 8, n)] + 0.5 * rng.standard_normal((n, 2))
+    return points / 1.414
+
+
+def _checkerboard(n, rng):
+    x1 = rng.uniform(-2, 2, n)
+    x2 = rng.uniform(0, 1, n) - 2 * rng.integers(0, 2, n) + np.floor(x1) % 2
+    return 2.0 * np.stack([x1, x2], -1)
+
+
+DATASETS = {"8gaussians": _eight_gaussians, "checkerboard": _checkerboard}
+
+
+def sample_dataset(name: str, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` points of a 2-D toy data set, float64 of shape ``(n, 2)``."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; choose one of {sorted(DATASETS)}")
+    return DATASETS[name](int(n), np.random.default_rng(seed))
+
+
+# --------------------------------------------------------------------------- energies
+def namespace(backend: str) -> types.SimpleNamespace:
+    """The array functions the energies use, from torch or jax.numpy."""
+    if backend == "torch":
+        import torch
+
+        return types.SimpleNamespace(sin=torch.sin, exp=torch.exp, logaddexp=torch.logaddexp,
+                                     sigmoid=torch.sigmoid, norm=lambda z: torch.linalg.vector_norm(z, dim=-1))
+    if backend == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        return types.SimpleNamespace(sin=jnp.sin, exp=jnp.exp, logaddexp=jnp.logaddexp,
+                                     sigmoid=jax.nn.sigmoid, norm=lambda z: jnp.linalg.norm(z, axis=-1))
+    raise ValueError(f"unknown backend {backend!r}; use 'torch' or 'jax'")
+
+
+def _w1(z, xp):
+    return xp.sin(2 * math.pi * z[..., 0] / 4)
+
+
+def _u1(z, xp):
+    ring = 0.5 * ((xp.norm(z) - 2) / 0.4) ** 2
+    return ring - xp.logaddexp(-0.5 * ((z[..., 0] - 2) / 0.6) ** 2, -0.5 * ((z[..., 0] + 2) / 0.6) ** 2)
+
+
+def _u2(z, xp):
+    return 0.5 * ((z[..., 1] - _w1(z, xp)) / 0.4) ** 2
+
+
+def _u3(z, xp):
+    w2 = 3 * xp.exp(-0.5 * ((z[..., 0] - 1) / 0.6) ** 2)
+    d = z[..., 1] - _w1(z, xp)
+    return -xp.logaddexp(-0.5 * (d / 0.35) ** 2, -0.5 * ((d + w2) / 0.35) ** 2)
+
+
+def _u4(z, xp):
+    w3 = 3 * xp.sigmoid((z[..., 0] - 1) / 0.3)
+    d = z[..., 1] - _w1(z, xp)
+    return -xp.logaddexp(-0.5 * (d / 0.4) ** 2, -0.5 * ((d + w3) / 0.35) ** 2)
+
+
+def _double_well(z, xp):
+    x1 = z[..., 0]
+    return x1**4 - 6 * x1**2 - 0.5 * x1 + 0.5 * z[..., 1] ** 2
+
+
+ENERGIES = {"u1": _u1, "u2": _u2, "u3": _u3, "u4": _u4, "double_well": _double_well}
+
+
+def log_density(name: str, backend: str):
+    """The unnormalised log-density ``-U`` of a 2-D energy, on ``(..., 2)`` arrays of ``backend``."""
+    if name not in ENERGIES:
+        raise ValueError(f"unknown energy {name!r}; choose one of {sorted(ENERGIES)}")
+    energy, xp = ENERGIES[name], namespace(backend)
+
+    def log_p(z):
+        if z.shape[-1] != 2:
+            raise ValueError(f"the {name} energy is defined on R^2; got last dimension {z.shape[-1]}")
+        return -energy(z, xp)
+
+    log_p.__name__ = name
+    return log_p
