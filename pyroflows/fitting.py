@@ -15,7 +15,8 @@ import numpy as np
 
 __all__ = [
     "check_data", "split_indices", "batch_indices", "EarlyStopping", "History", "progress_bar",
-    "check_fit_options", "anneal_factor", "check_finite_loss", "check_latent_sites",
+    "check_fit_options", "anneal_factor", "check_finite_loss", "check_latent_sites", "check_init_scale",
+    "check_log_density", "check_log_density_shape", "check_quantiles", "AUTOFLOW_LOG_SCALE_BOUND",
 ]
 
 
@@ -172,3 +173,39 @@ def check_latent_sites(sites, guide_name: str = "AutoFlow") -> None:
                 "marginalise it (config_enumerate with TraceEnum_ELBO in Pyro, enumeration in NumPyro) "
                 "or give it a separate guide"
             )
+
+
+# The guides' final affine layer soft-clamps its log-scale to (-bound, bound).
+AUTOFLOW_LOG_SCALE_BOUND = 5.0
+
+
+def check_init_scale(init_scale, caller: str = "AutoFlow", bound: float = AUTOFLOW_LOG_SCALE_BOUND) -> float:
+    """``init_scale`` as a float, or a ValueError when the guide's bounded log-scale cannot reach it."""
+    check_fit_options(caller, init_scale=init_scale)
+    if not abs(math.log(init_scale)) < bound:
+        raise ValueError(
+            f"{caller}: init_scale={init_scale!r} must lie in ({math.exp(-bound):.4g}, {math.exp(bound):.4g}): "
+            f"the final affine layer's log-scale is bounded by {bound:g}"
+        )
+    return float(init_scale)
+
+
+def check_log_density(fn, caller: str = "fit_reverse_kl") -> None:
+    if not callable(fn):
+        raise ValueError(f"{caller}: log_density must be a function of an (n, dim) array, got {fn!r}")
+
+
+def check_log_density_shape(shape, n: int, dim: int, caller: str = "fit_reverse_kl") -> None:
+    if tuple(shape) != (n,):
+        raise ValueError(
+            f"{caller}: log_density must map an array of shape (n, {dim}) to shape (n,); "
+            f"for n={n} it returned shape {tuple(shape)}"
+        )
+
+
+def check_quantiles(q, caller: str = "quantiles") -> np.ndarray:
+    """Quantile levels as a float array, each strictly between 0 and 1."""
+    q = np.asarray(q, dtype=float)
+    if not np.all((q > 0) & (q < 1)):
+        raise ValueError(f"{caller}: quantiles must lie strictly between 0 and 1, got {q.reshape(-1).tolist()}")
+    return q

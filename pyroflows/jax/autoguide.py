@@ -1,0 +1,236 @@
+"""``AutoFlow``: a NumPyro autoguide whose posterior is any registered pyroflows flow.
+
+The guide works on the model's unconstrained latent vector ``z`` of size ``D`` (the
+sites flattened and mapped through ``biject_to`` as in NumPyro's other
+``AutoContinuous`` guides, which is ADVI: Kucukelbir et al. 2017, arXiv:1603.00788):
+
+    u ~ N(0, I_D),    z = loc + exp(log_scale) * F(u),
+
+where ``F`` is ``build_flow(flow, D, ...)`` and the last step is an ``ElementwiseAffine``
+layer whose ``loc`` starts at the ``init_loc_fn`` point and whose scale starts at
+``init_scale``. pyroflows' flows start at (or near) the identity, so the guide starts at
+N(init_loc, init_scale^2 I).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpyro.distributions as dist
+from jax.scipy.special import ndtri
+from numpyro import handlers
+from numpyro.contrib.module import eqx_module
+from numpyro.infer.autoguide import AutoContinuous
+from numpyro.infer.initialization import init_to_median
+
+from ..fitting import (
+    AUTOFLOW_LOG_SCALE_BOUND, check_fit_options, check_init_scale, check_latent_sites, check_quantiles,
+)
+from .flows import REGISTRY, build_flow
+from .transforms.base import ElementwiseAffine, Flow, Permute, astype, is_stochastic
+
+__all__ = ["AutoFlow"]
+
+# Layers that act on each coordinate by an increasing map, or only reorder coordinates:
+# a stack of them sends every output coordinate to an increasing function of ONE base
+# coordinate, so the posterior's marginal quantiles are the flow applied to base quantiles.
+_MARGINAL_LAYERS = (ElementwiseAffine, Permute)
+
+
+def _leaf_layers(module):
+    if isinstance(module, Flow):
+        return [leaf for part in module.parts for leaf in _leaf_layers(part)]
+    return [module]
+
+
+def _is_discrete(fn) -> bool:
+    try:
+        return bool(fn.support.is_discrete)
+    except NotImplementedError:  # a dependent support: AutoContinuous says what it needs
+        return False
+
+
+def _unconstrained_log_scale(scale: float, bound: float) -> float:
+    """The ``ElementwiseAffine`` parameter whose soft-clamped log-scale is ``log(scale)``."""
+    return bound * math.atanh(math.log(scale) / bound)
+
+
+class _PathDerivativePosterior(dist.TransformedDistribution):
+    """Samples as the flow posterior, but scores with the flow's parameters held fixed.
+
+    The gradient of ``log q(z)`` then flows only through the sample ``z``: the
+    sticking-the-landing estimator (Roeder, Wu & Duvenaud 2017, arXiv:1703.09194),
+    whose variance vanishes when ``q`` equals the posterior. Scoring inverts the flow
+    (``D`` sequential passes for ``iaf``).
+    """
+
+    def log_prob(self, value, intermediates=None):
+        frozen = jax.lax.stop_gradient(self.transforms)
+        return dist.TransformedDistribution(self.base_dist, frozen).log_prob(value)
+
+
+class AutoFlow(AutoContinuous):
+    """A normalizing-flow posterior over all continuous latent sites of a NumPyro model.
+
+    The posterior over the unconstrained latent vector ``z`` (size ``D``) is a standard
+    normal pushed through ``build_flow(flow, D, num_layers=..., hidden_dims=...,
+    **options)`` and then through a learnable elementwise affine map
+    ``z = loc + exp(log_scale) * u``, with ``loc`` initialised at the ``init_loc_fn``
+    point (unconstrained) and the scale at ``init_scale``. Constrained sites are mapped
+    with ``biject_to`` as in NumPyro's other continuous guides (ADVI; Kucukelbir et al.
+    2017, arXiv:1603.00788). Any registered flow works, a user's own (``register_flow``)
+    included. Works with ``SVI`` (the whole update jits), ``sample_posterior``,
+    ``Predictive`` and ``numpyro.infer.reparam.NeuTraReparam``.
+
+    :param model: a NumPyro model whose latent sample sites are all continuous.
+    :param str flow: a registered flow name (``pyroflows.jax.available_flows()``).
+    :param num_layers: layers of the flow (default: the family's).
+    :param hidden_dims: hidden sizes of the flow's networks (default: the family's).
+    :param init_loc_fn: NumPyro init strategy for ``loc`` (default ``init_to_median``).
+    :param float init_scale: initial posterior scale in the unconstrained space; the final
+        affine layer's log-scale is soft-clamped to (-5, 5), so it must lie in
+        (exp(-5), exp(5)).
+    :param bool stick_the_landing: score the guide's own samples with its parameters
+        held fixed (path-derivative gradient; Roeder et al. 2017, arXiv:1703.09194). The
+        score then needs the flow's inverse, which is ``D`` sequential passes for ``iaf``.
+    :param str prefix: prefix of the parameter names: ``{prefix}_flow$params`` holds the
+        flow's weights, ``{prefix}_affine$params`` the final ``loc`` and log-scale.
+    :param key: JAX key for the flow's initial weights (default ``jax.random.key(0)``),
+        so a guide is reproducible without a seed argument.
+    :param options: the flow family's options (``pyroflows.registry.describe(flow)``).
+
+    Unknown flow names and options raise ``ValueError`` at construction. A model with a
+    discrete latent site or without latent sites raises ``ValueError`` on the first call.
+    Layers that draw noise (stochastic log-det estimators) take their keys from
+    ``numpyro.prng_key()`` inside the guide.
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        flow="iaf",
+        num_layers=None,
+        hidden_dims=None,
+        init_loc_fn=init_to_median,
+        init_scale=0.1,
+        stick_the_landing=False,
+        prefix="auto",
+        key=None,
+        **options,
+    ):
+        check_init_scale(init_scale, "AutoFlow", AUTOFLOW_LOG_SCALE_BOUND)
+        bound = AUTOFLOW_LOG_SCALE_BOUND
+        # the same checks build_flow makes, now rather than at the first SVI step
+        REGISTRY.resolve(flow, 2, num_layers, hidden_dims, options)
+        self.flow_name = flow
+        self._flow_kwargs = dict(num_layers=num_layers, hidden_dims=hidden_dims, **options)
+        self._init_scale = float(init_scale)
+        self._log_scale_bound = bound
+        self.stick_the_landing = bool(stick_the_landing)
+        self._key = jax.random.key(0) if key is None else key
+        self._samplers = {}  # jitted latent samplers by num_samples, for median/quantiles
+        super().__init__(model, prefix=prefix, init_loc_fn=init_loc_fn)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_samplers"] = {}
+        return state
+
+    def _setup_prototype(self, *args, **kwargs):
+        self._check_latent_sites(*args, **kwargs)
+        super()._setup_prototype(*args, **kwargs)
+        dtype = jnp.result_type(self._init_latent)
+        flow = build_flow(self.flow_name, self.latent_dim, key=self._key, **self._flow_kwargs)
+        affine = ElementwiseAffine(self.latent_dim, log_scale_bound=self._log_scale_bound)
+        log_scale = _unconstrained_log_scale(self._init_scale, self._log_scale_bound)
+        affine = eqx.tree_at(
+            lambda m: (m.loc, m.unconstrained_log_scale),
+            affine,
+            (jnp.asarray(self._init_latent, dtype), jnp.full(self.latent_dim, log_scale, dtype)),
+        )
+        self._flow = astype(flow, dtype)
+        self._affine = astype(affine, dtype)
+
+    def _check_latent_sites(self, *args, **kwargs):
+        with handlers.block():
+            trace = handlers.trace(handlers.seed(self.model, rng_seed=0)).get_trace(*args, **kwargs)
+        sites = [
+            (name, _is_discrete(site["fn"]), type(site["fn"]).__name__)
+            for name, site in trace.items()
+            if site["type"] == "sample" and not site["is_observed"]
+        ]
+        check_latent_sites(sites, type(self).__name__)
+
+    def _get_posterior(self):
+        flow = eqx_module(f"{self.prefix}_flow", self._flow)
+        affine = eqx_module(f"{self.prefix}_affine", self._affine)
+        cls = _PathDerivativePosterior if self.stick_the_landing else dist.TransformedDistribution
+        return cls(self.get_base_dist(), [flow.to_transform(), affine.to_transform()])
+
+    def get_base_dist(self):
+        dtype = jnp.result_type(self._init_latent)
+        return dist.Normal(jnp.zeros(self.latent_dim, dtype), 1.0).to_event(1)
+
+    def get_flow(self, params):
+        """``(flow, affine)``: the trained ``build_flow`` flow (``save_flow``-able) and the final affine layer."""
+
+        def trained(name, module):
+            constants = eqx.filter(module, eqx.is_inexact_array, inverse=True)
+            return eqx.combine(params[f"{self.prefix}_{name}$params"], constants)
+
+        return trained("flow", self._flow), trained("affine", self._affine)
+
+    @property
+    def has_exact_quantiles(self) -> bool:
+        """Whether ``median``/``quantiles`` are exact: every layer is elementwise increasing or a permutation."""
+        layers = _leaf_layers(self._flow) + [self._affine]
+        return all(isinstance(layer, _MARGINAL_LAYERS) and not is_stochastic(layer) for layer in layers)
+
+    def _latent_transform(self, params):
+        flow, affine = self.get_flow(params)
+        return lambda u: affine.to_transform()(flow.to_transform()(u))
+
+    def median(self, params, *, num_samples=1000, key=None):
+        """Posterior median of each latent site, in the constrained space.
+
+        Exact when every layer of the flow is elementwise increasing or a permutation
+        (``has_exact_quantiles``): the flow applied to the base median 0. Otherwise
+        (every built-in family) the median of ``num_samples`` posterior draws per
+        unconstrained coordinate (``key`` defaults to ``jax.random.key(0)``), with Monte
+        Carlo error about 1.25 sd / sqrt(num_samples). Either way then mapped through
+        ``biject_to``, as NumPyro's ``AutoDiagonalNormal`` does.
+        """
+        return self._quantiles(params, jnp.asarray(0.5), num_samples, key)
+
+    def quantiles(self, params, quantiles, *, num_samples=1000, key=None):
+        """Posterior quantiles of each latent site, in the constrained space.
+
+        Returns ``{site: array of shape (len(quantiles),) + site shape}``. Exact when every
+        layer is elementwise increasing or a permutation (``has_exact_quantiles``): the
+        flow applied to base quantiles ``Phi^-1(q)``. Otherwise (every built-in family)
+        the sample quantiles of ``num_samples`` posterior draws per unconstrained
+        coordinate (``key`` defaults to ``jax.random.key(0)``). Then ``biject_to``.
+        """
+        return self._quantiles(params, jnp.asarray(quantiles), num_samples, key)
+
+    def _quantiles(self, params, q, num_samples, key):
+        check_fit_options(f"{type(self).__name__}.quantiles", num_samples=num_samples)
+        check_quantiles(q, f"{type(self).__name__}.quantiles")
+        dtype = jnp.result_type(self._init_latent)
+        if self.has_exact_quantiles:
+            base = ndtri(q.astype(dtype))[..., None] * jnp.ones(self.latent_dim, dtype)
+            latent = self._latent_transform(params)(base)
+        else:
+            if num_samples not in self._samplers:
+                self._samplers[num_samples] = jax.jit(functools.partial(self._draw_latent, num_samples=num_samples))
+            draws = self._samplers[num_samples](jax.random.key(0) if key is None else key, params)
+            latent = jnp.quantile(draws, q, axis=0)
+        return self._unpack_and_constrain(latent, params)
+
+    def _draw_latent(self, key, params, num_samples):
+        return handlers.substitute(handlers.seed(self._sample_latent, key), params)(sample_shape=(num_samples,))

@@ -1,0 +1,320 @@
+"""Training without writing a loop: ``fit_mle`` (forward KL on data), ``fit_reverse_kl``
+(reverse KL against an unnormalised log-density) and ``evaluate`` (importance-weight
+diagnostics of a fitted guide).
+
+Each fit compiles one program (``eqx.filter_jit``) that runs a chunk of Adam steps
+(loss, gradient and update) in a ``lax.scan``: one dispatch and one read-back per chunk
+(``eval_every`` steps for ``fit_mle``, 50 for ``fit_reverse_kl``) instead of per step.
+The last chunk is padded with masked steps, so every chunk has the same shape and the
+program compiles once per flow structure, and a second fit of the same shapes reuses it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from numpyro.infer import Trace_ELBO
+
+from .. import fitting
+from ..diagnostics import summarize_weights
+
+__all__ = ["fit_mle", "fit_reverse_kl", "evaluate", "flow_log_prob", "log_prob_stop_gradient"]
+
+# One optimiser object for every fit: the learning rate lives in its state, so the
+# compiled program is shared between fits with different learning rates.
+_ADAM = optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
+_CHUNK = 50  # fit_reverse_kl: steps per compiled chunk (loss read-back, NaN check, progress bar)
+
+
+def _float_dtype(flow):
+    leaves = [a for a in jax.tree.leaves(flow) if eqx.is_inexact_array(a)]
+    return jnp.result_type(*leaves) if leaves else jnp.result_type(float)
+
+
+def _init_optimizer(params, lr, dtype):
+    state = _ADAM.init(params)
+    state.hyperparams["learning_rate"] = jnp.asarray(lr, dtype)
+    return state
+
+
+def _base_log_prob(u):
+    return -0.5 * jnp.sum(u**2, -1) - 0.5 * u.shape[-1] * jnp.log(2 * jnp.pi).astype(u.dtype)
+
+
+def flow_log_prob(flow, x, key=None):
+    """``log q(x)`` for ``q`` = ``N(0, I)`` pushed forward through ``flow`` (one inverse pass).
+
+    ``key`` feeds layers that draw noise (otherwise they take ``numpyro.prng_key()``).
+    """
+    from .snf import StochasticFlow
+
+    if isinstance(flow, StochasticFlow):  # issue 6: a reverse-path lower bound (pyroflows.jax.snf)
+        from .transforms.base import _noise_key
+
+        return flow.log_prob_lower_bound(_noise_key(flow, key), x)
+    u, ildj = flow.to_transform(key=key).inverse_and_ladj(x)
+    return _base_log_prob(u) + ildj
+
+
+def log_prob_stop_gradient(flow, x, key=None):
+    """``log q(x)`` with the flow's weights held fixed: gradients reach ``x`` only.
+
+    The path-derivative estimator of Roeder, Wu & Duvenaud 2017 (arXiv:1703.09194)
+    scores a reparametrised sample this way.
+    """
+    return flow_log_prob(jax.lax.stop_gradient(flow), x, key)
+
+
+def _nll(params, static, x, key):
+    return -jnp.mean(flow_log_prob(eqx.combine(params, static), x, key))
+
+
+def _adam_steps(loss_fn, params, static, opt_state, xs, active):
+    """Adam steps on ``loss_fn(params, static, x) -> (loss, aux)`` for each ``x`` in ``xs``;
+    steps whose ``active`` flag is False leave the weights and the optimiser untouched."""
+
+    def body(carry, inputs):
+        params, opt_state = carry
+        x, on = inputs
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, static, x)
+        updates, new_state = _ADAM.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(on, new, old))
+        return (keep(new_params, params), keep(new_state, opt_state)), (loss, aux)
+
+    return jax.lax.scan(body, (params, opt_state), (xs, active))
+
+
+@eqx.filter_jit
+def _mle_chunk(params, static, opt_state, data, idx, keys, active):
+    def loss(params, static, x):
+        rows, key = x
+        return _nll(params, static, data[rows], key), None
+
+    (params, opt_state), (losses, _) = _adam_steps(loss, params, static, opt_state, (idx, keys), active)
+    return params, opt_state, losses
+
+
+@eqx.filter_jit
+def _mle_eval(params, static, data, key):
+    return _nll(params, static, data, key)
+
+
+def _first_bad(values):
+    bad = np.flatnonzero(~np.isfinite(values))
+    return int(bad[0]) if bad.size else None
+
+
+def fit_mle(
+    flow,
+    data,
+    *,
+    num_steps=1000,
+    batch_size=256,
+    lr=1e-3,
+    validation_fraction=0.1,
+    eval_every=50,
+    patience=None,
+    seed=0,
+    key=None,
+    progress=True,
+):
+    """Fit ``flow`` to ``data`` by maximum likelihood (forward KL) with Adam.
+
+    The density is N(0, I) pushed through ``flow`` (Papamakarios et al. 2021,
+    arXiv:1912.02762, section 2.3.1); its log-density at a data point needs the flow's
+    inverse, one parallel pass for ``maf``. ``validation_fraction`` of the rows
+    (``pyroflows.fitting.split_indices``, seeded by ``seed``) are held out; every
+    ``eval_every`` steps the validation NLL (the mean training NLL since the last
+    evaluation when nothing is held out) is recorded, and ``patience`` evaluations
+    without improvement stop the fit. Minibatches of ``batch_size`` rows are drawn
+    without replacement by a numpy generator seeded by ``seed``; ``key`` (default
+    ``jax.random.key(seed)``) feeds layers that draw noise.
+
+    Returns ``(flow, history)``: a new flow with the weights of the best evaluation
+    (equinox modules are immutable) and a ``pyroflows.fitting.History``.
+    """
+    fitting.check_fit_options(
+        "fit_mle", num_steps=num_steps, batch_size=batch_size, lr=lr,
+        validation_fraction=validation_fraction, eval_every=eval_every, patience=patience,
+    )
+    dtype = _float_dtype(flow)
+    array = fitting.check_data(data, flow.dim)
+    train_idx, val_idx = fitting.split_indices(array.shape[0], validation_fraction, seed)
+    device_data = jnp.asarray(array, dtype)
+    validation = device_data[val_idx] if val_idx.size else None
+    rng = np.random.default_rng(seed)
+    train_key, val_key = jax.random.split(jax.random.key(seed) if key is None else key)
+
+    params, static = eqx.partition(flow, eqx.is_inexact_array)
+    opt_state = _init_optimizer(params, lr, dtype)
+    history, stopper = fitting.History(), fitting.EarlyStopping(patience)
+    best, step = params, 0
+    chunk = min(eval_every, num_steps)
+    rows = min(batch_size, train_idx.size)
+    with fitting.progress_bar(num_steps, "fit_mle", progress) as bar:
+        while step < num_steps:
+            n = min(chunk, num_steps - step)
+            idx = np.zeros((chunk, rows), dtype=np.int32)
+            for i in range(n):
+                idx[i] = fitting.batch_indices(train_idx, batch_size, rng)
+            keys = jax.random.split(jax.random.fold_in(train_key, step), chunk)
+            params, opt_state, losses = _mle_chunk(
+                params, static, opt_state, device_data, jnp.asarray(idx), keys, jnp.arange(chunk) < n
+            )
+            losses = np.asarray(losses)[:n]
+            bad = _first_bad(losses)
+            if bad is not None:
+                fitting.check_finite_loss(losses[bad], step + bad + 1, "fit_mle: the training loss")
+            step += n
+            train_loss = float(np.mean(losses))
+            val_loss = None
+            if validation is not None:
+                val_loss = float(_mle_eval(params, static, validation, jax.random.fold_in(val_key, step)))
+                fitting.check_finite_loss(val_loss, step, "fit_mle: the validation loss")
+            history.record(step, train_loss, val_loss)
+            bar.update(n)
+            bar.set_postfix(loss=train_loss if val_loss is None else val_loss)
+            if stopper.update(train_loss if val_loss is None else val_loss, step):
+                best = params
+            if stopper.should_stop:
+                history.stopped_early = True
+                break
+    history.best_step = stopper.best_step
+    return eqx.combine(best, static), history
+
+
+def _reverse_kl(params, static, log_density, key, beta, num_samples, stick_the_landing):
+    from .snf import StochasticFlow
+
+    flow = eqx.combine(params, static)
+    if isinstance(flow, StochasticFlow):  # issue 6: log q of the whole path, dS of its blocks included
+        x, log_q = flow.sample_path(key, num_samples)
+    else:
+        noise_key, flow_key = jax.random.split(key)
+        dtype = _float_dtype(params)
+        eps = jax.random.normal(noise_key, (num_samples, flow.dim), dtype)
+        x, ladj = flow.to_transform(key=flow_key).call_with_intermediates(eps)
+        if stick_the_landing:
+            log_q = log_prob_stop_gradient(flow, x, flow_key)
+        else:
+            log_q = _base_log_prob(eps) - ladj
+    log_p = log_density(x)
+    fitting.check_log_density_shape(jnp.shape(log_p), num_samples, flow.dim)
+    finite = jnp.all(jnp.isfinite(log_p))
+    return jnp.mean(log_q - beta * log_p), finite
+
+
+@eqx.filter_jit
+def _reverse_kl_chunk(params, static, opt_state, log_density, keys, betas, active, num_samples, stick_the_landing):
+    def loss(params, static, x):
+        key, beta = x
+        return _reverse_kl(params, static, log_density, key, beta, num_samples, stick_the_landing)
+
+    (params, opt_state), (losses, finite) = _adam_steps(loss, params, static, opt_state, (keys, betas), active)
+    return params, opt_state, losses, finite
+
+
+def fit_reverse_kl(
+    flow,
+    log_density=None,
+    *,
+    num_steps=1000,
+    num_samples=256,
+    lr=1e-3,
+    anneal_steps=0,
+    stick_the_landing=False,
+    seed=0,
+    key=None,
+    progress=True,
+):
+    """Fit ``flow`` to an unnormalised density by minimising the reverse KL with Adam.
+
+    The loss at step ``t`` is the Monte Carlo estimate over ``num_samples`` draws
+    ``x = flow(u)``, ``u ~ N(0, I)``, of ``E_q[log q(x) - beta_t log_density(x)]``
+    (Rezende & Mohamed 2015, arXiv:1505.05770): without annealing it is
+    ``KL(q || p) - log Z``. ``beta_t = pyroflows.fitting.anneal_factor(t, anneal_steps)``
+    ramps linearly from ``1/anneal_steps`` to 1 over the first ``anneal_steps`` steps.
+    ``log_density`` maps an array of shape ``(n, dim)`` to shape ``(n,)`` and must be
+    jax-traceable; a NaN or inf from it raises ``ValueError`` naming the step.
+    ``stick_the_landing`` scores the samples with the weights held fixed (path
+    derivative; Roeder et al. 2017, arXiv:1703.09194), which needs the flow's inverse.
+    ``key`` (default ``jax.random.key(seed)``) draws the base samples.
+
+    Returns ``(flow, history)``: a new flow with the final weights and a
+    ``pyroflows.fitting.History`` with the loss of every step.
+
+    A ``pyroflows.jax.snf.StochasticFlow`` trains on ``E[-log w]`` of its whole paths
+    against its own target (``log_density=None``).
+    """
+    fitting.check_fit_options(
+        "fit_reverse_kl", num_steps=num_steps, num_samples=num_samples, lr=lr, anneal_steps=anneal_steps
+    )
+    from ..snf import snf_fit_target
+    from .snf import StochasticFlow
+
+    if isinstance(flow, StochasticFlow):  # issue 6: stochastic normalizing flows
+        log_density = snf_fit_target(flow.target_log_density, log_density, stick_the_landing)
+    fitting.check_log_density(log_density)
+    dtype = _float_dtype(flow)
+    key = jax.random.key(seed) if key is None else key
+    params, static = eqx.partition(flow, eqx.is_inexact_array)
+    opt_state = _init_optimizer(params, lr, dtype)
+    history = fitting.History()
+    chunk, step = min(_CHUNK, num_steps), 0
+    with fitting.progress_bar(num_steps, "fit_reverse_kl", progress) as bar:
+        while step < num_steps:
+            n = min(chunk, num_steps - step)
+            betas = [fitting.anneal_factor(step + i, anneal_steps) for i in range(chunk)]
+            keys = jax.random.split(jax.random.fold_in(key, step), chunk)
+            params, opt_state, losses, finite = _reverse_kl_chunk(
+                params, static, opt_state, log_density, keys, jnp.asarray(betas, dtype), jnp.arange(chunk) < n,
+                num_samples, bool(stick_the_landing),
+            )
+            losses, finite = np.asarray(losses)[:n], np.asarray(finite)[:n]
+            bad = _first_bad(np.where(finite, 0.0, np.nan))
+            if bad is not None:
+                fitting.check_finite_loss(float("nan"), step + bad + 1, "fit_reverse_kl: the target log-density")
+            bad = _first_bad(losses)
+            if bad is not None:
+                fitting.check_finite_loss(losses[bad], step + bad + 1, "fit_reverse_kl: the loss")
+            for i, value in enumerate(losses):
+                history.record(step + i + 1, value)
+            step += n
+            bar.update(n)
+            bar.set_postfix(loss=float(losses[-1]))
+    history.best_step = num_steps
+    return eqx.combine(params, static), history
+
+
+def evaluate(model, guide, params, *args, key=None, num_samples=1000, **kwargs):
+    """Importance-weight diagnostics of a fitted guide: ELBO, importance-weighted ELBO, k-hat, ESS.
+
+    Draws ``num_samples`` latents ``z ~ q`` from ``guide`` (with ``params``, e.g.
+    ``svi.get_params(state)``), computes ``log w = log p(x, z) - log q(z)`` for each in one
+    vectorised, jitted pass, and returns ``pyroflows.diagnostics.summarize_weights(log_w)``:
+    ``elbo``, ``iwelbo`` (Burda et al. 2016, arXiv:1509.00519), ``khat`` (PSIS; Vehtari
+    et al., arXiv:1507.02646), ``ess``, ``ess_fraction`` and ``num_samples``. ``key``
+    defaults to ``jax.random.key(0)``; ``args``/``kwargs`` go to the model and guide
+    (traced, as ``SVI.update`` traces them).
+    """
+    fitting.check_fit_options("evaluate", num_samples=num_samples)
+    key = jax.random.key(0) if key is None else key
+    keys = jax.random.split(key, num_samples)
+    log_w = _log_weights(keys, params, args, kwargs, model=model, guide=guide)
+    return summarize_weights(np.asarray(log_w))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "guide"))
+def _log_weights(keys, params, args, kwargs, *, model, guide):
+    # Module level with the model and guide static: evaluating the same guide again
+    # (other params, other data of the same shape) reuses the compiled program.
+    def one(k):
+        return -Trace_ELBO().loss(k, params, model, guide, *args, **kwargs)
+
+    return jax.vmap(one)(keys)
