@@ -11,6 +11,9 @@ import dataclasses
 import numbers
 from typing import Any, Callable, Mapping
 
+from . import ode as _ode
+from . import lipschitz as _lipschitz
+
 __all__ = ["Option", "FlowSpec", "SPECS", "RESERVED", "FlowRegistry", "describe"]
 
 _MISSING = object()
@@ -76,6 +79,24 @@ def _epsilon_max(name, value):
             "only when its exponent is below 1/2"
         )
     return value
+
+
+def boolean(name, value):
+    if not isinstance(value, bool):
+        raise ValueError(f"option {name}={value!r} must be True or False")
+    return value
+
+
+def open_unit(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
+        raise ValueError(f"option {name}={value!r} must lie strictly between 0 and 1")
+    return float(value)
+
+
+def non_negative_float(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < float("inf"):
+        raise ValueError(f"option {name}={value!r} must be a finite number >= 0")
+    return float(value)
 
 
 ACTIVATIONS = ("relu", "tanh", "elu", "leaky_relu", "gelu", "silu")
@@ -262,13 +283,96 @@ SPECS: dict[str, FlowSpec] = {
                 "max_exponent": Option(0.4, _epsilon_max, "upper bound on eps (below 1/2 keeps the map onto R^d)"),
             },
         ),
+        FlowSpec(
+            "ffjord", "unbiased estimation",
+            "log|det| = integral of tr(df/dx) dt along the ODE (d log p / dt = -tr): Hutchinson "
+            "estimate of the trace (unbiased), the exact trace, or the exact divergence of hollow dynamics",
+            "numerical (the same ODE integrated from T back to 0; exact up to the solver's error)",
+            "Grathwohl, Chen et al. 2018 (FFJORD), arXiv:1810.01367; hollow networks: "
+            "Chen & Duvenaud 2019, arXiv:1912.03579",
+            "dx/dt = f(x, t) with a time-conditioned MLP, integrated from t = 0 to T",
+            num_layers=1, hidden_dims=(64, 64),
+            options={
+                "estimator": Option(
+                    "hutchinson", choice(*_ode.ESTIMATORS),
+                    "log-det: Hutchinson e^T (df/dx) e with one noise draw per sample held for the whole "
+                    "solve (unbiased), the exact trace (dim products per evaluation), or hollow dynamics "
+                    "whose divergence is exact at the cost of one pass",
+                ),
+                "noise": Option("gaussian", choice(*_ode.NOISES), "Hutchinson probe distribution"),
+                "activation": Option("tanh", choice(*_ode.ACTIVATIONS), "smooth non-linearity of the dynamics"),
+                "solver": Option(
+                    "rk4", choice(*_ode.SOLVERS),
+                    "Runge-Kutta method, the same tableau on both backends: fixed step "
+                    f"({', '.join(_ode.FIXED_STEP)}; num_steps steps) or adaptive (dopri5, bosh3; atol, rtol)",
+                ),
+                "num_steps": Option(8, positive_int, "steps of a fixed-step solver over [0, T]"),
+                "atol": Option(1e-5, positive_float, "absolute tolerance of an adaptive solver"),
+                "rtol": Option(1e-5, positive_float, "relative tolerance of an adaptive solver"),
+                "adjoint": Option(
+                    False, boolean,
+                    "gradients by the continuous adjoint (torchdiffeq odeint_adjoint, diffrax "
+                    "BacksolveAdjoint): O(1) memory, gradients exact only to solver accuracy",
+                ),
+                "time_length": Option(1.0, positive_float, "integration time T (fixed)"),
+                "kinetic_energy": Option(
+                    0.0, non_negative_float,
+                    "weight of the kinetic-energy regulariser integral |f|^2 dt (Finlay et al. 2020)",
+                ),
+                "jacobian_norm": Option(
+                    0.0, non_negative_float,
+                    "weight of the Jacobian Frobenius-norm regulariser integral |df/dx|_F^2 dt (Finlay et al. 2020)",
+                ),
+            },
+        ),
+        FlowSpec(
+            "residual", "unbiased estimation",
+            "log det(I + J_g) = sum_k (-1)^(k+1) tr(J_g^k) / k, estimated with a Hutchinson probe by a "
+            "Russian-roulette series (unbiased) or a truncated one (biased), or computed densely (exact)",
+            "the data-to-noise direction (inverse) is explicit; the forward (noise to data) is a "
+            "fixed-point iteration to inverse_tol, then one Newton step",
+            "Behrmann et al. 2019 (i-ResNet), arXiv:1811.00995; Chen et al. 2019 (Residual Flows), "
+            "arXiv:1906.02735",
+            "residual blocks noise = data + g(data), g an MLP of spectrally normalised linear layers and "
+            "LipSwish activations with Lip(g) < 1, each block after a learned elementwise affine map",
+            num_layers=8, hidden_dims=(64, 64),
+            options={
+                "estimator": Option(
+                    "roulette", choice(*_lipschitz.ESTIMATORS),
+                    "log-det: Russian-roulette power series with a Hutchinson probe (unbiased), the "
+                    "truncated series (i-ResNet, biased), or the dense log-determinant (small dims)",
+                ),
+                "num_terms": Option(
+                    None, optional_positive_int,
+                    "series terms always computed: before the roulette starts (default 2), or the "
+                    "whole truncated series (default 10)",
+                ),
+                "roulette_p": Option(
+                    0.5, open_unit,
+                    "the roulette adds a Geometric(p) number of terms: mean (1 - p) / p, term k "
+                    "reweighted by 1 / P(N >= k)",
+                ),
+                "noise": Option("gaussian", choice(*_lipschitz.NOISES), "Hutchinson probe distribution"),
+                "neumann_gradient": Option(
+                    True, boolean,
+                    "gradients of the series by the Neumann-series estimator (Chen et al. 2019): memory "
+                    "of one term instead of all; the value is unchanged",
+                ),
+                "lipschitz": Option(0.97, open_unit, "bound on each layer's spectral norm, so Lip(g) < 1"),
+                "power_iterations": Option(
+                    4096, positive_int,
+                    "power-iteration steps on W^T W for each spectral norm (rounded up to a power of two), run as "
+                    "log2 N squarings of W^T W from scratch at every call",
+                ),
+                "inverse_tol": Option(1e-10, positive_float, "fixed-point steps stop below inverse_tol * (1 + |x|)"),
+                "max_inverse_iter": Option(1000, positive_int, "cap on the fixed-point steps of the forward"),
+            },
+        ),
     ]
 }
 
 #: Names held for families that land in a later release of the backends.
 RESERVED = {
-    "ffjord": "a continuous normalizing flow (Grathwohl et al. 2018)",
-    "residual": "residual flows (Behrmann et al. 2019; Chen et al. 2019)",
 }
 
 

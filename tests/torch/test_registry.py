@@ -7,7 +7,8 @@ import pyroflows.torch as pf
 from pyroflows.registry import RESERVED, SPECS, describe
 
 EXPECTED = {"planar", "radial", "sylvester", "householder", "nice", "realnvp", "glow",
-            "iaf", "maf", "naf", "bnaf", "nsf", "gaussianization", "gdn"}
+            "iaf", "maf", "naf", "bnaf", "nsf", "gaussianization", "gdn",
+            "ffjord", "residual"}
 
 
 def test_every_family_of_the_design_is_registered():
