@@ -25,12 +25,11 @@ def test_notebook_runs_in_fast_mode_and_draws_its_plots(path, monkeypatch, tmp_p
     assert any("image/png" in o.get("data", {}) for o in outputs), "the notebook drew no plot"
 
 
-def test_committed_notebooks_keep_the_outputs_of_a_full_run():
-    assert len(TUTORIALS) >= 6, [p.name for p in TUTORIALS]
-    for path in TUTORIALS:
-        nb = nbformat.read(path, as_version=4)
-        code = [c for c in nb.cells if c.cell_type == "code"]
-        assert all(c.get("execution_count") for c in code), f"{path.name} has unexecuted cells"
-        images = sum("image/png" in o.get("data", {}) for c in code for o in c.get("outputs", []))
-        assert images >= 1, f"{path.name} has no plot in its committed outputs"
-        assert nb.metadata.get("pyroflows", {}).get("fast_mode") is False, f"{path.name} was not saved from a full run"
+@pytest.mark.parametrize("path", TUTORIALS, ids=[p.stem for p in TUTORIALS])
+def test_committed_notebook_keeps_the_outputs_of_a_full_run(path):
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.get("execution_count") for c in code), f"{path.name} has unexecuted cells"
+    images = sum("image/png" in o.get("data", {}) for c in code for o in c.get("outputs", []))
+    assert images >= 1, f"{path.name} has no plot in its committed outputs"
+    assert nb.metadata.get("pyroflows", {}).get("fast_mode") is False, f"{path.name} was not saved from a full run"
