@@ -35,6 +35,8 @@ bench: $(BENCH_STAMP)
 	$(PY) benchmarks/svi_speed.py
 	$(PY) benchmarks/posteriordb.py --backend jax --no-progress
 	$(PY) benchmarks/posteriordb.py --backend torch --no-progress
+	$(PY) benchmarks/unbiased.py
+	$(PY) benchmarks/snf_doublewell.py --no-progress
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -10,6 +10,8 @@ from .io import load_flow, save_flow
 from . import transforms  # noqa: E402  (registers the built-in families)
 from .autoguide import AutoFlow  # noqa: E402
 from .train import evaluate, fit_mle, fit_reverse_kl  # noqa: E402
+from . import snf  # noqa: E402  (stochastic normalizing flows)
+from .autoguide import AutoSNF  # noqa: E402
 
 __all__ = ["available_flows", "build_flow", "register_flow", "save_flow", "load_flow", "transforms", "REGISTRY",
-           "AutoFlow", "fit_mle", "fit_reverse_kl", "evaluate"]
+           "AutoFlow", "fit_mle", "fit_reverse_kl", "evaluate", "snf", "AutoSNF"]

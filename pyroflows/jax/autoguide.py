@@ -20,6 +20,7 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpyro
 import numpyro.distributions as dist
 from jax.scipy.special import ndtri
 from numpyro import handlers
@@ -30,10 +31,12 @@ from numpyro.infer.initialization import init_to_median
 from ..fitting import (
     AUTOFLOW_LOG_SCALE_BOUND, check_fit_options, check_init_scale, check_latent_sites, check_quantiles,
 )
+from .. import snf as _snf
+from . import snf as _blocks
 from .flows import REGISTRY, build_flow
 from .transforms.base import ElementwiseAffine, Flow, Permute, astype, is_stochastic
 
-__all__ = ["AutoFlow"]
+__all__ = ["AutoFlow", "AutoSNF"]
 
 # Layers that act on each coordinate by an increasing map, or only reorder coordinates:
 # a stack of them sends every output coordinate to an increasing function of ONE base
@@ -234,3 +237,132 @@ class AutoFlow(AutoContinuous):
 
     def _draw_latent(self, key, params, num_samples):
         return handlers.substitute(handlers.seed(self._sample_latent, key), params)(sample_shape=(num_samples,))
+
+
+# --------------------------------------------------------------------------- AutoSNF (issue 6)
+
+
+
+
+class AutoSNF(AutoFlow):
+    """A stochastic-normalizing-flow guide: ``AutoFlow``'s flow, then MCMC blocks on the
+    model's own log-density in the unconstrained space (Wu, Köhler & Noé 2020,
+    arXiv:2002.06707).
+
+    The path starts at ``AutoFlow``'s posterior, ``q0 = loc + exp(log_scale) * F(u)`` with
+    ``u ~ N(0, I_D)`` and ``F = build_flow(flow, D, num_layers=..., hidden_dims=...,
+    **options)`` (``loc`` at the ``init_loc_fn`` point, scale ``init_scale``), whose density
+    is exact. Then the blocks of ``stochastic`` (``pyroflows.jax.snf``; default four
+    ``MALA(step_size=0.01)``) run in order; block ``i`` of ``n`` samples
+    ``log p_l = (1 - l) log q0 + l log p(x, z)`` with ``l = i/n`` (``schedule="linear"``), so
+    the path anneals from the flow to the posterior: annealed importance sampling started
+    at a flow. ``log p(x, z)`` is the model's log joint at the unconstrained point
+    (``numpyro.infer.util.potential_energy``, ``biject_to`` Jacobians included; ``log_joint``).
+
+    The guide's latent site is a ``Delta`` at the path's end whose ``log_density`` is
+    ``log q0(z0) - sum_t dS_t``, so ``Trace_ELBO`` estimates ``E[log w] <= log p(x)``, a
+    valid evidence lower bound, and ``pyroflows.jax.evaluate`` the importance weights of
+    whole paths. Reversible blocks at ``l = 1`` move the draws towards the posterior but
+    leave the weights as they were (the ratios telescope); annealed blocks (``l < 1``) and
+    ``Langevin`` change them. The model runs inside the guide (under ``handlers.block``),
+    once per density evaluation of a block. Works with ``SVI`` (the update jits),
+    ``sample_posterior`` and ``Predictive``.
+
+    Parameters: ``{prefix}_flow$params``, ``{prefix}_affine$params`` (as ``AutoFlow``) and
+    ``{prefix}_blocks$params`` (learnable step sizes). ``median``/``quantiles``/
+    ``sample_posterior`` take the model's arguments after ``params``. There is no
+    deterministic ``get_transform`` (``NeuTraReparam`` needs ``AutoFlow``), and no
+    sticking-the-landing estimator.
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        flow=_snf.AUTOSNF_DEFAULTS["flow"],
+        num_layers=_snf.AUTOSNF_DEFAULTS["num_layers"],
+        hidden_dims=None,
+        stochastic=None,
+        schedule=_snf.AUTOSNF_DEFAULTS["schedule"],
+        init_loc_fn=init_to_median,
+        init_scale=0.1,
+        prefix="auto",
+        key=None,
+        **options,
+    ):
+        blocks = _snf.autosnf_blocks(stochastic, _blocks)
+        _snf.interpolation_schedule(schedule, len(blocks))
+        super().__init__(
+            model, flow=flow, num_layers=num_layers, hidden_dims=hidden_dims, init_loc_fn=init_loc_fn,
+            init_scale=init_scale, prefix=prefix, key=key, **options,
+        )
+        self._blocks = tuple(blocks)
+        self.schedule = schedule
+
+    def _setup_prototype(self, *args, **kwargs):
+        super()._setup_prototype(*args, **kwargs)
+        self._blocks = astype(self._blocks, jnp.result_type(self._init_latent))
+
+    def log_joint(self, z, *args, **kwargs):
+        """``log p(x, z)`` at one unconstrained latent vector ``z`` (shape ``(D,)``), with the
+        ``biject_to`` Jacobians: the density the guide's blocks sample."""
+        with handlers.block():
+            return -self._potential_fn_gen(*args, **kwargs)(self._unpack_latent(z))
+
+    def stochastic_flow(self, *args, **kwargs):
+        """The guide's path as a ``StochasticFlow`` (base ``q0`` the flow posterior, layers the
+        blocks, target ``log_joint`` at these arguments), with the weights registered as
+        NumPyro parameters: call it inside the guide."""
+        base = self._get_posterior()
+        blocks = self._blocks
+        if jax.tree.leaves(eqx.filter(blocks, eqx.is_inexact_array)):
+            blocks = eqx_module(f"{self.prefix}_blocks", blocks)
+        return _blocks.StochasticFlow(
+            blocks, self.latent_dim, lambda z: self.log_joint(z, *args, **kwargs), base=base, schedule=self.schedule
+        )
+
+    def _sample_latent(self, *args, **kwargs):
+        sample_shape = tuple(kwargs.pop("sample_shape", ()))
+        snf = self.stochastic_flow(*args, **kwargs)
+        key = numpyro.prng_key()
+        if key is None:
+            raise ValueError("AutoSNF draws MCMC noise and got no random key: run it under numpyro.handlers.seed")
+        x, log_q = snf.sample_path(key, max(math.prod(sample_shape), 1))
+        x, log_q = jnp.reshape(x, sample_shape + (self.latent_dim,)), jnp.reshape(log_q, sample_shape)
+        return numpyro.sample(
+            f"_{self.prefix}_latent", dist.Delta(x, log_density=log_q, event_dim=1), infer={"is_auxiliary": True}
+        )
+
+    def get_transform(self, params):
+        raise _snf.no_transform_error(type(self).__name__)
+
+    def get_posterior(self, params):
+        raise _snf.no_transform_error(type(self).__name__)
+
+    @property
+    def has_exact_quantiles(self) -> bool:
+        """Never: the MCMC steps mix coordinates, so ``median``/``quantiles`` sample."""
+        return False
+
+    def sample_posterior(self, rng_key, params, *args, sample_shape=(), **kwargs):
+        """Posterior draws in the constrained space; the model's arguments follow ``params``."""
+        latent = handlers.substitute(handlers.seed(self._sample_latent, rng_key), params)(
+            *args, sample_shape=sample_shape, **kwargs
+        )
+        return self._unpack_and_constrain(latent, params)
+
+    def quantiles(self, params, quantiles, *args, num_samples=1000, key=None, **kwargs):
+        """Sample quantiles of ``num_samples`` guide draws per unconstrained coordinate, then
+        ``biject_to``: ``{site: array (len(quantiles),) + site shape}``. Takes the model's arguments."""
+        caller = f"{type(self).__name__}.quantiles"
+        check_fit_options(caller, num_samples=num_samples)
+        q = jnp.asarray(check_quantiles(quantiles, caller))
+        key = jax.random.key(0) if key is None else key
+        draws = handlers.substitute(handlers.seed(self._sample_latent, key), params)(
+            *args, sample_shape=(num_samples,), **kwargs
+        )
+        return self._unpack_and_constrain(jnp.quantile(draws, q, axis=0), params)
+
+    def median(self, params, *args, num_samples=1000, key=None, **kwargs):
+        """Sample median of ``num_samples`` guide draws per unconstrained coordinate, then ``biject_to``."""
+        return self.quantiles(params, 0.5, *args, num_samples=num_samples, key=key, **kwargs)

@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import math
 
+import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
+from pyro.poutine.runtime import _DIM_ALLOCATOR
+from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to, constraints
 
 from ..fitting import (
     AUTOFLOW_LOG_SCALE_BOUND, check_fit_options, check_init_scale, check_latent_sites, check_quantiles,
 )
+from .. import snf as _snf
+from . import snf as _blocks
 from .flows import REGISTRY, build_flow
 from .train import log_prob_stop_gradient
 from .transforms.base import ElementwiseAffine, Flow, Permute
 
-__all__ = ["AutoFlow"]
+__all__ = ["AutoFlow", "AutoSNF"]
 
 # Layers that act on each coordinate by an increasing map, or only reorder coordinates:
 # through a stack of them every output coordinate is an increasing function of ONE
@@ -230,3 +236,182 @@ class AutoFlow(AutoContinuous):
             for name, value in self._constrained(latent).items():
                 out.setdefault(name, []).append(value)
         return {name: torch.stack(values) for name, values in out.items()}
+
+
+# --------------------------------------------------------------------------- AutoSNF (issue 6)
+
+
+
+
+class _PathPosterior(dist.TorchDistribution):
+    """The distribution of an ``AutoSNF`` sample: draws run the guide's stochastic flow, and
+    ``log_prob`` of the guide's own draw is ``log q0(z0) - sum_t dS_t`` of its path.
+
+    ``Trace_ELBO`` then sees ``log p(x, z) - log q(path)``, the log path weight, whose
+    expectation is a lower bound on the evidence (Wu, Köhler & Noé 2020,
+    arXiv:2002.06707). Plates (vectorised particles, ``Predictive``) expand it, and an
+    expanded draw runs one path per batch element.
+    """
+
+    arg_constraints = {}
+    support = constraints.real_vector
+    has_rsample = True
+
+    def __init__(self, snf, batch_shape=torch.Size(), validate_args=None):
+        self.snf = snf
+        self._last = None
+        super().__init__(torch.Size(batch_shape), torch.Size([snf.dim]), validate_args=False)
+
+    def expand(self, batch_shape, _instance=None):
+        return _PathPosterior(self.snf, batch_shape)
+
+    def rsample(self, sample_shape=torch.Size()):
+        shape = torch.Size(sample_shape) + self.batch_shape
+        x, log_q = self.snf.sample_path(max(shape.numel(), 1))
+        x, log_q = x.reshape(shape + (self.snf.dim,)), log_q.reshape(shape)
+        self._last = (x, log_q)
+        return x
+
+    def sample(self, sample_shape=torch.Size()):
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+    def log_prob(self, value):
+        if self._last is not None and value is self._last[0]:
+            return self._last[1]
+        raise _snf.unscored_path_error("AutoSNF")
+
+
+def _per_path(log_prob, n, nesting):
+    """Sum a site's log-density over every dimension right of the path plate (``n`` paths)."""
+    log_prob = log_prob.reshape((1,) * max(0, nesting + 1 - log_prob.dim()) + log_prob.shape)
+    return log_prob.reshape(log_prob.shape[0], -1).sum(-1).expand(n)
+
+
+class AutoSNF(AutoFlow):
+    """A stochastic-normalizing-flow guide: ``AutoFlow``'s flow, then MCMC blocks on the
+    model's own log-density in the unconstrained space (Wu, Köhler & Noé 2020,
+    arXiv:2002.06707).
+
+    The path starts at ``AutoFlow``'s posterior, ``q0 = loc + exp(log_scale) * F(u)`` with
+    ``u ~ N(0, I_D)`` and ``F = build_flow(flow, D, num_layers=..., hidden_dims=...,
+    **options)`` (``loc`` at the ``init_loc_fn`` point, scale ``init_scale``), whose density
+    is exact. Then the blocks of ``stochastic`` (``pyroflows.torch.snf``; default four
+    ``MALA(step_size=0.01)``) run in order; block ``i`` of ``n`` samples
+    ``log p_l = (1 - l) log q0 + l log p(x, z)`` with ``l = i/n`` (``schedule="linear"``), so
+    the path anneals from the flow to the posterior: annealed importance sampling started
+    at a flow. ``log p(x, z)`` is the model's log joint at the unconstrained point, with
+    the ``biject_to`` Jacobians (``log_joint``).
+
+    The guide's latent site reports ``log q0(z0) - sum_t dS_t`` of the drawn path, so
+    ``Trace_ELBO`` estimates ``E[log w] <= log p(x)``, a valid evidence lower bound, and
+    ``pyroflows.torch.evaluate`` the importance weights of whole paths. Reversible blocks
+    at ``l = 1`` move the draws towards the posterior but leave the weights as they were
+    (the ratios telescope); annealed blocks (``l < 1``) and ``Langevin`` change them. The
+    model runs inside the guide, once per density evaluation of a block, under a plate of
+    paths left of its own plates (vectorised particles need a model that broadcasts, as
+    for ``vectorize_particles``); models that subsample see a fresh subsample each time.
+
+    ``median``/``quantiles`` are sample quantiles of guide draws and take the model's
+    arguments. There is no deterministic ``get_transform`` (``NeuTraReparam`` needs
+    ``AutoFlow``), and no sticking-the-landing estimator.
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        flow=_snf.AUTOSNF_DEFAULTS["flow"],
+        num_layers=_snf.AUTOSNF_DEFAULTS["num_layers"],
+        hidden_dims=None,
+        stochastic=None,
+        schedule=_snf.AUTOSNF_DEFAULTS["schedule"],
+        init_loc_fn=init_to_median,
+        init_scale=0.1,
+        **options,
+    ):
+        blocks = _snf.autosnf_blocks(stochastic, _blocks)
+        _snf.interpolation_schedule(schedule, len(blocks))
+        super().__init__(
+            model, flow=flow, num_layers=num_layers, hidden_dims=hidden_dims, init_loc_fn=init_loc_fn,
+            init_scale=init_scale, **options,
+        )
+        self.blocks = torch.nn.ModuleList(blocks)
+        self.schedule = schedule
+
+    def _setup_prototype(self, *args, **kwargs):
+        super()._setup_prototype(*args, **kwargs)
+        ref = self._reference()
+        self.blocks.to(device=ref.device, dtype=ref.dtype)
+        # the path plate sits left of every plate of the model, observed sites' included
+        with poutine.block():
+            trace = poutine.trace(self.model).get_trace(*args, **kwargs)
+        self._nesting = max(
+            [-f.dim for s in trace.nodes.values() if s["type"] == "sample" for f in s["cond_indep_stack"] if f.vectorized],
+            default=0,
+        )
+
+    def log_joint(self, z, *args, **kwargs):
+        """``log p(x, z)`` at unconstrained latent vectors ``z`` of shape ``(..., D)``, with the
+        ``biject_to`` Jacobians: the density the guide's blocks sample."""
+        shape, n = z.shape[:-1], max(z.shape[:-1].numel(), 1)
+        # the path plate: left of the model's plates, and of any plate the guide runs in
+        # (vectorised particles), whose messages poutine.block keeps from the model
+        dim, used = -(self._nesting + 1), {-1 - i for i, name in enumerate(_DIM_ALLOCATOR._stack) if name is not None}
+        while dim in used:
+            dim -= 1
+        nesting = -dim - 1
+        flat = z.reshape((n,) + (1,) * nesting + (self.latent_dim,))
+        values, total = {}, z.new_zeros(n)
+        for site, unconstrained in self._unpack_latent(flat):
+            transform = biject_to(site["fn"].support)
+            values[site["name"]] = value = transform(unconstrained)
+            total = total + _per_path(transform.log_abs_det_jacobian(unconstrained, value), n, nesting)
+        with poutine.block(), pyro.plate("_autosnf_paths", n, dim=dim):
+            trace = poutine.trace(poutine.condition(self.model, data=values)).get_trace(*args, **kwargs)
+        trace.compute_log_prob(lambda name, site: not site_is_subsample(site))
+        for site in trace.nodes.values():
+            if site["type"] == "sample" and not site_is_subsample(site):
+                total = total + _per_path(site["log_prob"], n, nesting)
+        return total.reshape(shape)
+
+    def stochastic_flow(self, *args, **kwargs):
+        """The guide's path as a ``StochasticFlow``: base ``q0`` the flow posterior, layers the
+        blocks, target ``log_joint`` at these arguments."""
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        base = dist.TransformedDistribution(self.get_base_dist(), self.transform)
+        return _blocks.StochasticFlow(
+            list(self.blocks), self.latent_dim, lambda z: self.log_joint(z, *args, **kwargs), base=base,
+            schedule=self.schedule,
+        )
+
+    def get_transform(self, *args, **kwargs):
+        raise _snf.no_transform_error(type(self).__name__)
+
+    def get_posterior(self, *args, **kwargs):
+        return _PathPosterior(self.stochastic_flow(*args, **kwargs))
+
+    @property
+    def has_exact_quantiles(self) -> bool:
+        """Never: the MCMC steps mix coordinates, so ``median``/``quantiles`` sample."""
+        return False
+
+    @torch.no_grad()
+    def quantiles(self, quantiles, *args, num_samples=1000, **kwargs):
+        """Sample quantiles of ``num_samples`` guide draws per unconstrained coordinate, then
+        ``biject_to``: ``{name: tensor (len(quantiles),) + shape}``. Takes the model's arguments."""
+        caller = f"{type(self).__name__}.quantiles"
+        check_fit_options(caller, num_samples=num_samples)
+        z = self.get_posterior(*args, **kwargs).sample((num_samples,))
+        probs = torch.as_tensor(check_quantiles(quantiles, caller), dtype=z.dtype, device=z.device).reshape(-1)
+        out = {}
+        for latent in torch.quantile(z, probs, dim=0):
+            for name, value in self._constrained(latent).items():
+                out.setdefault(name, []).append(value)
+        return {name: torch.stack(values) for name, values in out.items()}
+
+    @torch.no_grad()
+    def median(self, *args, num_samples=1000, **kwargs):
+        """Sample median of ``num_samples`` guide draws per unconstrained coordinate, then ``biject_to``."""
+        return {name: value[0] for name, value in self.quantiles([0.5], *args, num_samples=num_samples, **kwargs).items()}
