@@ -37,6 +37,7 @@ RECIPE = {
     "gaussian": {"num_steps": 10_000, "lr": 1e-2, "num_particles": 8},
     "flow": {"num_steps": 10_000, "lr": 2e-3, "num_particles": 8, "hidden": (64, 64), "layers": 3},
 }
+# ``lr_final`` (optional): the learning rate decays exponentially from ``lr`` to it over the run.
 NUM_DRAWS = 4000
 FLOWS = ("iaf", "realnvp", "nsf", "bnaf")
 
@@ -81,7 +82,8 @@ def fit_torch(model, guide, settings, seed, progress, sites):
 
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": settings["lr"]}),
+    decay = (settings.get("lr_final", settings["lr"]) / settings["lr"]) ** (1 / settings["num_steps"])
+    svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": settings["lr"], "lrd": decay, "clip_norm": 1e6}),
               Trace_ELBO(num_particles=settings["num_particles"], vectorize_particles=True))
     for _ in tqdm(range(settings["num_steps"]), disable=not progress, leave=False):
         svi.step()
@@ -98,7 +100,8 @@ def fit_jax(model, guide, settings, seed, progress, sites):
 
     import pyroflows.jax as pf
 
-    svi = SVI(model, guide, optax.adam(settings["lr"]), Trace_ELBO(num_particles=settings["num_particles"]))
+    lr = optax.exponential_decay(settings["lr"], settings["num_steps"], settings.get("lr_final", settings["lr"]) / settings["lr"])
+    svi = SVI(model, guide, optax.adam(lr), Trace_ELBO(num_particles=settings["num_particles"]))
     result = svi.run(jax.random.key(seed), settings["num_steps"], progress_bar=progress)
     draws = Predictive(model, guide=guide, params=result.params, num_samples=NUM_DRAWS, return_sites=sites)(
         jax.random.key(seed + 1)
@@ -128,10 +131,14 @@ def main():
     parser.add_argument("--posteriors", nargs="*", default=pdb.NAMES)
     parser.add_argument("--guides", nargs="*", default=None, help="guide names (default: all)")
     parser.add_argument("--steps", type=int, default=None, help="override the recipes' step counts")
+    parser.add_argument("--flow-lr", type=float, nargs="+", default=None, metavar=("LR", "LR_FINAL"),
+                        help="override the flow recipe's learning rate (and its final value, decaying exponentially)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--out", default=None, help="output markdown (default results/posteriordb_<backend>.md)")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the rows of an existing output and replace only the (posterior, guide) pairs run now")
     args = parser.parse_args()
 
     os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={args.threads}")
@@ -139,6 +146,10 @@ def main():
     if args.steps:
         for v in recipe.values():
             v["num_steps"] = args.steps
+    if args.flow_lr:
+        recipe["flow"]["lr"] = args.flow_lr[0]
+        if len(args.flow_lr) > 1:
+            recipe["flow"]["lr_final"] = args.flow_lr[1]
     if args.backend == "torch":
         import torch
 
@@ -167,7 +178,40 @@ def main():
             row.update(posterior=name, guide=guide_name, seconds=time.perf_counter() - start)
             rows.append(row)
             print(_format_row(row), flush=True)
+    if args.update:
+        rows = merge_rows(read_rows(output_path(args)), rows)
     write_table(rows, args, recipe)
+
+
+def output_path(args):
+    return Path(args.out) if args.out else RESULTS / f"posteriordb_{args.backend}.md"
+
+
+def read_rows(path):
+    """The result rows of an earlier ``write_table`` output (empty if there is none)."""
+    if not Path(path).exists():
+        return []
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 7 or cells[0] in ("posterior", "---"):
+            continue
+        row = {"posterior": cells[0], "guide": cells[1]}
+        if cells[2].startswith("error: "):
+            row["error"] = cells[2][len("error: "):]
+        else:
+            row.update(mean_error=float(cells[2]), sd_ratio=float(cells[3]), khat=float(cells[4]),
+                       seconds=float(cells[6]))
+            row["pass"] = cells[5] == "yes"
+        rows.append(row)
+    return rows
+
+
+def merge_rows(old, new):
+    """``old`` with every (posterior, guide) pair that ``new`` also has replaced, in place."""
+    fresh = {(r["posterior"], r["guide"]): r for r in new}
+    merged = [fresh.pop((r["posterior"], r["guide"]), r) for r in old]
+    return merged + list(fresh.values())
 
 
 def _format_row(r):
@@ -179,7 +223,7 @@ def _format_row(r):
 
 def write_table(rows, args, recipe):
     RESULTS.mkdir(exist_ok=True)
-    out = Path(args.out) if args.out else RESULTS / f"posteriordb_{args.backend}.md"
+    out = output_path(args)
     lines = [
         f"# Flow guides on posteriordb reference posteriors ({args.backend})",
         "",

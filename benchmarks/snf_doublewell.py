@@ -117,7 +117,7 @@ def combined_fit(flow, data, num_steps, seed, batch=256, lr=1e-3, progress=True)
     return eqx.combine(params, static)
 
 
-def double_well_runs(seeds, ml_steps, kl_steps, repeats, samples, progress):
+def double_well_runs(seeds, ml_steps, kl_steps, repeats, samples, progress, schedule="linear", models=(False, True)):
     import jax
 
     import pyroflows.jax as pj
@@ -127,7 +127,7 @@ def double_well_runs(seeds, ml_steps, kl_steps, repeats, samples, progress):
 
     target = toys.log_density("double_well", "jax")
     rows = []
-    for mc in (False, True):
+    for mc in models:
         name = "RealNVP+MC" if mc else "RealNVP"
         for seed in seeds:
             t0 = time.perf_counter()
@@ -137,7 +137,7 @@ def double_well_runs(seeds, ml_steps, kl_steps, repeats, samples, progress):
                 layers.append(pj.build_flow("realnvp", 2, num_layers=2, hidden_dims=(64, 64), key=keys[b]))
                 if mc:  # after every block, so the last one samples the target itself
                     layers.append(snf.MetropolisHastings(0.25, num_steps=20))
-            flow = snf.StochasticFlow(layers, 2, target)
+            flow = snf.StochasticFlow(layers, 2, target, schedule=schedule)
             data = exact_samples(20000, np.random.default_rng(seed))
             flow, _ = pj.fit_mle(flow, data, num_steps=ml_steps, batch_size=256, lr=1e-3, validation_fraction=0.0,
                                  eval_every=100, seed=seed, progress=progress)

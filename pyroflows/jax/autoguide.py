@@ -26,7 +26,7 @@ from jax.scipy.special import ndtri
 from numpyro import handlers
 from numpyro.contrib.module import eqx_module
 from numpyro.infer.autoguide import AutoContinuous
-from numpyro.infer.initialization import init_to_median
+from numpyro.infer.initialization import init_to_median, init_to_uniform
 
 from ..fitting import (
     AUTOFLOW_LOG_SCALE_BOUND, check_fit_options, check_init_scale, check_latent_sites, check_quantiles,
@@ -34,6 +34,7 @@ from ..fitting import (
 from .. import snf as _snf
 from . import snf as _blocks
 from .flows import REGISTRY, build_flow
+from .io import _replace_arrays, named_arrays
 from .transforms.base import ElementwiseAffine, Flow, Permute, astype, is_stochastic
 
 __all__ = ["AutoFlow", "AutoSNF"]
@@ -55,6 +56,18 @@ def _is_discrete(fn) -> bool:
         return bool(fn.support.is_discrete)
     except NotImplementedError:  # a dependent support: AutoContinuous says what it needs
         return False
+
+
+def _flow_param(name, flow):
+    """``flow`` with its floating-point arrays registered as the NumPyro parameter ``name``.
+
+    The parameter is a flat dict of arrays by torch-style name (``pyroflows.jax.io``),
+    not the partitioned module ``eqx_module`` registers: jit flattens and rebuilds the SVI
+    state in Python at every step, and a flow's nested equinox modules (three copies:
+    weights and Adam's two moments) cost as much CPU time as the compiled step itself.
+    """
+    weights = {k: a for k, a in named_arrays(flow).items() if eqx.is_inexact_array(a)}
+    return _replace_arrays(flow, numpyro.param(name, weights))
 
 
 def _unconstrained_log_scale(scale: float, bound: float) -> float:
@@ -101,7 +114,9 @@ class AutoFlow(AutoContinuous):
         held fixed (path-derivative gradient; Roeder et al. 2017, arXiv:1703.09194). The
         score then needs the flow's inverse, which is ``D`` sequential passes for ``iaf``.
     :param str prefix: prefix of the parameter names: ``{prefix}_flow$params`` holds the
-        flow's weights, ``{prefix}_affine$params`` the final ``loc`` and log-scale.
+        flow's weights (a dict by torch-style name, as ``pyroflows.jax.io.named_arrays``
+        names them), ``{prefix}_affine$params`` the final ``loc`` and log-scale (the
+        ``ElementwiseAffine`` module's arrays). ``get_flow(params)`` rebuilds both modules.
     :param key: JAX key for the flow's initial weights (default ``jax.random.key(0)``),
         so a guide is reproducible without a seed argument.
     :param options: the flow family's options (``pyroflows.registry.describe(flow)``).
@@ -160,8 +175,11 @@ class AutoFlow(AutoContinuous):
         self._affine = astype(affine, dtype)
 
     def _check_latent_sites(self, *args, **kwargs):
+        # init_to_uniform gives improper sites (which cannot sample) a value; discrete
+        # sites fall through to their own sampler, so they still show up here
+        model = handlers.substitute(handlers.seed(self.model, rng_seed=0), substitute_fn=init_to_uniform)
         with handlers.block():
-            trace = handlers.trace(handlers.seed(self.model, rng_seed=0)).get_trace(*args, **kwargs)
+            trace = handlers.trace(model).get_trace(*args, **kwargs)
         sites = [
             (name, _is_discrete(site["fn"]), type(site["fn"]).__name__)
             for name, site in trace.items()
@@ -170,7 +188,7 @@ class AutoFlow(AutoContinuous):
         check_latent_sites(sites, type(self).__name__)
 
     def _get_posterior(self):
-        flow = eqx_module(f"{self.prefix}_flow", self._flow)
+        flow = _flow_param(f"{self.prefix}_flow$params", self._flow)
         affine = eqx_module(f"{self.prefix}_affine", self._affine)
         cls = _PathDerivativePosterior if self.stick_the_landing else dist.TransformedDistribution
         return cls(self.get_base_dist(), [flow.to_transform(), affine.to_transform()])
@@ -182,11 +200,9 @@ class AutoFlow(AutoContinuous):
     def get_flow(self, params):
         """``(flow, affine)``: the trained ``build_flow`` flow (``save_flow``-able) and the final affine layer."""
 
-        def trained(name, module):
-            constants = eqx.filter(module, eqx.is_inexact_array, inverse=True)
-            return eqx.combine(params[f"{self.prefix}_{name}$params"], constants)
-
-        return trained("flow", self._flow), trained("affine", self._affine)
+        constants = eqx.filter(self._affine, eqx.is_inexact_array, inverse=True)
+        affine = eqx.combine(params[f"{self.prefix}_affine$params"], constants)
+        return _replace_arrays(self._flow, params[f"{self.prefix}_flow$params"]), affine
 
     @property
     def has_exact_quantiles(self) -> bool:

@@ -269,6 +269,26 @@ def test_errors_name_the_problem():
         pf.AutoFlow(gaussian, init_scale=-1.0)
 
 
+def test_a_model_with_an_improper_prior_gets_a_guide():
+    """An ``ImproperUniform`` site cannot sample; the guide's site check must not need it to."""
+    from numpyro.distributions import constraints
+
+    y = jnp.array([0.3, -0.2, 0.5])
+
+    def improper():
+        mu = numpyro.sample("mu", dist.ImproperUniform(constraints.positive, (), ()))
+        with numpyro.plate("n", 3):
+            numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    guide = pf.AutoFlow(improper, flow="realnvp", num_layers=2, hidden_dims=(8,))
+    svi = SVI(improper, guide, optax.adam(1e-2), Trace_ELBO())
+    state = svi.init(jax.random.key(0))
+    _, loss = svi.update(state)
+    draws = guide.sample_posterior(jax.random.key(1), svi.get_params(state), sample_shape=(4,))
+    assert np.isfinite(float(loss))
+    assert draws["mu"].shape == (4,) and bool(jnp.all(draws["mu"] > 0))
+
+
 def test_the_guide_flow_saves_and_loads(tmp_path, regression_fit):
     guide, params, _ = regression_fit
     flow, _ = guide.get_flow(params)
