@@ -63,8 +63,8 @@ def _flow_param(name, flow):
 
     The parameter is a flat dict of arrays by torch-style name (``pyroflows.jax.io``),
     not the partitioned module ``eqx_module`` registers: jit flattens and rebuilds the SVI
-    state in Python at every step, and a flow's nested equinox modules (three copies:
-    weights and Adam's two moments) cost as much CPU time as the compiled step itself.
+    state in Python at every step, and nested equinox modules (three copies: weights and
+    Adam's two moments) cost as much CPU time as the compiled step of a small model.
     """
     weights = {k: a for k, a in named_arrays(flow).items() if eqx.is_inexact_array(a)}
     return _replace_arrays(flow, numpyro.param(name, weights))
@@ -114,9 +114,9 @@ class AutoFlow(AutoContinuous):
         held fixed (path-derivative gradient; Roeder et al. 2017, arXiv:1703.09194). The
         score then needs the flow's inverse, which is ``D`` sequential passes for ``iaf``.
     :param str prefix: prefix of the parameter names: ``{prefix}_flow$params`` holds the
-        flow's weights (a dict by torch-style name, as ``pyroflows.jax.io.named_arrays``
-        names them), ``{prefix}_affine$params`` the final ``loc`` and log-scale (the
-        ``ElementwiseAffine`` module's arrays). ``get_flow(params)`` rebuilds both modules.
+        flow's weights, ``{prefix}_affine$params`` the final ``loc`` and
+        ``unconstrained_log_scale``; each a dict of arrays by torch-style name (as
+        ``pyroflows.jax.io.named_arrays`` names them). ``get_flow(params)`` rebuilds the modules.
     :param key: JAX key for the flow's initial weights (default ``jax.random.key(0)``),
         so a guide is reproducible without a seed argument.
     :param options: the flow family's options (``pyroflows.registry.describe(flow)``).
@@ -189,7 +189,7 @@ class AutoFlow(AutoContinuous):
 
     def _get_posterior(self):
         flow = _flow_param(f"{self.prefix}_flow$params", self._flow)
-        affine = eqx_module(f"{self.prefix}_affine", self._affine)
+        affine = _flow_param(f"{self.prefix}_affine$params", self._affine)
         cls = _PathDerivativePosterior if self.stick_the_landing else dist.TransformedDistribution
         return cls(self.get_base_dist(), [flow.to_transform(), affine.to_transform()])
 
@@ -200,9 +200,10 @@ class AutoFlow(AutoContinuous):
     def get_flow(self, params):
         """``(flow, affine)``: the trained ``build_flow`` flow (``save_flow``-able) and the final affine layer."""
 
-        constants = eqx.filter(self._affine, eqx.is_inexact_array, inverse=True)
-        affine = eqx.combine(params[f"{self.prefix}_affine$params"], constants)
-        return _replace_arrays(self._flow, params[f"{self.prefix}_flow$params"]), affine
+        return tuple(
+            _replace_arrays(module, params[f"{self.prefix}_{name}$params"])
+            for name, module in (("flow", self._flow), ("affine", self._affine))
+        )
 
     @property
     def has_exact_quantiles(self) -> bool:

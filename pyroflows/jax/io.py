@@ -37,6 +37,13 @@ def named_arrays(flow) -> dict:
     return {_key_name(path): leaf for path, leaf in leaves if eqx.is_array(leaf)}
 
 
+def _replace_arrays(flow, arrays: dict):
+    """``flow`` with each array whose torch-style name is a key of ``arrays`` replaced by its value."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(flow, is_leaf=lambda x: x is None)
+    new = [arrays.get(_key_name(path), leaf) if eqx.is_array(leaf) else leaf for path, leaf in leaves]
+    return jax.tree_util.tree_unflatten(treedef, new)
+
+
 def save_flow(flow, path) -> None:
     """Write ``flow`` (from ``build_flow``) to ``path``: its config as JSON, its arrays by name."""
     if not getattr(flow, "config", None):
@@ -57,13 +64,8 @@ def load_flow(path, dtype=None):
     current = named_arrays(flow)
     expected = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in current.items()}
     arrays = checkpoint.match_arrays(expected, arrays, path)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(flow, is_leaf=lambda x: x is None)
-    new = []
-    for p, leaf in leaves:
-        if eqx.is_array(leaf):
-            a = arrays[_key_name(p)]
-            if dtype is not None and np.issubdtype(a.dtype, np.floating):
-                a = a.astype(dtype)
-            leaf = jnp.asarray(a)
-        new.append(leaf)
-    return jax.tree_util.tree_unflatten(treedef, new)
+    cast = dtype is not None
+    return _replace_arrays(flow, {
+        k: jnp.asarray(a.astype(dtype) if cast and np.issubdtype(a.dtype, np.floating) else a)
+        for k, a in arrays.items()
+    })
