@@ -69,7 +69,7 @@ def _autoflow(backend, model, flow, r):
     else:
         import pyroflows.jax as pf
     hidden = None if flow == "bnaf" else r["hidden"]
-    return pf.AutoFlow(model, flow=flow, num_layers=r["layers"], hidden_dims=hidden)
+    return pf.AutoFlow(model, flow=flow, num_layers=r["layers"], hidden_dims=hidden, init_scale=r.get("init_scale", 0.1))
 
 
 def fit_torch(model, guide, settings, seed, progress, sites):
@@ -133,6 +133,7 @@ def main():
     parser.add_argument("--steps", type=int, default=None, help="override the recipes' step counts")
     parser.add_argument("--flow-lr", type=float, nargs="+", default=None, metavar=("LR", "LR_FINAL"),
                         help="override the flow recipe's learning rate (and its final value, decaying exponentially)")
+    parser.add_argument("--init-scale", default=None, help="override the flow recipe's init_scale (a float or 'laplace')")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-progress", action="store_true")
@@ -150,6 +151,8 @@ def main():
         recipe["flow"]["lr"] = args.flow_lr[0]
         if len(args.flow_lr) > 1:
             recipe["flow"]["lr_final"] = args.flow_lr[1]
+    if args.init_scale:
+        recipe["flow"]["init_scale"] = args.init_scale if args.init_scale == "laplace" else float(args.init_scale)
     if args.backend == "torch":
         import torch
 

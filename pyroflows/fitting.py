@@ -179,8 +179,13 @@ def check_latent_sites(sites, guide_name: str = "AutoFlow") -> None:
 AUTOFLOW_LOG_SCALE_BOUND = 5.0
 
 
-def check_init_scale(init_scale, caller: str = "AutoFlow", bound: float = AUTOFLOW_LOG_SCALE_BOUND) -> float:
-    """``init_scale`` as a float, or a ValueError when the guide's bounded log-scale cannot reach it."""
+def check_init_scale(init_scale, caller: str = "AutoFlow", bound: float = AUTOFLOW_LOG_SCALE_BOUND):
+    """``init_scale`` as a float (or the string ``"laplace"``), or a ValueError when the guide's
+    bounded log-scale cannot reach it."""
+    if isinstance(init_scale, str):
+        if init_scale != "laplace":
+            raise ValueError(f"{caller}: init_scale={init_scale!r} must be a positive float or 'laplace'")
+        return init_scale
     check_fit_options(caller, init_scale=init_scale)
     if not abs(math.log(init_scale)) < bound:
         raise ValueError(

@@ -9,7 +9,8 @@ sites flattened and mapped through ``biject_to`` as in NumPyro's other
 where ``F`` is ``build_flow(flow, D, ...)`` and the last step is an ``ElementwiseAffine``
 layer whose ``loc`` starts at the ``init_loc_fn`` point and whose scale starts at
 ``init_scale``. pyroflows' flows start at (or near) the identity, so the guide starts at
-N(init_loc, init_scale^2 I).
+N(init_loc, init_scale^2 I). With ``init_scale="laplace"`` a fixed whitening map
+``z -> mode + L z`` (``L L^T = H^-1``, the Laplace approximation) follows the affine layer.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from jax.scipy.special import ndtri
@@ -32,10 +34,11 @@ from ..fitting import (
     AUTOFLOW_LOG_SCALE_BOUND, check_fit_options, check_init_scale, check_latent_sites, check_quantiles,
 )
 from .. import snf as _snf
+from ..laplace import LAPLACE, find_mode, laplace_scale_tril
 from . import snf as _blocks
 from .flows import REGISTRY, build_flow
 from .io import _replace_arrays, named_arrays
-from .transforms.base import ElementwiseAffine, Flow, Permute, astype, is_stochastic
+from .transforms.base import CholeskyAffine, ElementwiseAffine, Flow, Permute, astype, is_stochastic
 
 __all__ = ["AutoFlow", "AutoSNF"]
 
@@ -107,9 +110,19 @@ class AutoFlow(AutoContinuous):
     :param num_layers: layers of the flow (default: the family's).
     :param hidden_dims: hidden sizes of the flow's networks (default: the family's).
     :param init_loc_fn: NumPyro init strategy for ``loc`` (default ``init_to_median``).
-    :param float init_scale: initial posterior scale in the unconstrained space; the final
+    :param init_scale: initial posterior scale in the unconstrained space; the final
         affine layer's log-scale is soft-clamped to (-5, 5), so it must lie in
-        (exp(-5), exp(5)).
+        (exp(-5), exp(5)). Or ``"laplace"``: find the posterior mode by Newton's method
+        from the ``init_loc_fn`` point (``pyroflows.laplace.find_mode``; at the first call,
+        with the model's arguments of that call), and start at the Laplace approximation
+        ``N(mode, H^-1)``, ``H`` the Hessian of ``-log p(x, z)`` there. The guide is then
+        ``z = mode + L (loc + exp(log_scale) * F(u))`` with ``L L^T = H^-1`` held fixed
+        (``{prefix}_laplace$params``, under ``stop_gradient``; ``get_whitening``), ``loc = 0``
+        and scale 1 at the start: the flow learns in whitened coordinates, where Adam's
+        step sizes suit every coordinate even when the posterior sds differ by orders of
+        magnitude or the coordinates are strongly correlated. It needs a mode with a
+        positive-definite Hessian (not a funnel) and ``D`` gradient evaluations for
+        ``H``; failure raises ``ValueError``.
     :param bool stick_the_landing: score the guide's own samples with its parameters
         held fixed (path-derivative gradient; Roeder et al. 2017, arXiv:1703.09194). The
         score then needs the flow's inverse, which is ``D`` sequential passes for ``iaf``.
@@ -141,17 +154,18 @@ class AutoFlow(AutoContinuous):
         key=None,
         **options,
     ):
-        check_init_scale(init_scale, "AutoFlow", AUTOFLOW_LOG_SCALE_BOUND)
+        init_scale = check_init_scale(init_scale, "AutoFlow", AUTOFLOW_LOG_SCALE_BOUND)
         bound = AUTOFLOW_LOG_SCALE_BOUND
         # the same checks build_flow makes, now rather than at the first SVI step
         REGISTRY.resolve(flow, 2, num_layers, hidden_dims, options)
         self.flow_name = flow
         self._flow_kwargs = dict(num_layers=num_layers, hidden_dims=hidden_dims, **options)
-        self._init_scale = float(init_scale)
+        self._init_scale = init_scale
         self._log_scale_bound = bound
         self.stick_the_landing = bool(stick_the_landing)
         self._key = jax.random.key(0) if key is None else key
         self._samplers = {}  # jitted latent samplers by num_samples, for median/quantiles
+        self._whitening = None  # the Laplace map, set up at the first call
         super().__init__(model, prefix=prefix, init_loc_fn=init_loc_fn)
 
     def __getstate__(self):
@@ -165,14 +179,42 @@ class AutoFlow(AutoContinuous):
         dtype = jnp.result_type(self._init_latent)
         flow = build_flow(self.flow_name, self.latent_dim, key=self._key, **self._flow_kwargs)
         affine = ElementwiseAffine(self.latent_dim, log_scale_bound=self._log_scale_bound)
-        log_scale = _unconstrained_log_scale(self._init_scale, self._log_scale_bound)
+        if self._init_scale == LAPLACE:
+            mode, scale_tril = self._laplace(*args, **kwargs)
+            self._whitening = astype(CholeskyAffine(mode, scale_tril), dtype)
+            loc, log_scale = jnp.zeros(self.latent_dim, dtype), 0.0
+        else:
+            self._whitening = None
+            loc = jnp.asarray(self._init_latent, dtype)
+            log_scale = _unconstrained_log_scale(self._init_scale, self._log_scale_bound)
         affine = eqx.tree_at(
-            lambda m: (m.loc, m.unconstrained_log_scale),
-            affine,
-            (jnp.asarray(self._init_latent, dtype), jnp.full(self.latent_dim, log_scale, dtype)),
+            lambda m: (m.loc, m.unconstrained_log_scale), affine, (loc, jnp.full(self.latent_dim, log_scale, dtype))
         )
         self._flow = astype(flow, dtype)
         self._affine = astype(affine, dtype)
+
+    def _laplace(self, *args, **kwargs):
+        """``(mode, L)``: the posterior mode from the ``init_loc_fn`` point and ``chol(H^-1)``."""
+
+        def potential(z):
+            return -self.log_joint(z, *args, **kwargs)
+
+        value_and_grad, hessian = jax.jit(jax.value_and_grad(potential)), jax.jit(jax.hessian(potential))
+        dtype = jnp.result_type(self._init_latent)
+
+        def fg(x):
+            f, g = value_and_grad(jnp.asarray(x, dtype))
+            return float(f), np.asarray(g, dtype=float)
+
+        mode, h = find_mode(fg, lambda x: np.asarray(hessian(jnp.asarray(x, dtype)), dtype=float),
+                            np.asarray(self._init_latent, dtype=float), caller=type(self).__name__)
+        return mode, laplace_scale_tril(h, type(self).__name__)
+
+    def log_joint(self, z, *args, **kwargs):
+        """``log p(x, z)`` at one unconstrained latent vector ``z`` (shape ``(D,)``), with the
+        ``biject_to`` Jacobians (``numpyro.infer.util.potential_energy``)."""
+        with handlers.block():
+            return -self._potential_fn_gen(*args, **kwargs)(self._unpack_latent(z))
 
     def _check_latent_sites(self, *args, **kwargs):
         # init_to_uniform gives improper sites (which cannot sample) a value; discrete
@@ -190,8 +232,11 @@ class AutoFlow(AutoContinuous):
     def _get_posterior(self):
         flow = _flow_param(f"{self.prefix}_flow$params", self._flow)
         affine = _flow_param(f"{self.prefix}_affine$params", self._affine)
+        layers = [flow, affine]
+        if self._whitening is not None:
+            layers.append(jax.lax.stop_gradient(_flow_param(f"{self.prefix}_laplace$params", self._whitening)))
         cls = _PathDerivativePosterior if self.stick_the_landing else dist.TransformedDistribution
-        return cls(self.get_base_dist(), [flow.to_transform(), affine.to_transform()])
+        return cls(self.get_base_dist(), [layer.to_transform() for layer in layers])
 
     def get_base_dist(self):
         dtype = jnp.result_type(self._init_latent)
@@ -205,15 +250,25 @@ class AutoFlow(AutoContinuous):
             for name, module in (("flow", self._flow), ("affine", self._affine))
         )
 
+    def get_whitening(self, params):
+        """The fixed ``CholeskyAffine`` Laplace map of ``init_scale="laplace"`` (else None)."""
+        if self._whitening is None:
+            return None
+        return _replace_arrays(self._whitening, params[f"{self.prefix}_laplace$params"])
+
+    def _layers(self, params):
+        whitening = self.get_whitening(params)
+        return list(self.get_flow(params)) + ([] if whitening is None else [whitening])
+
     @property
     def has_exact_quantiles(self) -> bool:
         """Whether ``median``/``quantiles`` are exact: every layer is elementwise increasing or a permutation."""
-        layers = _leaf_layers(self._flow) + [self._affine]
+        layers = _leaf_layers(self._flow) + [self._affine] + ([] if self._whitening is None else [self._whitening])
         return all(isinstance(layer, _MARGINAL_LAYERS) and not is_stochastic(layer) for layer in layers)
 
     def _latent_transform(self, params):
-        flow, affine = self.get_flow(params)
-        return lambda u: affine.to_transform()(flow.to_transform()(u))
+        transforms = [layer.to_transform() for layer in self._layers(params)]
+        return functools.reduce(lambda f, t: (lambda u: t(f(u))), transforms, lambda u: u)
 
     def median(self, params, *, num_samples=1000, key=None):
         """Posterior median of each latent site, in the constrained space.
@@ -319,12 +374,6 @@ class AutoSNF(AutoFlow):
     def _setup_prototype(self, *args, **kwargs):
         super()._setup_prototype(*args, **kwargs)
         self._blocks = astype(self._blocks, jnp.result_type(self._init_latent))
-
-    def log_joint(self, z, *args, **kwargs):
-        """``log p(x, z)`` at one unconstrained latent vector ``z`` (shape ``(D,)``), with the
-        ``biject_to`` Jacobians: the density the guide's blocks sample."""
-        with handlers.block():
-            return -self._potential_fn_gen(*args, **kwargs)(self._unpack_latent(z))
 
     def stochastic_flow(self, *args, **kwargs):
         """The guide's path as a ``StochasticFlow`` (base ``q0`` the flow posterior, layers the

@@ -18,10 +18,11 @@ from ..fitting import (
     AUTOFLOW_LOG_SCALE_BOUND, check_fit_options, check_init_scale, check_latent_sites, check_quantiles,
 )
 from .. import snf as _snf
+from ..laplace import LAPLACE, find_mode, laplace_scale_tril
 from . import snf as _blocks
 from .flows import REGISTRY, build_flow
 from .train import log_prob_stop_gradient
-from .transforms.base import ElementwiseAffine, Flow, Permute
+from .transforms.base import CholeskyAffine, ElementwiseAffine, Flow, Permute
 
 __all__ = ["AutoFlow", "AutoSNF"]
 
@@ -73,6 +74,12 @@ class _FlowPosterior(dist.TransformedDistribution):
         return log_prob_stop_gradient(self.transforms[0], value)
 
 
+def _per_path(log_prob, n, nesting):
+    """Sum a site's log-density over every dimension right of the path plate (``n`` paths)."""
+    log_prob = log_prob.reshape((1,) * max(0, nesting + 1 - log_prob.dim()) + log_prob.shape)
+    return log_prob.reshape(log_prob.shape[0], -1).sum(-1).expand(n)
+
+
 class AutoFlow(AutoContinuous):
     """A flow posterior over the model's unconstrained latent vector ``z`` (size ``D``).
 
@@ -86,9 +93,21 @@ class AutoFlow(AutoContinuous):
     sites are mapped through ``biject_to`` as in Pyro's other continuous guides (ADVI;
     Kucukelbir et al. 2017, arXiv:1603.00788).
 
+    ``init_scale="laplace"`` first finds the posterior mode by Newton's method from the
+    ``init_loc_fn`` point (``pyroflows.laplace.find_mode``; at the first call, with that
+    call's model arguments) and starts at the Laplace approximation ``N(mode, H^-1)``,
+    ``H`` the Hessian of ``-log p(x, z)`` there: the guide is then ``z = mode + L (loc +
+    exp(log_scale) * f(u))`` with ``L L^T = H^-1`` fixed (``guide.whitening``, a
+    ``CholeskyAffine`` of buffers), ``loc = 0`` and scale 1 at the start. The flow learns
+    in whitened coordinates, where Adam's step sizes suit every coordinate even when the
+    posterior sds differ by orders of magnitude or the coordinates are strongly
+    correlated. It needs a mode with a positive-definite Hessian (not a funnel) and ``D``
+    backward passes for ``H``; failure raises ``ValueError``.
+
     Attributes after the first call: ``guide.flow`` (the ``build_flow`` part, which
     ``save_flow`` writes), ``guide.affine`` (the final ``ElementwiseAffine``),
-    ``guide.transform`` (both, the map ``get_transform()`` returns).
+    ``guide.whitening`` (the Laplace map, or None), ``guide.transform`` (all of them, the
+    map ``get_transform()`` returns).
 
     ``median()`` and ``quantiles()``: exact when every layer of the flow keeps the
     coordinates independent and increasing (``ElementwiseAffine``, ``ActNorm``,
@@ -118,11 +137,11 @@ class AutoFlow(AutoContinuous):
         stick_the_landing=False,
         **options,
     ):
-        check_init_scale(init_scale, "AutoFlow", _LOG_SCALE_BOUND)
+        init_scale = check_init_scale(init_scale, "AutoFlow", _LOG_SCALE_BOUND)
         # Unknown names and options fail here, not at the first SVI step.
         REGISTRY.resolve(flow, 1, num_layers, hidden_dims, options)
         self._flow_args = dict(name=flow, num_layers=num_layers, hidden_dims=hidden_dims, options=options)
-        self.init_scale = float(init_scale)
+        self.init_scale = init_scale
         self.stick_the_landing = bool(stick_the_landing)
         super().__init__(model, init_loc_fn=init_loc_fn)
 
@@ -145,18 +164,94 @@ class AutoFlow(AutoContinuous):
                 check_latent_sites(self._latent_sites(trace), type(self).__name__)
             raise
         check_latent_sites(self._latent_sites(self.prototype_trace), type(self).__name__)
+        self._nesting = None  # log_joint's path plate, found when first needed
         loc = self._init_loc()
-        args = self._flow_args
+        spec = self._flow_args
         body = build_flow(
-            args["name"], self.latent_dim, num_layers=args["num_layers"], hidden_dims=args["hidden_dims"],
-            **args["options"],
+            spec["name"], self.latent_dim, num_layers=spec["num_layers"], hidden_dims=spec["hidden_dims"],
+            **spec["options"],
         ).to(device=loc.device, dtype=loc.dtype)
         bound = _LOG_SCALE_BOUND
         affine = ElementwiseAffine(self.latent_dim, log_scale_bound=bound).to(loc)
-        with torch.no_grad():
-            affine.loc.copy_(loc)
-            affine.unconstrained_log_scale.fill_(bound * math.atanh(math.log(self.init_scale) / bound))
-        self.transform = _GuideFlow([body, affine], self.latent_dim)
+        layers = [body, affine]
+        if self.init_scale == LAPLACE:
+            mode, scale_tril = self._laplace(loc, *args, **kwargs)
+            layers.append(CholeskyAffine(loc.new_tensor(mode), loc.new_tensor(scale_tril)))
+        else:
+            with torch.no_grad():
+                affine.loc.copy_(loc)
+                affine.unconstrained_log_scale.fill_(bound * math.atanh(math.log(self.init_scale) / bound))
+        self.transform = _GuideFlow(layers, self.latent_dim)
+
+    def _laplace(self, start, *args, **kwargs):
+        """``(mode, L)`` as float64 numpy arrays: the posterior mode from ``start`` and ``chol(H^-1)``."""
+
+        def potential(z):
+            return -self.log_joint(z, *args, **kwargs)
+
+        def as_tensor(x):
+            return torch.as_tensor(x, dtype=start.dtype, device=start.device)
+
+        def potential_and_grad(x):
+            z = as_tensor(x).requires_grad_()
+            f = potential(z)
+            (g,) = torch.autograd.grad(f, z)
+            return f.item(), g.detach().cpu().double().numpy()
+
+        def hessian(x):
+            return torch.autograd.functional.hessian(potential, as_tensor(x)).detach().cpu().double().numpy()
+
+        with torch.enable_grad():
+            mode, h = find_mode(potential_and_grad, hessian, start.detach().cpu().double().numpy(),
+                                caller=type(self).__name__)
+        return mode, laplace_scale_tril(h, type(self).__name__)
+
+    def _find_nesting(self, *args, **kwargs):
+        # the path plate sits left of every plate of the model, observed sites' included
+        # (the prototype trace hides those); self.model runs under init_loc_fn
+        with poutine.block():
+            trace = poutine.trace(self.model).get_trace(*args, **kwargs)
+        self._nesting = max(
+            [-f.dim for s in trace.nodes.values() if s["type"] == "sample" for f in s["cond_indep_stack"] if f.vectorized],
+            default=0,
+        )
+
+    def log_joint(self, z, *args, **kwargs):
+        """``log p(x, z)`` at unconstrained latent vectors ``z`` of shape ``(..., D)``, with the
+        ``biject_to`` Jacobians (the density ``AutoSNF``'s blocks sample). A batch of ``z``
+        runs the model once under a plate of paths, so it needs a model that broadcasts; a
+        single ``z`` (shape ``(D,)``) runs it as it is."""
+        if z.dim() == 1:
+            values, total = {}, z.new_zeros(())
+            for site, unconstrained in self._unpack_latent(z):
+                transform = biject_to(site["fn"].support)
+                values[site["name"]] = value = transform(unconstrained)
+                total = total + transform.log_abs_det_jacobian(unconstrained, value).sum()
+            with poutine.block():
+                trace = poutine.trace(poutine.condition(self.model, data=values)).get_trace(*args, **kwargs)
+            return total + trace.log_prob_sum(lambda name, site: not site_is_subsample(site))
+        shape, n = z.shape[:-1], max(z.shape[:-1].numel(), 1)
+        if self._nesting is None:
+            self._find_nesting(*args, **kwargs)
+        # the path plate: left of the model's plates, and of any plate the guide runs in
+        # (vectorised particles), whose messages poutine.block keeps from the model
+        dim, used = -(self._nesting + 1), {-1 - i for i, name in enumerate(_DIM_ALLOCATOR._stack) if name is not None}
+        while dim in used:
+            dim -= 1
+        nesting = -dim - 1
+        flat = z.reshape((n,) + (1,) * nesting + (self.latent_dim,))
+        values, total = {}, z.new_zeros(n)
+        for site, unconstrained in self._unpack_latent(flat):
+            transform = biject_to(site["fn"].support)
+            values[site["name"]] = value = transform(unconstrained)
+            total = total + _per_path(transform.log_abs_det_jacobian(unconstrained, value), n, nesting)
+        with poutine.block(), pyro.plate("_autosnf_paths", n, dim=dim):
+            trace = poutine.trace(poutine.condition(self.model, data=values)).get_trace(*args, **kwargs)
+        trace.compute_log_prob(lambda name, site: not site_is_subsample(site))
+        for site in trace.nodes.values():
+            if site["type"] == "sample" and not site_is_subsample(site):
+                total = total + _per_path(site["log_prob"], n, nesting)
+        return total.reshape(shape)
 
     @property
     def flow(self):
@@ -165,8 +260,14 @@ class AutoFlow(AutoContinuous):
 
     @property
     def affine(self):
-        """The final ``ElementwiseAffine`` layer: ``loc`` and the bounded log-scale."""
+        """The ``ElementwiseAffine`` layer after the flow: ``loc`` and the bounded log-scale."""
         return self.transform.parts[1]
+
+    @property
+    def whitening(self):
+        """The fixed ``CholeskyAffine`` Laplace map of ``init_scale="laplace"`` (else None)."""
+        parts = self.transform.parts
+        return parts[2] if len(parts) > 2 else None
 
     # --- the AutoContinuous contract ---------------------------------------------------
     def _reference(self):
@@ -282,12 +383,6 @@ class _PathPosterior(dist.TorchDistribution):
         raise _snf.unscored_path_error("AutoSNF")
 
 
-def _per_path(log_prob, n, nesting):
-    """Sum a site's log-density over every dimension right of the path plate (``n`` paths)."""
-    log_prob = log_prob.reshape((1,) * max(0, nesting + 1 - log_prob.dim()) + log_prob.shape)
-    return log_prob.reshape(log_prob.shape[0], -1).sum(-1).expand(n)
-
-
 class AutoSNF(AutoFlow):
     """A stochastic-normalizing-flow guide: ``AutoFlow``'s flow, then MCMC blocks on the
     model's own log-density in the unconstrained space (Wu, Köhler & Noé 2020,
@@ -343,37 +438,7 @@ class AutoSNF(AutoFlow):
         super()._setup_prototype(*args, **kwargs)
         ref = self._reference()
         self.blocks.to(device=ref.device, dtype=ref.dtype)
-        # the path plate sits left of every plate of the model, observed sites' included
-        with poutine.block():
-            trace = poutine.trace(self.model).get_trace(*args, **kwargs)
-        self._nesting = max(
-            [-f.dim for s in trace.nodes.values() if s["type"] == "sample" for f in s["cond_indep_stack"] if f.vectorized],
-            default=0,
-        )
-
-    def log_joint(self, z, *args, **kwargs):
-        """``log p(x, z)`` at unconstrained latent vectors ``z`` of shape ``(..., D)``, with the
-        ``biject_to`` Jacobians: the density the guide's blocks sample."""
-        shape, n = z.shape[:-1], max(z.shape[:-1].numel(), 1)
-        # the path plate: left of the model's plates, and of any plate the guide runs in
-        # (vectorised particles), whose messages poutine.block keeps from the model
-        dim, used = -(self._nesting + 1), {-1 - i for i, name in enumerate(_DIM_ALLOCATOR._stack) if name is not None}
-        while dim in used:
-            dim -= 1
-        nesting = -dim - 1
-        flat = z.reshape((n,) + (1,) * nesting + (self.latent_dim,))
-        values, total = {}, z.new_zeros(n)
-        for site, unconstrained in self._unpack_latent(flat):
-            transform = biject_to(site["fn"].support)
-            values[site["name"]] = value = transform(unconstrained)
-            total = total + _per_path(transform.log_abs_det_jacobian(unconstrained, value), n, nesting)
-        with poutine.block(), pyro.plate("_autosnf_paths", n, dim=dim):
-            trace = poutine.trace(poutine.condition(self.model, data=values)).get_trace(*args, **kwargs)
-        trace.compute_log_prob(lambda name, site: not site_is_subsample(site))
-        for site in trace.nodes.values():
-            if site["type"] == "sample" and not site_is_subsample(site):
-                total = total + _per_path(site["log_prob"], n, nesting)
-        return total.reshape(shape)
+        self._find_nesting(*args, **kwargs)
 
     def stochastic_flow(self, *args, **kwargs):
         """The guide's path as a ``StochasticFlow``: base ``q0`` the flow posterior, layers the

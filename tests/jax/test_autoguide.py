@@ -19,6 +19,7 @@ from numpyro.infer.util import log_density  # noqa: E402
 from scipy import stats  # noqa: E402
 
 import pyroflows.jax as pf  # noqa: E402
+from tests.laplace_reference import location_scale_mode_and_cov  # noqa: E402
 from pyroflows.jax.transforms import ElementwiseAffine, Permute  # noqa: E402
 
 # small flows keep compile time down; three IAF layers fit the skewed scale posterior of
@@ -296,3 +297,50 @@ def test_the_guide_flow_saves_and_loads(tmp_path, regression_fit):
     loaded = pf.load_flow(tmp_path / "guide.npz")
     u = jnp.array([[0.3, -0.2, 1.0]])
     np.testing.assert_allclose(loaded.to_transform()(u), flow.to_transform()(u), atol=1e-12)
+
+
+def test_laplace_start_is_the_closed_form_posterior_of_a_gaussian_model():
+    guide = pf.AutoFlow(regression, init_scale="laplace", **TWO_LAYERS)
+    params = initial_params(guide, X, Y)
+    mean, cov, _ = regression_posterior()
+    whitening = guide.get_whitening(params)
+    np.testing.assert_allclose(whitening.loc, mean, atol=1e-10)
+    np.testing.assert_allclose(whitening.scale_tril, np.linalg.cholesky(cov), atol=1e-10)
+    # the untrained flow and affine layer are the identity: the guide is N(mean, cov) exactly
+    transform = guide.get_transform(params)
+    offset, jac = jax.jit(lambda: (transform(jnp.zeros(3)), jax.jacfwd(transform)(jnp.array([0.7, -1.3, 0.2]))))()
+    np.testing.assert_allclose(offset, mean, atol=1e-10)
+    np.testing.assert_allclose(jac @ jac.T, cov, atol=1e-10)
+    assert not guide.has_exact_quantiles
+
+
+def test_laplace_start_finds_the_mode_of_a_non_conjugate_posterior_and_training_keeps_it_fixed():
+    guide = pf.AutoFlow(location_scale, init_scale="laplace", **SMALL)
+    mode, cov = location_scale_mode_and_cov(DATA)
+    start = initial_params(guide, DATA)
+    whitening = guide.get_whitening(start)
+    np.testing.assert_allclose(whitening.loc, mode, atol=1e-7)
+    np.testing.assert_allclose(whitening.scale_tril @ whitening.scale_tril.T, cov, rtol=1e-5, atol=1e-7)
+    params, losses = fit(location_scale, guide, DATA, steps=300)
+    assert np.all(np.isfinite(losses))
+    # stop_gradient: Adam sees zero gradients and leaves the Laplace map as it was
+    for name in ("loc", "scale_tril"):
+        np.testing.assert_array_equal(params["auto_laplace$params"][name], start["auto_laplace$params"][name])
+    assert not np.allclose(params["auto_affine$params"]["loc"], 0.0)
+    # NeuTraReparam runs in the guide's whitened coordinates
+    neutra = NeuTraReparam(guide, params)
+    mcmc = MCMC(NUTS(neutra.reparam(location_scale)), num_warmup=200, num_samples=200, progress_bar=False)
+    mcmc.run(jax.random.key(4), DATA)
+    sigma = neutra.transform_sample(mcmc.get_samples()["auto_shared_latent"])["sigma"]
+    assert bool(jnp.all(sigma > 0)) and abs(float(jnp.log(sigma).mean()) - mode[1]) < 0.2
+
+
+def test_laplace_start_errors_name_the_problem():
+    def funnel():  # centred hierarchy without data: the density grows without bound as tau -> 0
+        tau = numpyro.sample("tau", dist.HalfNormal(1.0))
+        numpyro.sample("theta", dist.Normal(jnp.zeros(4), tau).to_event(1))
+
+    with pytest.raises(ValueError, match="found no posterior mode.*funnel.*init_scale=0.1"):
+        initial_params(pf.AutoFlow(funnel, init_scale="laplace", **SMALL))
+    with pytest.raises(ValueError, match="init_scale='lapalce' must be a positive float or 'laplace'"):
+        pf.AutoFlow(funnel, init_scale="lapalce")

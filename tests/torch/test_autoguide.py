@@ -17,6 +17,7 @@ from pyro.infer.reparam import NeuTraReparam
 from scipy import stats
 
 import pyroflows.torch as pf
+from tests.laplace_reference import location_scale_mode_and_cov
 from pyroflows.torch.transforms import ElementwiseAffine, Flow, Permute
 
 SMALL = dict(num_layers=2, hidden_dims=(8,))
@@ -373,3 +374,53 @@ def test_the_guide_flow_saves_and_loads(tmp_path, regression_fit):
     u = torch.tensor([[0.3, -0.2, 1.0]], dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(u), guide.flow(u), atol=1e-12, rtol=0)
+
+
+def test_laplace_start_is_the_closed_form_posterior_of_a_gaussian_model():
+    guide = pf.AutoFlow(regression, init_scale="laplace", **SMALL)
+    guide(X, Y)
+    mean, cov, log_z = regression_posterior()
+    torch.testing.assert_close(guide.whitening.loc, torch.as_tensor(mean), atol=1e-10, rtol=0)
+    torch.testing.assert_close(guide.whitening.scale_tril, torch.as_tensor(np.linalg.cholesky(cov)), atol=1e-10, rtol=0)
+    assert not guide.has_exact_quantiles
+    # the untrained flow and affine layer are the identity, so the guide is the posterior
+    # itself: through NeuTraReparam, log p(y, T(u)) + log|T'(u)| - log N(u; 0, I) is the
+    # evidence log Z at every u
+    neutra = NeuTraReparam(guide)
+    model = poutine.reparam(regression, config=lambda site: neutra if site["name"] == "b" else None)
+    torch.manual_seed(9)
+    gaps = []
+    with torch.no_grad():
+        for u in torch.randn(20, 3, dtype=torch.float64):
+            trace = poutine.trace(poutine.condition(model, data={"b_shared_latent": u})).get_trace(X, Y)
+            gaps.append(trace.log_prob_sum().item() - stats.norm.logpdf(u.numpy()).sum())
+    np.testing.assert_allclose(gaps, log_z, atol=1e-9)
+
+
+def test_laplace_start_finds_the_mode_of_a_non_conjugate_posterior_and_training_keeps_it_fixed():
+    pyro.clear_param_store()
+    guide = pf.AutoFlow(location_scale, init_scale="laplace", **SMALL)
+    guide(DATA)
+    mode, cov = location_scale_mode_and_cov(DATA_NP)
+    start = {k: v.clone() for k, v in guide.state_dict().items() if k.startswith("transform.2.")}
+    assert set(start) == {"transform.2.loc", "transform.2.scale_tril"}
+    np.testing.assert_allclose(start["transform.2.loc"].numpy(), mode, atol=1e-7)
+    scale_tril = start["transform.2.scale_tril"].numpy()
+    np.testing.assert_allclose(scale_tril @ scale_tril.T, cov, rtol=1e-5, atol=1e-7)
+    losses = fit(location_scale, guide, DATA, steps=100)
+    assert np.all(np.isfinite(losses))
+    # buffers, not parameters: the optimiser leaves the Laplace map as it was
+    for name, value in start.items():
+        torch.testing.assert_close(guide.state_dict()[name], value, atol=0, rtol=0)
+    assert guide.affine.loc.abs().max() > 0
+
+
+def test_laplace_start_errors_name_the_problem():
+    def funnel():  # centred hierarchy without data: the density grows without bound as tau -> 0
+        tau = pyro.sample("tau", dist.HalfNormal(torch.tensor(1.0, dtype=torch.float64)))
+        pyro.sample("theta", dist.Normal(torch.zeros(4, dtype=torch.float64), tau).to_event(1))
+
+    with pytest.raises(ValueError, match="found no posterior mode.*funnel.*init_scale=0.1"):
+        pf.AutoFlow(funnel, init_scale="laplace", **SMALL)()
+    with pytest.raises(ValueError, match="init_scale='lapalce' must be a positive float or 'laplace'"):
+        pf.AutoFlow(funnel, init_scale="lapalce")

@@ -20,6 +20,7 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg
 import numpy as np
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import Transform
@@ -27,7 +28,7 @@ from numpyro.distributions.transforms import Transform
 from ...registry import check_event_dim
 
 __all__ = [
-    "FlowTransform", "Flow", "EqxTransform", "Permute", "ElementwiseAffine",
+    "FlowTransform", "Flow", "EqxTransform", "Permute", "ElementwiseAffine", "CholeskyAffine",
     "soft_clamp", "bisect_increasing", "implicit_step", "interleave", "astype", "is_stochastic",
 ]
 
@@ -321,6 +322,30 @@ class ElementwiseAffine(FlowTransform):
     def inverse_and_ladj(self, y):
         s = self.log_scale()
         return (y - self.loc) * jnp.exp(-s), -s.sum()
+
+
+class CholeskyAffine(FlowTransform):
+    """y = loc + L x with a lower-triangular ``L`` (positive diagonal): a whitening map.
+
+    ``AutoFlow(init_scale="laplace")`` puts the Laplace approximation ``N(loc, L L^T)``
+    here and holds it fixed (its arrays pass through ``stop_gradient``), so that the
+    layers before it learn in coordinates where the posterior is close to ``N(0, I)``.
+    """
+
+    loc: jax.Array
+    scale_tril: jax.Array
+
+    def __init__(self, loc, scale_tril):
+        self.dim = int(jnp.shape(loc)[-1])
+        self.loc = jnp.asarray(loc)
+        self.scale_tril = jnp.asarray(scale_tril)
+
+    def call_and_ladj(self, x):
+        return self.loc + self.scale_tril @ x, jnp.log(jnp.diagonal(self.scale_tril)).sum()
+
+    def inverse_and_ladj(self, y):
+        x = jax.scipy.linalg.solve_triangular(self.scale_tril, y - self.loc, lower=True)
+        return x, -jnp.log(jnp.diagonal(self.scale_tril)).sum()
 
 
 def permutation_layer(kind: str, dim: int, key) -> Permute:

@@ -23,7 +23,7 @@ from torch.distributions import constraints
 
 from ...registry import check_event_dim
 
-__all__ = ["FlowTransform", "Flow", "Permute", "ElementwiseAffine", "bisect_increasing", "soft_clamp"]
+__all__ = ["FlowTransform", "Flow", "Permute", "ElementwiseAffine", "CholeskyAffine", "bisect_increasing", "soft_clamp"]
 
 
 def soft_clamp(x: torch.Tensor, bound: float) -> torch.Tensor:
@@ -225,6 +225,29 @@ class ElementwiseAffine(FlowTransform):
     def inverse_and_ladj(self, y):
         s = self.log_scale()
         return (y - self.loc) * torch.exp(-s), (-s.sum()).expand(y.shape[:-1])
+
+
+class CholeskyAffine(FlowTransform):
+    """y = loc + L x with a fixed lower-triangular ``L`` (positive diagonal): a whitening map.
+
+    ``loc`` and ``scale_tril`` are buffers, not parameters: ``AutoFlow(init_scale="laplace")``
+    puts the Laplace approximation ``N(loc, L L^T)`` here, so that the layers before it
+    learn in coordinates where the posterior is close to ``N(0, I)``.
+    """
+
+    def __init__(self, loc: torch.Tensor, scale_tril: torch.Tensor):
+        super().__init__(loc.shape[-1])
+        self.register_buffer("loc", loc.detach().clone())
+        self.register_buffer("scale_tril", scale_tril.detach().clone())
+
+    def call_and_ladj(self, x):
+        ladj = torch.log(torch.diagonal(self.scale_tril)).sum()
+        return self.loc + x @ self.scale_tril.T, ladj.expand(x.shape[:-1])
+
+    def inverse_and_ladj(self, y):
+        x = torch.linalg.solve_triangular(self.scale_tril, (y - self.loc).unsqueeze(-1), upper=False).squeeze(-1)
+        ladj = -torch.log(torch.diagonal(self.scale_tril)).sum()
+        return x, ladj.expand(y.shape[:-1])
 
 
 def permutation_layer(kind: str, dim: int) -> Permute:
