@@ -74,6 +74,21 @@ class _FlowPosterior(dist.TransformedDistribution):
         return log_prob_stop_gradient(self.transforms[0], value)
 
 
+def _start_improper_sites(init_loc_fn):
+    """``init_loc_fn`` that also starts sites which cannot sample (``ImproperUniform``, whose
+    ``sample`` raises ``NotImplementedError`` in every Pyro init strategy) at the point 0 of
+    their unconstrained space, as NumPyro's strategies manage such sites."""
+
+    def init(site):
+        try:
+            return init_loc_fn(site)
+        except NotImplementedError:
+            fn = site["fn"]
+            return biject_to(fn.support)(torch.zeros(fn.shape(), dtype=torch.get_default_dtype()))
+
+    return init
+
+
 def _per_path(log_prob, n, nesting):
     """Sum a site's log-density over every dimension right of the path plate (``n`` paths)."""
     log_prob = log_prob.reshape((1,) * max(0, nesting + 1 - log_prob.dim()) + log_prob.shape)
@@ -85,7 +100,8 @@ class AutoFlow(AutoContinuous):
 
     ``z = loc + exp(log_scale) * f(u)`` with ``u ~ N(0, I_D)`` and ``f = build_flow(flow, D,
     num_layers=..., hidden_dims=..., **options)``, any registered flow (the user's own
-    included). ``loc`` starts at the ``init_loc_fn`` point (mapped to the unconstrained
+    included). ``loc`` starts at the ``init_loc_fn`` point (sites that cannot sample, such
+    as ``ImproperUniform``, at the point 0 of their unconstrained space; mapped to the unconstrained
     space), ``log_scale`` at ``log(init_scale)``; it is soft-clamped to (-5, 5), so
     ``init_scale`` must lie in (exp(-5), exp(5)). The built-in flows start at (or near)
     a map that leaves ``N(0, I)`` unchanged (the identity, up to a reordering of
@@ -143,7 +159,7 @@ class AutoFlow(AutoContinuous):
         self._flow_args = dict(name=flow, num_layers=num_layers, hidden_dims=hidden_dims, options=options)
         self.init_scale = init_scale
         self.stick_the_landing = bool(stick_the_landing)
-        super().__init__(model, init_loc_fn=init_loc_fn)
+        super().__init__(model, init_loc_fn=_start_improper_sites(init_loc_fn))
 
     # --- set-up ----------------------------------------------------------------------
     @staticmethod

@@ -367,6 +367,26 @@ def test_errors_name_the_problem():
         guide.quantiles([0.5, 1.0])
 
 
+def test_a_model_with_an_improper_prior_gets_a_guide():
+    """Pyro's init strategies sample every latent site, and ``ImproperUniform`` cannot."""
+    y = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)
+
+    def improper():
+        mu = pyro.sample("mu", dist.ImproperUniform(dist.constraints.positive, (), ()))
+        with pyro.plate("n", 3):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    pyro.clear_param_store()
+    guide = pf.AutoFlow(improper, flow="realnvp", num_layers=2, hidden_dims=(8,), init_scale="laplace")
+    loss = SVI(improper, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO()).step()
+    # the Laplace start solves 3 mu^2 - mu sum(y) - 1 = 0 (the log mu Jacobian included),
+    # from the unconstrained point 0 (mu = 1); the site's start is in the default dtype, float32
+    s = float(y.sum())
+    assert math.isclose(math.exp(guide.whitening.loc.item()), (s + math.sqrt(s**2 + 12)) / 6, rel_tol=1e-6)
+    out = draws(guide, 4, 0)
+    assert np.isfinite(loss) and out["mu"].shape == (4,) and np.all(out["mu"] > 0)
+
+
 def test_the_guide_flow_saves_and_loads(tmp_path, regression_fit):
     guide, _ = regression_fit
     pf.save_flow(guide.flow, tmp_path / "guide.npz")
