@@ -11,11 +11,12 @@ reference draws (long Stan NUTS runs) in the constrained space:
 A guide passes on a model when mean error < 0.1, every sd ratio is within 10% and
 k-hat < 0.7. Guides: AutoNormal, the frameworks' own flow guides (Pyro's AutoIAFNormal;
 NumPyro's AutoIAFNormal and AutoBNAFNormal) and pyroflows' AutoFlow with iaf, realnvp,
-nsf and bnaf, all at one recipe (``RECIPE``) per kind of guide. Writes
-``results/posteriordb.md``.
+nsf and bnaf (Laplace start), all at one recipe (``RECIPE``) per kind of guide, and
+"AutoFlow (recipe)", the default recipe under test. Writes
+``results/posteriordb_<backend>.md``.
 
     python benchmarks/posteriordb.py --backend jax
-    python benchmarks/posteriordb.py --backend torch --posteriors kidiq-kidscore_momiq --steps 2000
+    python benchmarks/posteriordb.py --backend torch --guides "AutoFlow (recipe)" --posteriors kidiq-kidscore_momiq
 """
 
 from __future__ import annotations
