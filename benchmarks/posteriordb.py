@@ -83,6 +83,7 @@ def fit_torch(model, guide, settings, seed, progress, sites):
     import pyro
     import torch
     from pyro.infer import SVI, Predictive, Trace_ELBO
+    from pyro.infer.autoguide import AutoContinuous
     from tqdm.auto import tqdm
 
     import pyroflows.torch as pf
@@ -95,9 +96,33 @@ def fit_torch(model, guide, settings, seed, progress, sites):
     for _ in tqdm(range(settings["num_steps"]), disable=not progress, leave=False):
         svi.step()
     with torch.no_grad():
-        draws = Predictive(model, guide=guide, num_samples=NUM_DRAWS, return_sites=sites, parallel=True)()
+        if isinstance(guide, AutoContinuous):
+            draws = _continuous_guide_draws(model, guide, sites)
+        else:
+            draws = Predictive(model, guide=guide, num_samples=NUM_DRAWS, return_sites=sites, parallel=True)()
     diag = pf.evaluate(model, guide, num_samples=NUM_DRAWS)
     return {k: v.detach().double().numpy() for k, v in draws.items()}, diag
+
+
+def _continuous_guide_draws(model, guide, sites):
+    """The guide's draws of ``sites`` (deterministic ones included), from one vectorised run of
+    the model conditioned on them. Pyro's ``Predictive`` first samples the prior to guess the
+    plate nesting, which ``ImproperUniform`` (the posteriordb models' flat priors) cannot."""
+    import pyro
+    from pyro import poutine
+    from torch.distributions import biject_to
+
+    def constrained(latent):
+        return {site["name"]: biject_to(site["fn"].support)(u) for site, u in guide._unpack_latent(latent)}
+
+    latent = guide.get_posterior().sample((NUM_DRAWS,))
+    single = poutine.trace(poutine.condition(model, constrained(latent[0]))).get_trace()
+    nesting = max([-f.dim for s in single.nodes.values() if s["type"] == "sample"
+                   for f in s["cond_indep_stack"] if f.vectorized], default=0)
+    latent = latent.reshape((NUM_DRAWS,) + (1,) * nesting + latent.shape[-1:])
+    with pyro.plate("_draws", NUM_DRAWS, dim=-(nesting + 1)):
+        trace = poutine.trace(poutine.condition(model, constrained(latent))).get_trace()
+    return {name: trace.nodes[name]["value"].reshape(NUM_DRAWS, -1) for name in sites}
 
 
 def fit_jax(model, guide, settings, seed, progress, sites):
