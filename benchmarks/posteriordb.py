@@ -25,6 +25,7 @@ import argparse
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -212,7 +213,8 @@ def main():
                 draws, diag = fit(model, make(model), recipe[kind], args.seed, not args.no_progress, sites)
                 row = compare(name, draws, diag)
             except Exception as e:  # a guide that crashes is a result too
-                row = {"error": f"{type(e).__name__}: {str(e)[:80]}"}
+                traceback.print_exc()
+                row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"}
             row.update(posterior=name, guide=guide_name, seconds=time.perf_counter() - start)
             rows.append(row)
             print(_format_row(row), flush=True)
