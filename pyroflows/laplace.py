@@ -43,8 +43,8 @@ def find_mode(potential_and_grad, hessian, x0, *, max_steps: int = 200, tol: flo
         raise ValueError(
             f"{caller}(init_scale='laplace'): log p(x, z) or its gradient is not finite at the init_loc_fn point{_FIX}"
         )
-    decrement = np.inf
-    for _ in range(max_steps):
+    decrement, taken = np.inf, 0
+    for taken in range(1, max_steps + 1):
         h = hessian(x)
         if not _finite(h):
             raise ValueError(f"{caller}(init_scale='laplace'): the Hessian of log p(x, z) is not finite at {x}{_FIX}")
@@ -75,7 +75,7 @@ def find_mode(potential_and_grad, hessian, x0, *, max_steps: int = 200, tol: flo
             break
         x, f, g = x_new, f_new, g_new
     raise ValueError(
-        f"{caller}(init_scale='laplace'): found no posterior mode after {max_steps} Newton steps "
+        f"{caller}(init_scale='laplace'): found no posterior mode after {taken} Newton steps "
         f"(log p = {-f:.6g}, Newton decrement {decrement:.3g}): the log-density may grow without bound "
         f"(an improper posterior, or a funnel such as a centred hierarchical model){_FIX}"
     )
