@@ -37,6 +37,8 @@ bench: $(BENCH_STAMP)
 	$(PY) benchmarks/posteriordb.py --backend torch --no-progress
 	$(PY) benchmarks/unbiased.py
 	$(PY) benchmarks/snf_doublewell.py --no-progress
+	$(PY) benchmarks/fit_posterior_defaults.py --backend both
+	$(PY) benchmarks/nan_sweep.py --backend both
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -12,7 +12,8 @@ A guide passes on a model when mean error < 0.1, every sd ratio is within 10% an
 k-hat < 0.7. Guides: AutoNormal, the frameworks' own flow guides (Pyro's AutoIAFNormal;
 NumPyro's AutoIAFNormal and AutoBNAFNormal) and pyroflows' AutoFlow with iaf, realnvp,
 nsf and bnaf (Laplace start), all at one recipe (``RECIPE``) per kind of guide, and
-"AutoFlow (recipe)", the default recipe under test. Writes ``results/posteriordb.md``
+"AutoFlow (recipe)", the recipe of the first release, and "fit_posterior (defaults)",
+``fit_posterior(model)`` with every default (what a user gets). Writes ``results/posteriordb.md``
 (``--backend torch``: ``results/posteriordb_torch.md``).
 
     python benchmarks/posteriordb.py --backend jax
@@ -45,6 +46,7 @@ RECIPE = {
 }
 RECIPE["recipe"] = {**RECIPE["flow"], "num_steps": 40_000, "flow": "iaf"}
 NUM_DRAWS = 4000
+DEFAULTS = "fit_posterior (defaults)"
 FLOWS = ("iaf", "realnvp", "nsf", "bnaf")
 
 
@@ -52,6 +54,8 @@ def guide_makers(backend, recipe):
     r = recipe["flow"]
     flows = {f"AutoFlow {f}": ("flow", lambda m, f=f: _autoflow(backend, m, f, r)) for f in FLOWS}
     flows["AutoFlow (recipe)"] = ("recipe", lambda m: _autoflow(backend, m, recipe["recipe"]["flow"], recipe["recipe"]))
+    # what a user gets: fit_posterior(model) with every default (no maker: it builds its own guide)
+    flows[DEFAULTS] = ("defaults", None)
     if backend == "torch":
         from pyro.infer.autoguide import AutoIAFNormal, AutoNormal
 
@@ -143,6 +147,34 @@ def fit_jax(model, guide, settings, seed, progress, sites):
     return {k: np.asarray(v, dtype=float) for k, v in draws.items()}, diag
 
 
+def fit_defaults(backend, model, seed, progress, sites, max_steps=None):
+    """``fit_posterior(model)`` at its defaults (``max_steps`` only where a budget is set), then
+    the same draws and diagnostics as the other guides."""
+    options = {"num_samples": NUM_DRAWS} if max_steps is None else {"num_samples": NUM_DRAWS, "max_steps": max_steps}
+    if backend == "torch":
+        import pyroflows.torch as pf
+        import torch
+
+        guide, report = pf.fit_posterior(model, progress=progress, seed=seed, **options)
+        with torch.no_grad():
+            draws = _continuous_guide_draws(model, guide, sites)
+        draws = {k: v.detach().double().numpy() for k, v in draws.items()}
+    else:
+        import jax
+        from numpyro.infer import Predictive
+
+        import pyroflows.jax as pf
+
+        guide, params, report = pf.fit_posterior(model, progress=progress, rng_key=jax.random.key(seed), **options)
+        draws = Predictive(model, guide=guide, params=params, num_samples=NUM_DRAWS, return_sites=sites)(
+            jax.random.key(seed + 1)
+        )
+        draws = {k: np.asarray(v, dtype=float) for k, v in draws.items()}
+    print(f"  fit_posterior: {report['num_steps']} steps, stopped: {report['stopped']}, {report['start'][:100]}",
+          flush=True)
+    return draws, report
+
+
 def compare(name, draws, diag):
     ref = pdb.reference(name)
     errors, log_ratios = [], []
@@ -170,6 +202,8 @@ def main():
     parser.add_argument("--stl", choices=["yes", "no"], default=None,
                         help="override the flow recipe's sticking-the-landing estimator")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="fit_posterior's step budget (default: its own, 40,000)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--out", default=None, help="output markdown (default results/posteriordb.md, torch: posteriordb_torch.md)")
@@ -210,7 +244,10 @@ def main():
             start = time.perf_counter()
             try:
                 sites = list(pdb.metadata(name)["dimensions"])
-                draws, diag = fit(model, make(model), recipe[kind], args.seed, not args.no_progress, sites)
+                if kind == "defaults":
+                    draws, diag = fit_defaults(args.backend, model, args.seed, not args.no_progress, sites, args.max_steps)
+                else:
+                    draws, diag = fit(model, make(model), recipe[kind], args.seed, not args.no_progress, sites)
                 row = compare(name, draws, diag)
             except Exception as e:  # a guide that crashes is a result too
                 traceback.print_exc()
@@ -271,7 +308,9 @@ def write_table(rows, args, recipe):
         "Mean error: max over coordinates of |mean_q - mean_ref| / sd_ref. sd ratio: the coordinate",
         "furthest from 1. Pass: mean error < 0.1, sd ratio within 10%, k-hat < 0.7. The AutoFlow guides",
         "start at the Laplace approximation (init_scale='laplace'); the frameworks' guides have no such",
-        "option. Seconds: wall-clock per fit (SVI, draws, diagnostics) on a shared 2-core machine.",
+        "option. 'fit_posterior (defaults)' is fit_posterior(model) with no option (init_scale='auto',",
+        "the plateau-stopped schedule). Seconds: wall-clock per fit (SVI, draws, diagnostics) on a shared",
+        "2-core machine.",
         "",
         "| posterior | guide | mean error (sd) | sd ratio | k-hat | pass | seconds |",
         "| --- | --- | ---: | ---: | ---: | --- | ---: |",

@@ -42,8 +42,9 @@ def main(argv=None):
     demo = sub.add_parser(
         "demo", help="fit AutoFlow and AutoNormal to Bayesian logistic regression; compare with NUTS",
         description="Fits AutoNormal and AutoFlow(FLOW) with SVI to Bayesian logistic regression on the "
-        "breast-cancer data, prints ELBO, k-hat and posterior-mean errors against a NUTS reference, "
-        "and writes a PNG of the posterior.",
+        "breast-cancer data (shipped with the package), prints ELBO, k-hat and posterior-mean errors "
+        "against a NUTS reference, and writes a PNG of the posterior (needs matplotlib; without it the "
+        "demo says so and skips the figure).",
     )
     demo.add_argument("--backend", default="torch", choices=["torch", "jax"], help="Pyro (torch) or NumPyro (jax)")
     demo.add_argument("--flow", default="iaf", help="a registered flow name (default: iaf)")

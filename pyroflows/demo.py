@@ -1,10 +1,21 @@
 """The demo job (``pyroflows demo``, what ``make demo`` runs), backend-neutral half.
 
-Bayesian logistic regression on sklearn's breast-cancer data (569 x 30 standardised
+Bayesian logistic regression on the breast-cancer data (569 x 30 standardised
 features; 31 latents). The backend (``pyroflows.torch.demo`` or ``pyroflows.jax.demo``)
 fits ``AutoNormal`` and ``AutoFlow`` with SVI and returns draws and importance
 diagnostics; this module compares them with a NUTS reference shipped with the package
 (``benchmarks/demo_reference.py`` made it), prints the table and draws the figure.
+
+The demo needs only a backend's extra (``pip install "pyroflows[torch]"`` or
+``"pyroflows[jax]"``): the data ship with the package, and the figure needs matplotlib
+(in ``pyroflows[all]``); without it the demo prints its table and a one-line note.
+
+The data, ``pyroflows/reference/breast_cancer.npz``, are the Breast Cancer Wisconsin
+(Diagnostic) data set (WDBC) of W. Wolberg, O. Mangasarian, N. Street and W. Street
+(1995), UCI Machine Learning Repository, https://doi.org/10.24432/C5DW2B, licensed
+CC BY 4.0, copied unchanged from scikit-learn's ``load_breast_cancer`` (the file's
+``source`` entry says so too). ``write_breast_cancer`` rewrites the file from
+scikit-learn.
 """
 
 from __future__ import annotations
@@ -14,14 +25,58 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["reference", "summarize", "format_table", "plot", "run"]
+__all__ = ["breast_cancer", "reference", "summarize", "format_table", "plot", "run", "write_breast_cancer"]
+
+_DATA = "breast_cancer.npz"
+_SOURCE = (
+    "Breast Cancer Wisconsin (Diagnostic) data set (WDBC): W. Wolberg, O. Mangasarian, N. Street and "
+    "W. Street (1995), UCI Machine Learning Repository, https://doi.org/10.24432/C5DW2B, licensed CC BY 4.0. "
+    "Copied unchanged from scikit-learn's sklearn.datasets.load_breast_cancer (569 x 30 features as given; "
+    "target 0 = malignant, 1 = benign)."
+)
+
+
+def _load_reference_file(name: str) -> dict:
+    with resources.as_file(resources.files("pyroflows") / "reference" / name) as path:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+
+
+def breast_cancer() -> tuple[np.ndarray, np.ndarray]:
+    """The demo's data: 569 x 30 standardised features and 0/1 labels (1 = benign), float64.
+
+    Read from the copy shipped with the package (no scikit-learn needed); the same
+    numbers as ``sklearn.datasets.load_breast_cancer``, each feature standardised to
+    mean 0 and sd 1 (population sd) over the 569 cases.
+    """
+    raw = _load_reference_file(_DATA)
+    x = raw["data"].astype(np.float64)
+    x = (x - x.mean(0)) / x.std(0)
+    return x, raw["target"].astype(np.float64)
+
+
+def write_breast_cancer(path) -> Path:
+    """Write the demo's data file from scikit-learn (how ``reference/breast_cancer.npz`` was made).
+
+    Args:
+        path: where to write the ``.npz``.
+
+    Returns:
+        ``path``.
+    """
+    from sklearn.datasets import load_breast_cancer
+
+    d = load_breast_cancer()
+    np.savez_compressed(
+        path, data=d.data, target=d.target.astype(np.uint8), feature_names=np.array(d.feature_names),
+        target_names=np.array(d.target_names), source=np.array(_SOURCE),
+    )
+    return Path(path)
 
 
 def reference() -> dict:
     """The NUTS reference: ``draws`` (800, 31), ``mean``, ``sd``, ``rhat``, ``ess``, ``names``."""
-    with resources.as_file(resources.files("pyroflows") / "reference" / "breast_cancer_nuts.npz") as path:
-        with np.load(path) as f:
-            return {k: f[k] for k in f.files}
+    return _load_reference_file("breast_cancer_nuts.npz")
 
 
 def summarize(fits, ref) -> list[dict]:
@@ -55,9 +110,17 @@ def format_table(rows, backend: str, steps: int) -> str:
     return "\n".join(out)
 
 
-def plot(fits, ref, path: Path) -> Path:
-    """Each guide's draws of the two most correlated coefficients over the NUTS draws."""
-    import matplotlib
+def plot(fits, ref, path: Path) -> Path | None:
+    """Each guide's draws of the two most correlated coefficients over the NUTS draws.
+
+    Returns:
+        The PNG's path, or ``None`` (after a one-line note) when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"skipped the figure {path}: it needs matplotlib (pip install matplotlib, or 'pyroflows[all]')")
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -82,8 +145,9 @@ def plot(fits, ref, path: Path) -> Path:
     return path
 
 
-def run(backend="torch", flow="iaf", steps=2000, progress=True, out="pyroflows_demo.png", seed=0):
-    """Fit, compare, print the table, write the figure; returns the rows."""
+def run(backend: str = "torch", flow: str = "iaf", steps: int = 2000, progress: bool = True,
+        out: str | Path | None = "pyroflows_demo.png", seed: int = 0) -> list[dict]:
+    """Fit, compare, print the table, write the figure (unless ``out`` is None); returns the rows."""
     if backend == "torch":
         from .torch.demo import fit_guides
     elif backend == "jax":
@@ -95,5 +159,8 @@ def run(backend="torch", flow="iaf", steps=2000, progress=True, out="pyroflows_d
     rows = summarize(fits, ref)
     print(format_table(rows, backend, steps))
     if out:
-        print(f"\nwrote {plot(fits, ref, out)}")
+        print()
+        written = plot(fits, ref, out)
+        if written is not None:
+            print(f"wrote {written}")
     return rows

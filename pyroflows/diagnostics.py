@@ -11,6 +11,27 @@ whether ``q`` covers ``p`` well enough for importance sampling to be trusted.
   Stephens' (2009) empirical-Bayes estimator with the weakly informative prior on the
   shape used by PSIS.
 - ``ess``: Kish's effective sample size ``(sum w)^2 / sum w^2``.
+
+Degenerate weights, and what each function returns for them:
+
+- A log-weight of ``-inf`` is a draw where ``p`` has no mass (weight 0). It counts in
+  ``n`` (the tail size ``M``, ``ess / n``), adds nothing to the weights' sums, is left
+  out of the tail fit, and makes the ELBO (a plain mean) ``-inf``.
+- Every log-weight ``-inf``: the guide puts all its mass where the model has none.
+  ``psis_khat`` is ``inf`` and ``ess`` is ``0.0`` (the worst values, so a report that
+  thresholds them flags the fit), ``log_mean_exp`` and the ELBO are ``-inf``.
+- The ``M`` largest weights all equal (up to rounding): ``p / q`` is constant on the top
+  of the weights, as for an exact guide. The exceedances are all equal and
+  ``psis_khat`` is ``-inf``: a generalised Pareto distribution with all its mass at one
+  point is the limit ``k -> -inf`` (the lightest tail there is). ArviZ's
+  ``psislw``, R's loo and PSIS.jl report ``inf`` here instead, meaning "could not fit";
+  we do not, because an exact guide would then be flagged as the worst.
+- One to four weights above the cutoff (a tied top with a few weights clearly above
+  it, or fewer than five draws with any weight at all): too short a tail to fit, and
+  ``psis_khat`` is ``inf``, as in those libraries: a handful of draws carries the
+  excess weight.
+- ``NaN`` or ``+inf`` log-weights raise a ``ValueError``: ``log p`` or ``log q`` was not
+  finite where it has to be.
 """
 
 from __future__ import annotations
@@ -49,8 +70,14 @@ def log_mean_exp(log_weights) -> float:
 
 
 def ess(log_weights) -> float:
-    """Kish's effective sample size ``(sum w)^2 / sum w^2`` of the self-normalised weights."""
+    """Kish's effective sample size ``(sum w)^2 / sum w^2`` of the self-normalised weights.
+
+    Between 1 and ``n`` when some weight is positive; ``0.0`` when every log-weight is
+    ``-inf`` (no draw has weight).
+    """
     lw = _as_log_weights(log_weights)
+    if np.isneginf(lw).all():
+        return 0.0
     return float(np.exp(2 * _logsumexp(lw) - _logsumexp(2 * lw)))
 
 
@@ -79,35 +106,71 @@ def gpd_fit(exceedances) -> tuple[float, float]:
     return k_hat, float(sigma)
 
 
+# Log-weights within this of the largest, relative to its size, tie: rounding leaves an
+# exact guide's log-weights that close in float32 (a few units in the last place) and
+# float64.
+_TIE_RTOL = 1e-6
+
+
 def psis_khat(log_weights) -> float:
     """Pareto k-hat of importance weights given on the log scale (PSIS diagnostic).
 
     The tail is the ``M = ceil(min(n / 5, 3 sqrt(n)))`` largest weights; their
     exceedances over the next-largest weight are fitted by ``gpd_fit``. Needs at least
-    a few hundred draws to be meaningful. When the largest weights are all equal
-    (``q`` equals ``p`` up to a constant) there is no tail and the result is ``-inf``.
+    a few hundred draws to be meaningful.
+
+    Args:
+        log_weights: ``log p(x, z) - log q(z)`` for ``n >= 25`` draws ``z ~ q``; ``-inf``
+            entries (draws outside the model's support) are allowed, and when all are
+            ``-inf`` any ``n >= 2`` gives ``inf``.
+
+    Returns:
+        The shape estimate; ``inf`` when every log-weight is ``-inf`` or when only one to
+        four weights stand above a tie, ``-inf`` when the ``M`` largest weights tie
+        (equal to within a relative ``1e-6`` on the log scale; see the module docstring).
+
+    Raises:
+        ValueError: fewer than 25 log-weights (some of them finite), or a ``NaN`` or
+            ``+inf`` among them.
     """
     lw = _as_log_weights(log_weights)
+    top = lw.max()
+    if top == -math.inf:
+        return math.inf  # no draw has weight: q puts its mass where p has none
     n = lw.size
     tail = int(math.ceil(min(0.2 * n, 3 * math.sqrt(n))))
     if tail < 5:
-        raise ValueError(f"psis_khat needs at least 25 log-weights to fit a tail, got {n}")
-    lw = np.sort(lw - lw.max())
-    cutoff = lw[-tail - 1]
+        raise ValueError(
+            f"psis_khat needs at least 25 log-weights to fit a tail, got {n}; draw more samples "
+            "(k-hat is reliable from a few hundred)"
+        )
+    lw = np.sort(lw - top)
+    if -lw[-tail] <= _TIE_RTOL * max(1.0, abs(top)):
+        return -math.inf  # the M largest weights tie: equal exceedances, the lightest tail
+    cutoff = lw[-tail - 1]  # -inf when fewer than M + 1 draws have weight: the tail is theirs
     exceed = np.exp(lw[-tail:]) - np.exp(cutoff)
-    if not np.any(exceed > 0):
-        return float("-inf")
-    exceed = exceed[exceed > 0]
+    exceed = exceed[exceed > 0]  # weights tied with the cutoff, and zero weights, add no tail
     if exceed.size < 5:
-        return float("-inf")
+        return math.inf  # too few distinct large weights to fit: a handful carries the excess
     return gpd_fit(exceed)[0]
 
 
 def summarize_weights(log_weights) -> dict:
-    """ELBO, importance-weighted ELBO, k-hat, ESS and ESS / n from one set of log-weights."""
+    """ELBO, importance-weighted ELBO, k-hat, ESS and ESS / n from one set of log-weights.
+
+    Args:
+        log_weights: ``log p(x, z) - log q(z)`` for ``n >= 2`` draws ``z ~ q``.
+
+    Returns:
+        ``elbo`` (mean), ``iwelbo`` (log-mean-exp), ``ess``, ``ess_fraction``,
+        ``khat`` and ``num_samples``. ``ess`` is never NaN: ``0.0`` when every
+        log-weight is ``-inf`` (then ``khat`` is ``inf`` and both bounds ``-inf``).
+        ``khat`` is NaN for fewer than 25 draws (too few to fit a tail) unless no
+        draw has weight.
+    """
     lw = _as_log_weights(log_weights)
     n = lw.size
     out = {"elbo": float(np.mean(lw)), "iwelbo": log_mean_exp(lw), "ess": ess(lw), "num_samples": n}
     out["ess_fraction"] = out["ess"] / n
-    out["khat"] = psis_khat(lw) if n >= 25 else float("nan")
+    out["khat"] = psis_khat(lw) if n >= 25 or np.isneginf(lw).all() else float("nan")
     return out

@@ -10,41 +10,129 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import warnings
 
 import numpy as np
 
 __all__ = [
     "check_data", "split_indices", "batch_indices", "EarlyStopping", "History", "progress_bar",
-    "check_fit_options", "anneal_factor", "check_finite_loss", "check_latent_sites", "check_init_scale",
+    "check_fit_options", "anneal_factor", "check_finite_loss", "check_latent_sites",
     "check_log_density", "check_log_density_shape", "check_quantiles", "AUTOFLOW_LOG_SCALE_BOUND",
+    "MAX_BAD_STEPS", "NonFiniteGuard", "check_first_log_density", "standardization", "SD_FLOOR",
 ]
 
+#: A fit raises after this many consecutive steps whose loss or gradient was NaN or inf
+#: (each of them skipped: no update); the ``max_bad_steps`` option of the fits overrides it.
+MAX_BAD_STEPS = 20
 
-def check_data(data, dim: int | None = None) -> np.ndarray:
-    """``data`` as a float array of shape ``(n, dim)``; a ValueError names what is wrong."""
+#: ``standardization``: a column whose sd is below ``SD_FLOOR * max(1, |mean|)`` counts as constant.
+SD_FLOOR = 1e-8
+
+
+def check_data(data, dim: int | None = None, caller: str = "fit_mle") -> np.ndarray:
+    """``data`` as a float64 array of shape ``(n, dim)``, ``n >= 2``, every entry finite.
+
+    Accepts numpy, torch (detached and moved to the CPU here) and JAX arrays and nested
+    lists of integers or floats. Boolean, complex, string and other non-numeric data are
+    refused: a flow is a density on real vectors, and casting them silently would fit
+    something else than the user meant. A ValueError names the problem and the fix.
+    """
+    if hasattr(data, "detach"):  # a torch tensor, possibly on a GPU or with a graph
+        data = data.detach().cpu()
     try:
-        array = np.asarray(data, dtype=float)
+        raw = np.asarray(data)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{caller}: data must be a numeric array of shape (num_points, dim): {e}") from None
+    kind = raw.dtype.kind
+    if kind == "b":
+        raise ValueError(
+            f"{caller}: data is boolean; a flow is a density on real vectors, and 0/1 data have none (the NLL "
+            "falls without bound). Model it with a discrete distribution, or, to treat it as real values, cast it "
+            "yourself (data.astype(float)) and add uniform dequantization noise"
+        )
+    if kind in "USV":
+        raise ValueError(
+            f"{caller}: data must be numeric, got an array of dtype {raw.dtype} (strings or bytes); parse it into "
+            "numbers first (for example np.asarray(data, dtype=float), or pandas.to_numeric per column)"
+        )
+    if kind == "c":
+        raise ValueError(
+            f"{caller}: data must be real, got complex dtype {raw.dtype}; "
+            "put the real and imaginary parts in separate columns"
+        )
+    if kind not in "iufO":
+        raise ValueError(f"{caller}: data must be a numeric array of shape (num_points, dim), got dtype {raw.dtype}")
+    try:
+        array = raw.astype(float)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"data must be a numeric array of shape (num_points, dim): {e}") from None
+        raise ValueError(
+            f"{caller}: data must be a numeric array of shape (num_points, dim); converting it to floats failed: {e}"
+        ) from None
     if array.ndim == 1 and dim == 1:
         array = array[:, None]
     if array.ndim != 2:
+        hint = "for one-dimensional data pass data[:, None]" if array.ndim == 1 else "one row per data point"
         raise ValueError(
-            f"data must have shape (num_points, dim), got shape {array.shape}; "
-            "reshape it (one row per data point)"
+            f"{caller}: data must have shape (num_points, dim), got shape {array.shape}; reshape it ({hint})"
         )
+    if array.shape[1] == 0:
+        raise ValueError(f"{caller}: data has shape {array.shape}: no columns")
     if dim is not None and array.shape[1] != dim:
-        raise ValueError(f"data has {array.shape[1]} columns but the flow has dim={dim}")
+        raise ValueError(
+            f"{caller}: data has {array.shape[1]} columns but the flow has dim={dim}; "
+            f"build the flow with dim={array.shape[1]}, or pass the {dim} columns it models"
+        )
     if array.shape[0] < 2:
-        raise ValueError(f"data needs at least 2 rows, got {array.shape[0]}")
+        raise ValueError(
+            f"{caller}: data needs at least 2 rows (one data point per row), got {array.shape[0]}; "
+            "a density cannot be fitted to fewer points"
+        )
     bad = ~np.isfinite(array).all(axis=1)
     if bad.any():
         rows = np.flatnonzero(bad)
         shown = ", ".join(map(str, rows[:5])) + (", ..." if rows.size > 5 else "")
         raise ValueError(
-            f"data contains NaN or inf in {rows.size} row(s) (rows {shown}); drop or impute them before fitting"
+            f"{caller}: data contains NaN or inf in {rows.size} row(s) (rows {shown}); "
+            "drop or impute them before fitting"
         )
     return array
+
+
+def standardization(train: np.ndarray, caller: str = "fit_mle") -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and standard deviation (``ddof=0``) of the training rows, for the fixed
+    affine layer of ``fit_mle(standardize=True)``: ``z = (x - loc) / scale``.
+
+    A column whose sd is below ``SD_FLOOR * max(1, |mean|)`` (constant up to rounding) keeps
+    ``scale = 1`` (it is only centred), with a warning: a density on a constant column is
+    degenerate, and maximum likelihood drives its NLL down without bound.
+
+    Args:
+        train: the training rows, shape ``(n, dim)``, finite.
+        caller: the name the warning and the error start with.
+
+    Returns:
+        ``(loc, scale)``, float64 arrays of shape ``(dim,)``, ``scale > 0``.
+    """
+    train = np.asarray(train, dtype=float)
+    with np.errstate(over="ignore", invalid="ignore"):
+        loc, scale = train.mean(0), train.std(0)
+    if not (np.isfinite(loc).all() and np.isfinite(scale).all()):
+        raise ValueError(
+            f"{caller}: the data are too large to standardise (their mean or sd overflows float64); "
+            "rescale them (for example divide by a power of ten) before fitting"
+        )
+    flat = ~(scale > SD_FLOOR * np.maximum(1.0, np.abs(loc)))
+    if flat.any():
+        cols = np.flatnonzero(flat).tolist()
+        warnings.warn(
+            f"{caller}: column(s) {cols} of the training data are constant (sd {scale[flat].tolist()}); a density "
+            "on them is degenerate and maximum likelihood drives it to a point mass. Drop these columns or add "
+            "noise to them; standardize=True only centres them (scale 1)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        scale = np.where(flat, 1.0, scale)
+    return loc, scale
 
 
 def split_indices(n: int, validation_fraction: float, seed: int = 0):
@@ -87,13 +175,16 @@ class EarlyStopping:
 @dataclasses.dataclass
 class History:
     """What a fit returns: the training loss at each evaluation, the validation loss where
-    there is one, the step of the weights that were kept, and whether it stopped early."""
+    there is one, the step of the weights that were kept, whether it stopped early, and how
+    many steps were skipped because their loss or gradient was not finite."""
 
     step: list = dataclasses.field(default_factory=list)
     loss: list = dataclasses.field(default_factory=list)
     validation_loss: list = dataclasses.field(default_factory=list)
     best_step: int | None = None
     stopped_early: bool = False
+    #: steps whose loss or gradient was NaN or inf: no update, and no entry in ``loss``
+    skipped_steps: int = 0
 
     def record(self, step: int, loss: float, validation_loss: float | None = None) -> None:
         self.step.append(int(step))
@@ -114,18 +205,18 @@ def progress_bar(total: int, desc: str, progress: bool = True):
 
 def _positive_int(caller, name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{caller}: {name}={value!r} must be a positive integer")
+        raise ValueError(f"{caller}: {name}={value!r} must be a positive integer (an int >= 1, not a bool)")
 
 
 def _positive_float(caller, name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{caller}: {name}={value!r} must be a positive number")
+        raise ValueError(f"{caller}: {name}={value!r} must be a positive number (finite and > 0, not a bool)")
 
 
 def check_fit_options(caller: str = "fit", **options) -> None:
     """Validate the keyword arguments shared by the fitting functions and guides, by name."""
     for name, value in options.items():
-        if name in ("num_steps", "batch_size", "num_samples", "eval_every", "num_particles"):
+        if name in ("num_steps", "batch_size", "num_samples", "eval_every", "num_particles", "max_bad_steps"):
             _positive_int(caller, name, value)
         elif name in ("lr", "init_scale"):
             _positive_float(caller, name, value)
@@ -135,6 +226,9 @@ def check_fit_options(caller: str = "fit", **options) -> None:
         elif name == "patience":
             if value is not None:
                 _positive_int(caller, name, value)
+        elif name == "standardize":
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"{caller}: standardize={value!r} must be True or False")
         elif name == "anneal_steps":
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
                 raise ValueError(f"{caller}: anneal_steps={value!r} must be an integer >= 0")
@@ -149,16 +243,125 @@ def anneal_factor(step: int, anneal_steps: int) -> float:
     return min(1.0, (step + 1) / anneal_steps)
 
 
-def check_finite_loss(value, step: int, what: str) -> None:
-    """Raise a ValueError naming the step when a loss (or a log-density) is NaN or inf."""
+def check_finite_loss(value, step: int, what: str, fix: str | None = None) -> None:
+    """Raise a ValueError naming the step when a loss (or a log-density) is NaN or inf.
+
+    ``fix`` replaces the default advice after the semicolon.
+    """
     v = float(value)
     if math.isfinite(v):
         return
     kind = "NaN" if math.isnan(v) else "inf"
-    raise ValueError(
-        f"{what} was {kind} at step {step}; check that the log-density is finite everywhere the "
-        "flow can put mass (write it on the unconstrained space), or lower the learning rate"
+    fix = fix or (
+        "check that the log-density is finite everywhere the flow can put mass (write it on the "
+        "unconstrained space), or lower the learning rate"
     )
+    raise ValueError(f"{what} was {kind} at step {step}; {fix}")
+
+
+def check_first_log_density(num_bad: int, num_draws: int, has_nan: bool, caller: str = "fit_reverse_kl") -> None:
+    """Raise at once when the target log-density is not finite at its first evaluation.
+
+    Before any update the flow is as built, so a NaN or inf there is the target's fault,
+    not the training's: no number of skipped steps would help.
+
+    Args:
+        num_bad: how many of the first step's draws got a NaN or inf log-density.
+        num_draws: how many draws the first step scored.
+        has_nan: whether any of them was NaN (else they were inf).
+        caller: the name the message starts with.
+    """
+    if not num_bad:
+        return
+    kind = "NaN" if has_nan else "inf"
+    raise ValueError(
+        f"{caller}: the target log-density returned {kind} at {int(num_bad)} of {int(num_draws)} draws at its first "
+        "evaluation (step 1, before any update): the target is broken, not the training. It must be finite at "
+        "every point of R^dim the flow can reach (the untrained flow draws roughly N(0, I)): write it on the "
+        "unconstrained space (transform bounded variables, e.g. the log of a positive one), check its support, "
+        "and check the constants it closes over"
+    )
+
+
+class NonFiniteGuard:
+    """Skip steps whose loss or gradient is NaN or inf; raise after ``max_bad_steps`` in a row.
+
+    A fit computes the loss and the gradient, calls ``update`` and applies the optimiser
+    update only when it returns True: a bad step leaves the weights and the optimiser
+    state as they were. ``history.skipped_steps`` counts the skipped steps. When
+    ``max_bad_steps`` consecutive steps were bad the error names the likely cause: the
+    target log-density (when it was not finite in that run of steps), the flow at its
+    initial weights or the data (when no update has succeeded yet), otherwise the
+    learning rate, with a 10x smaller value to try.
+
+    Args:
+        caller: ``"fit_mle"`` or ``"fit_reverse_kl"``; the messages start with it.
+        lr: the learning rate, named in the error.
+        history: the fit's ``History``.
+        max_bad_steps: how many consecutive bad steps raise.
+    """
+
+    def __init__(self, caller: str, lr: float, history: History, max_bad_steps: int = MAX_BAD_STEPS):
+        self.caller, self.lr, self.history, self.max_bad_steps = caller, float(lr), history, int(max_bad_steps)
+        self.any_good = False
+        self._reset()
+
+    def _reset(self):
+        self.consecutive, self.first_bad, self.bad_loss, self.bad_target = 0, None, 0, 0
+
+    def update(self, step: int, loss_finite: bool, grads_finite: bool = True, target_bad: int = 0) -> bool:
+        """Record one step; True when its update should be applied.
+
+        Args:
+            step: the step number (from 1).
+            loss_finite: whether the loss was finite.
+            grads_finite: whether every gradient was finite (ignored when the loss was not).
+            target_bad: how many draws got a NaN or inf target log-density (reverse KL).
+        """
+        if loss_finite and grads_finite:
+            self.any_good = True
+            self._reset()
+            return True
+        self.history.skipped_steps += 1
+        if not self.consecutive:
+            self.first_bad = int(step)
+        self.consecutive += 1
+        self.bad_loss += not loss_finite
+        self.bad_target += bool(target_bad)
+        if self.consecutive >= self.max_bad_steps:
+            raise ValueError(self.message(step))
+        return False
+
+    def message(self, step: int) -> str:
+        n, where = self.consecutive, f"steps {self.first_bad} to {int(step)}"
+        what = (
+            f"the loss was NaN or inf at {self.bad_loss} of them"
+            + (f", only the gradient at {n - self.bad_loss}" if n > self.bad_loss else "")
+        )
+        head = f"{self.caller}: {n} consecutive steps ({where}) were skipped because {what}"
+        if self.bad_target:
+            return (
+                f"{head}; the target log-density returned NaN or inf at some of the flow's draws in "
+                f"{self.bad_target} of them. The flow puts mass where the target is not finite: make the "
+                "log-density finite on all of R^dim (write it on the unconstrained space, transforming bounded "
+                "variables) or check its support"
+            )
+        if not self.any_good:
+            if self.caller == "fit_mle":
+                return (
+                    f"{head}, from the first step, before any update: the flow's log-density is not finite on the "
+                    "data at its initial weights. The data may be badly scaled for this flow (keep "
+                    "standardize=True, or rescale them), or the flow is broken (check how it was built and its dtype)"
+                )
+            return (
+                f"{head}, from the first step, before any update, while the target log-density was finite: the "
+                "flow's log-density of its own samples is not finite at its initial weights; check how the flow "
+                "was built and its dtype"
+            )
+        return (
+            f"{head}, after training had made progress: the learning rate lr={self.lr:g} is too large for this "
+            f"flow (an update took the weights where the flow is not finite). Try lr={self.lr / 10:g}"
+        )
 
 
 def check_latent_sites(sites, guide_name: str = "AutoFlow") -> None:
@@ -177,22 +380,6 @@ def check_latent_sites(sites, guide_name: str = "AutoFlow") -> None:
 
 # The guides' final affine layer soft-clamps its log-scale to (-bound, bound).
 AUTOFLOW_LOG_SCALE_BOUND = 5.0
-
-
-def check_init_scale(init_scale, caller: str = "AutoFlow", bound: float = AUTOFLOW_LOG_SCALE_BOUND):
-    """``init_scale`` as a float (or the string ``"laplace"``), or a ValueError when the guide's
-    bounded log-scale cannot reach it."""
-    if isinstance(init_scale, str):
-        if init_scale != "laplace":
-            raise ValueError(f"{caller}: init_scale={init_scale!r} must be a positive float or 'laplace'")
-        return init_scale
-    check_fit_options(caller, init_scale=init_scale)
-    if not abs(math.log(init_scale)) < bound:
-        raise ValueError(
-            f"{caller}: init_scale={init_scale!r} must lie in ({math.exp(-bound):.4g}, {math.exp(bound):.4g}): "
-            f"the final affine layer's log-scale is bounded by {bound:g}"
-        )
-    return float(init_scale)
 
 
 def check_log_density(fn, caller: str = "fit_reverse_kl") -> None:

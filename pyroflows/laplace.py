@@ -14,16 +14,206 @@ Wright, *Numerical Optimization*, 2nd ed., ch. 3). It stops when the Newton decr
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import math
+import numbers
+import warnings
+from typing import Callable
+
 import numpy as np
 
-__all__ = ["LAPLACE", "find_mode", "laplace_scale_tril"]
+__all__ = [
+    "AUTO", "LAPLACE", "MAX_LAPLACE_DIM", "LAPLACE_KHAT_LIMIT", "LAPLACE_LOG_WEIGHT_SD_LIMIT", "LAPLACE_CONDITION_LIMIT",
+    "Start", "check_init_scale", "choose_start",
+    "find_mode", "laplace_scale_tril",
+]
 
+AUTO = "auto"
 LAPLACE = "laplace"
+# A dense Hessian costs D backward passes and D^2 memory; above this "auto" skips it.
+MAX_LAPLACE_DIM = 1000
+# "auto" rejects the Laplace approximation N(mode, H^-1) as the neck of a funnel (a finite
+# "mode" whose Hessian degenerates: e^40 against 0.1 for Neal's funnel in 10 dimensions)
+# when all three exceed these: the PSIS k-hat of its importance weights, their sd, and the
+# condition number of H. Neither weight statistic is enough alone: posteriordb's
+# eight_schools has a Laplace k-hat of 1.2 and a log-weight sd of 185 nats, and is still a
+# good start (condition number below 1e3).
+LAPLACE_KHAT_LIMIT = 0.7
+LAPLACE_LOG_WEIGHT_SD_LIMIT = 20.0
+LAPLACE_CONDITION_LIMIT = 1e8
+# The isotropic scale where no curvature is known (the start of the first release).
+_ISOTROPIC_SCALE = 0.1
 _FIX = "; start from a float init_scale instead (e.g. init_scale=0.1), or a better init_loc_fn"
+_logger = logging.getLogger("pyroflows")
 
 
 def _finite(value) -> bool:
     return bool(np.all(np.isfinite(value)))
+
+
+def check_init_scale(init_scale, caller: str = "AutoFlow", bound: float = 5.0):
+    """``init_scale`` as a float, or one of the strings ``"auto"`` and ``"laplace"``.
+
+    Args:
+        init_scale: the guide's starting scale (in the unconstrained space), ``"auto"`` or ``"laplace"``.
+        caller: the name that starts the error message.
+        bound: the bound of the guide's soft-clamped log-scale; a float must lie in ``(e^-bound, e^bound)``.
+
+    Returns:
+        The validated value.
+
+    Raises:
+        ValueError: a string other than the two, a non-finite, non-positive or boolean number, or a
+            scale the bounded log-scale cannot reach.
+    """
+    if isinstance(init_scale, str):
+        if init_scale not in (AUTO, LAPLACE):
+            raise ValueError(f"{caller}: init_scale={init_scale!r} must be 'auto', 'laplace' or a positive float")
+        return init_scale
+    if (
+        isinstance(init_scale, bool) or not isinstance(init_scale, numbers.Real)
+        or not (math.isfinite(init_scale) and init_scale > 0)
+    ):
+        raise ValueError(f"{caller}: init_scale={init_scale!r} must be 'auto', 'laplace' or a positive float")
+    if not abs(math.log(init_scale)) < bound:
+        raise ValueError(
+            f"{caller}: init_scale={init_scale!r} must lie in ({math.exp(-bound):.4g}, {math.exp(bound):.4g}): "
+            f"the final affine layer's log-scale is bounded by {bound:g}"
+        )
+    return float(init_scale)
+
+
+@dataclasses.dataclass
+class Start:
+    """Where a guide starts: ``N(loc, scale_tril scale_tril^T)`` in the unconstrained space.
+
+    Attributes:
+        kind: ``"laplace"`` (mode and ``chol(H^-1)``), ``"diagonal"`` (the ``init_loc_fn``
+            point and ``1/sqrt(H_ii)`` there), or ``"isotropic"`` (that point, a float scale).
+        loc: the start's centre, float64, shape ``(D,)``.
+        scale_tril: lower-triangular ``(D, D)`` float64, or None for the isotropic start
+            (the guide's affine layer then carries the scale).
+        message: one line that says which start was taken and why.
+    """
+
+    kind: str
+    loc: np.ndarray
+    scale_tril: np.ndarray | None
+    message: str
+
+
+def _safely(fn: Callable, *args):
+    """``fn(*args)``, with a model's own error at an extreme point read as zero density.
+
+    The line search probes points where a model's distributions may reject their
+    parameters (Pyro's validation of a scale that underflowed to 0): that is a point to
+    back off from, not a reason to stop.
+    """
+    try:
+        return fn(*args)
+    except (ValueError, RuntimeError, FloatingPointError, OverflowError, ZeroDivisionError):
+        return None
+
+
+def choose_start(
+    init_scale,
+    potential_and_grad: Callable,
+    hessian: Callable,
+    potentials: Callable,
+    x0,
+    *,
+    eps: float = float(np.finfo(float).eps),
+    caller: str = "AutoFlow",
+    num_draws: int = 256,
+    seed: int = 0,
+) -> Start:
+    """The guide's start for ``init_scale`` (``"auto"``, ``"laplace"`` or a float).
+
+    ``"laplace"``: the Laplace approximation ``N(mode, H^-1)`` (``find_mode``) under the
+    same checks, or a ValueError that names the failed one. ``"auto"``: the Laplace
+    approximation when the mode search finds a mode with a positive-definite Hessian (in
+    ``D <= MAX_LAPLACE_DIM`` dimensions) and ``num_draws`` draws from it, weighted by the
+    posterior, do not exceed all of ``LAPLACE_KHAT_LIMIT`` (their PSIS k-hat),
+    ``LAPLACE_LOG_WEIGHT_SD_LIMIT`` (their sd, in nats) and ``LAPLACE_CONDITION_LIMIT`` (the
+    condition number of ``H``), which together mark the neck of a funnel; else the
+    diagonal of the Hessian at ``x0`` (``scale_i = 1/sqrt(H_ii)``, which suits coordinates
+    of different scales, a funnel's included); else an isotropic scale 0.1 at ``x0``. A fallback is reported by a
+    ``UserWarning`` carrying the one-line ``Start.message``.
+
+    Args:
+        init_scale: ``"auto"``, ``"laplace"`` or a float (returned as an isotropic start).
+        potential_and_grad: ``x -> (U(x), grad U(x))``, ``U = -log p(x, z)``, float64 numpy in and out.
+        hessian: ``x -> H(x)``, float64 numpy.
+        potentials: ``(n, D) -> (n,)`` values of ``U`` at many points (NaN/inf allowed).
+        x0: the ``init_loc_fn`` point, shape ``(D,)``.
+        eps: the machine epsilon of the model's dtype; the mode search's tolerance follows it.
+        caller: the name in messages.
+        num_draws: draws from the Laplace approximation for its k-hat.
+        seed: seed of those draws.
+
+    Returns:
+        A ``Start``.
+    """
+    from .diagnostics import psis_khat  # diagnostics imports nothing from here
+
+    x0 = np.asarray(x0, dtype=float)
+    dim = x0.size
+    if not isinstance(init_scale, str):
+        return Start("isotropic", x0, None, f"{caller}: started at the init_loc_fn point with scale {init_scale:g}")
+    tol = max(1e-10, 10 * eps)
+    if init_scale == AUTO and dim > MAX_LAPLACE_DIM:
+        why = f"{dim} latent dimensions are more than the {MAX_LAPLACE_DIM} a dense Hessian is computed for"
+        return _fallback(None, x0, why, caller)
+    try:
+        mode, h = find_mode(potential_and_grad, hessian, x0, caller=caller, tol=tol)
+        scale_tril = laplace_scale_tril(h, caller)
+    except ValueError as e:
+        if init_scale == LAPLACE:
+            raise
+        return _fallback(hessian, x0, str(e).split(": ", 1)[-1].split(_FIX)[0], caller)
+    draws = mode + np.random.default_rng(seed).standard_normal((num_draws, dim)) @ scale_tril.T
+    log_q = -0.5 * np.sum(np.linalg.solve(scale_tril, (draws - mode).T) ** 2, axis=0)
+    with np.errstate(all="ignore"):
+        log_p = -np.asarray(potentials(draws), dtype=float)
+    log_w = np.where(np.isnan(log_p), -np.inf, log_p) - log_q
+    finite = log_w[np.isfinite(log_w)]
+    khat = psis_khat(log_w) if finite.size else math.inf
+    spread = float(finite.std()) if finite.size > 1 else math.inf
+    eig = np.linalg.eigvalsh((h + h.T) / 2)
+    condition = float(eig.max() / eig.min())
+    if not (khat < LAPLACE_KHAT_LIMIT or spread < LAPLACE_LOG_WEIGHT_SD_LIMIT or condition < LAPLACE_CONDITION_LIMIT):
+        why = (
+            f"the mode found looks like the neck of a funnel, such as a centred hierarchical model: the Hessian "
+            f"there is degenerate (condition number {condition:.3g}) and the Laplace approximation fits the "
+            f"posterior badly (PSIS k-hat {khat:.2f}, log-weight sd {spread:.3g} nats)"
+        )
+        if init_scale == LAPLACE:
+            raise ValueError(f"{caller}(init_scale='laplace'): {why}{_FIX}")
+        return _fallback(hessian, x0, why, caller)
+    message = f"{caller}: Laplace start N(mode, H^-1) (PSIS k-hat of the Laplace approximation {khat:.2f})"
+    _logger.info(message)
+    return Start("laplace", mode, scale_tril, message)
+
+
+def _fallback(hessian, x0, why: str, caller: str) -> Start:
+    diag = None
+    if hessian is not None:
+        h = _safely(hessian, x0)
+        if h is not None and _finite(h):
+            diag = np.diagonal(np.asarray(h, dtype=float))
+    if diag is not None and np.any(diag > 0):
+        # coordinates without curvature at x0 take the isotropic scale
+        scale = np.where(diag > 0, 1 / np.sqrt(np.where(diag > 0, diag, 1.0)), _ISOTROPIC_SCALE)
+        scale = np.clip(scale, 1e-4, 1e4)
+        kind, how = "diagonal", "the init_loc_fn point with scales 1/sqrt(H_ii) from the Hessian there"
+        scale_tril = np.diag(scale)
+    else:
+        kind, how = "isotropic", f"the init_loc_fn point with scale {_ISOTROPIC_SCALE:g}"
+        scale_tril = np.eye(x0.size) * _ISOTROPIC_SCALE
+    message = f"{caller}(init_scale='auto'): no Laplace start ({why}); started at {how}"
+    warnings.warn(message, UserWarning, stacklevel=4)
+    return Start(kind, x0, scale_tril, message)
 
 
 def find_mode(potential_and_grad, hessian, x0, *, max_steps: int = 200, tol: float = 1e-10, caller: str = "AutoFlow"):
@@ -38,15 +228,15 @@ def find_mode(potential_and_grad, hessian, x0, *, max_steps: int = 200, tol: flo
     positive definite.
     """
     x = np.asarray(x0, dtype=float).copy()
-    f, g = potential_and_grad(x)
+    f, g = potential_and_grad(x)  # the model's own errors at its start point are the user's to see
     if not (_finite(f) and _finite(g)):
         raise ValueError(
             f"{caller}(init_scale='laplace'): log p(x, z) or its gradient is not finite at the init_loc_fn point{_FIX}"
         )
     decrement, taken = np.inf, 0
     for taken in range(1, max_steps + 1):
-        h = hessian(x)
-        if not _finite(h):
+        h = _safely(hessian, x)
+        if h is None or not _finite(h):
             raise ValueError(f"{caller}(init_scale='laplace'): the Hessian of log p(x, z) is not finite at {x}{_FIX}")
         w, v = np.linalg.eigh((h + h.T) / 2)
         floor = 1e-12 * max(np.abs(w).max(), 1.0)
@@ -55,16 +245,16 @@ def find_mode(potential_and_grad, hessian, x0, *, max_steps: int = 200, tol: flo
         if decrement / 2 <= tol * (1 + abs(f)) and w.min() > 0:
             # one more full step squares the error, and costs one Hessian
             polished = x + direction
-            f_new, g_new = potential_and_grad(polished)
+            f_new, g_new = _safely(potential_and_grad, polished) or (np.nan, np.nan)
             if _finite(f_new) and _finite(g_new) and f_new <= f:
-                h_new = hessian(polished)
-                if _finite(h_new):
+                h_new = _safely(hessian, polished)
+                if h_new is not None and _finite(h_new):
                     return polished, h_new
             return x, h
         step = 1.0
         while step > 1e-12:
             x_new = x + step * direction
-            f_new, g_new = potential_and_grad(x_new)
+            f_new, g_new = _safely(potential_and_grad, x_new) or (np.nan, np.nan)
             if _finite(f_new) and _finite(g_new) and f_new <= f - 1e-4 * step * decrement:
                 break
             step /= 2

@@ -8,11 +8,21 @@ plain Python so that argument errors read the same whichever backend raised them
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Any, Callable, Mapping
 
 from . import ode as _ode
 from . import lipschitz as _lipschitz
+from .validation import (  # re-exported: the registry's checkers are the shared ones
+    boolean,
+    bounded_positive_float,
+    choice,
+    int_list,
+    non_negative_float,
+    open_unit,
+    optional_positive_int,
+    positive_float,
+    positive_int,
+)
 
 __all__ = ["Option", "FlowSpec", "SPECS", "RESERVED", "FlowRegistry", "describe"]
 
@@ -34,43 +44,6 @@ class Option:
             raise ValueError(f"flow {flow!r}: {e}") from None
 
 
-def choice(*values: str) -> Callable[[str, Any], Any]:
-    def check(name, value):
-        if value not in values:
-            raise ValueError(f"option {name}={value!r} is not one of {list(values)}")
-        return value
-
-    return check
-
-
-def positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"option {name}={value!r} must be a positive integer")
-    return int(value)
-
-
-def optional_positive_int(name, value):
-    return None if value is None else positive_int(name, value)
-
-
-def positive_float(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-        raise ValueError(f"option {name}={value!r} must be a positive number")
-    return float(value)
-
-
-def int_list(name, value):
-    if isinstance(value, numbers.Integral):
-        value = [value]
-    try:
-        out = tuple(positive_int(name, v) for v in value)
-    except TypeError:
-        raise ValueError(f"option {name}={value!r} must be a list of positive integers") from None
-    if not out:
-        raise ValueError(f"option {name} must not be empty")
-    return out
-
-
 def _epsilon_max(name, value):
     value = positive_float(name, value)
     if value >= 0.5:
@@ -81,22 +54,19 @@ def _epsilon_max(name, value):
     return value
 
 
-def boolean(name, value):
-    if not isinstance(value, bool):
-        raise ValueError(f"option {name}={value!r} must be True or False")
+def _tolerance(name, value):
+    value = positive_float(name, value)
+    if value >= 1:
+        raise ValueError(f"option {name}={value!r} must lie strictly between 0 and 1 (a relative tolerance)")
     return value
 
 
-def open_unit(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
-        raise ValueError(f"option {name}={value!r} must lie strictly between 0 and 1")
-    return float(value)
-
-
-def non_negative_float(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < float("inf"):
-        raise ValueError(f"option {name}={value!r} must be a finite number >= 0")
-    return float(value)
+#: Largest ``log_scale_bound``: scales reach exp(bound), and exp(50) ~ 5e21 is already past
+#: any useful scale; a larger bound makes the soft clamp the identity, so scales overflow.
+MAX_LOG_SCALE_BOUND = 50.0
+_log_scale_bound_check = bounded_positive_float(
+    MAX_LOG_SCALE_BOUND, "scales are exp(log-scale), and a larger bound lets them overflow"
+)
 
 
 ACTIVATIONS = ("relu", "tanh", "elu", "leaky_relu", "gelu", "silu")
@@ -105,7 +75,8 @@ _permutation = Option(
     "reverse", choice("reverse", "random"), "permutation between blocks ('random' is seeded by the global RNG)"
 )
 _log_scale_bound = Option(
-    5.0, positive_float, "log-scales are soft-clamped to (-bound, bound) by bound * tanh(s / bound)"
+    5.0, _log_scale_bound_check,
+    f"log-scales are soft-clamped to (-bound, bound) by bound * tanh(s / bound); at most {MAX_LOG_SCALE_BOUND:g}",
 )
 
 
@@ -140,13 +111,18 @@ class FlowSpec:
         out = {name: opt.default for name, opt in self.options.items()}
         for name, value in options.items():
             out[name] = self.options[name].validate(self.name, name, value)
-        out["num_layers"] = self.num_layers if num_layers is None else positive_int("num_layers", num_layers)
+        if num_layers is None:
+            out["num_layers"] = self.num_layers
+        else:
+            out["num_layers"] = Option(None, positive_int).validate(self.name, "num_layers", num_layers)
         if self.hidden_dims is None:
             if hidden_dims is not None:
                 hint = " (it sizes its layers with hidden_factors)" if "hidden_factors" in self.options else ""
                 raise ValueError(f"flow {self.name!r} has no conditioner network, so hidden_dims does not apply{hint}")
+        elif hidden_dims is None:
+            out["hidden_dims"] = self.hidden_dims
         else:
-            out["hidden_dims"] = self.hidden_dims if hidden_dims is None else int_list("hidden_dims", hidden_dims)
+            out["hidden_dims"] = Option(None, int_list).validate(self.name, "hidden_dims", hidden_dims)
         return out
 
 
@@ -364,7 +340,9 @@ SPECS: dict[str, FlowSpec] = {
                     "power-iteration steps on W^T W for each spectral norm (rounded up to a power of two), run as "
                     "log2 N squarings of W^T W from scratch at every call",
                 ),
-                "inverse_tol": Option(1e-10, positive_float, "fixed-point steps stop below inverse_tol * (1 + |x|)"),
+                "inverse_tol": Option(
+                    1e-10, _tolerance, "fixed-point steps stop below inverse_tol * (1 + |x|); in (0, 1)"
+                ),
                 "max_inverse_iter": Option(1000, positive_int, "cap on the fixed-point steps of the forward"),
             },
         ),

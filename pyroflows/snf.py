@@ -39,8 +39,7 @@ differentiated, as in Wu et al.
 
 from __future__ import annotations
 
-import math
-import numbers
+from .validation import boolean, positive_float, positive_int
 
 __all__ = [
     "SCHEDULES", "AUTOSNF_DEFAULTS", "check_block_options", "interpolation_schedule",
@@ -61,29 +60,15 @@ AUTOSNF_DEFAULTS = {
 }
 
 
-def _positive_real(caller, name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{caller}: {name}={value!r} must be a positive, finite number")
-    return float(value)
-
-
-def _positive_int(caller, name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{caller}: {name}={value!r} must be a positive integer")
-    return int(value)
-
-
 def check_block_options(caller: str, *, step_size, num_steps, learnable_step_size, num_leapfrog=None) -> dict:
     """Validated block options: ``step_size`` > 0, ``num_steps`` (and ``num_leapfrog``) >= 1."""
     out = {
-        "step_size": _positive_real(caller, "step_size", step_size),
-        "num_steps": _positive_int(caller, "num_steps", num_steps),
+        "step_size": positive_float("step_size", step_size, caller=caller),
+        "num_steps": positive_int("num_steps", num_steps, caller=caller),
+        "learnable_step_size": boolean("learnable_step_size", learnable_step_size, caller=caller),
     }
-    if not isinstance(learnable_step_size, bool):
-        raise ValueError(f"{caller}: learnable_step_size={learnable_step_size!r} must be True or False")
-    out["learnable_step_size"] = learnable_step_size
     if num_leapfrog is not None:
-        out["num_leapfrog"] = _positive_int(caller, "num_leapfrog", num_leapfrog)
+        out["num_leapfrog"] = positive_int("num_leapfrog", num_leapfrog, caller=caller)
     return out
 
 
@@ -103,7 +88,10 @@ def interpolation_schedule(schedule, num_blocks: int) -> tuple[float, ...]:
             "or a sequence of one number in [0, 1] per stochastic block"
         )
     try:
-        values = tuple(float(v) for v in schedule)
+        items = list(schedule)
+        if any(isinstance(v, bool) for v in items):  # True is not the number 1 here
+            raise TypeError
+        values = tuple(float(v) for v in items)
     except (TypeError, ValueError):
         raise ValueError(
             f"StochasticFlow: schedule={schedule!r} must be one of {list(SCHEDULES)} or a sequence of numbers"
@@ -121,7 +109,7 @@ def interpolation_schedule(schedule, num_blocks: int) -> tuple[float, ...]:
 def check_stochastic_flow(kinds, dim, target_log_density) -> int:
     """Check ``StochasticFlow``'s arguments; ``kinds[i]`` is ``"block"``, ``"layer"`` or the
     type name of an unsupported layer. Returns ``dim`` as an int."""
-    dim = _positive_int("StochasticFlow", "dim", dim)
+    dim = positive_int("dim", dim, caller="StochasticFlow")
     if not callable(target_log_density):
         raise ValueError(
             f"StochasticFlow: target_log_density must be a function mapping (..., {dim}) arrays to (...), "

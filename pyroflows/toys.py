@@ -9,8 +9,11 @@ Data sets (as in FFJORD's experiments, Grathwohl et al. 2018, arXiv:1810.01367):
 4: entropy log 32 = 3.4657 nats).
 
 Energies (log p = -U): ``u1`` ... ``u4`` of Rezende & Mohamed 2015 (arXiv:1505.05770,
-Table 1), and the double well ``u(x) = x1^4 - 6 x1^2 - 0.5 x1 + x2^2 / 2`` of Wu, Kohler
-& Noe 2020 (arXiv:2002.06707), with log Z = 10.2935 and P(x1 < 0) = 0.1557.
+Table 1), the double well ``u(x) = x1^4 - 6 x1^2 - 0.5 x1 + x2^2 / 2`` of Wu, Kohler
+& Noe 2020 (arXiv:2002.06707), with log Z = 10.2935 and P(x1 < 0) = 0.1557, and the
+banana ``u(x) = x1^2 / 8 + (x2 - (x1^2 - 4) / 4)^2 / 2``: the twisted Gaussian of Haario,
+Saksman & Tamminen 1999, scaled to 2-D unit size (``x1 ~ N(0, 2^2)``,
+``x2 | x1 ~ N((x1^2 - 4) / 4, 1)``; the twist has unit Jacobian, so log Z = log(4 pi)).
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ import types
 import numpy as np
 
 __all__ = ["DATASETS", "ENERGIES", "DATA_ENTROPY", "sample_dataset", "log_density", "DOUBLE_WELL_LOG_Z",
-           "DOUBLE_WELL_P_LEFT", "namespace"]
+           "DOUBLE_WELL_P_LEFT", "BANANA_LOG_Z", "namespace"]
 
 DATA_ENTROPY = {"8gaussians": 2.8313, "checkerboard": math.log(32.0)}
 DOUBLE_WELL_LOG_Z = 10.2935
 DOUBLE_WELL_P_LEFT = 0.1557
+BANANA_LOG_Z = math.log(4 * math.pi)
 
 
 def _eight_gaussians(n, rng):
@@ -98,7 +102,12 @@ def _double_well(z, xp):
     return x1**4 - 6 * x1**2 - 0.5 * x1 + 0.5 * z[..., 1] ** 2
 
 
-ENERGIES = {"u1": _u1, "u2": _u2, "u3": _u3, "u4": _u4, "double_well": _double_well}
+def _banana(z, xp):
+    x1 = z[..., 0]
+    return x1**2 / 8 + 0.5 * (z[..., 1] - 0.25 * (x1**2 - 4)) ** 2
+
+
+ENERGIES = {"u1": _u1, "u2": _u2, "u3": _u3, "u4": _u4, "double_well": _double_well, "banana": _banana}
 
 
 def log_density(name: str, backend: str):

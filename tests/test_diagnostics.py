@@ -46,3 +46,63 @@ def test_bad_log_weights_are_rejected_with_a_reason():
         ess([0.0, float("nan"), 1.0])
     with pytest.raises(ValueError, match="at least 25"):
         psis_khat(np.zeros(10))
+
+
+def test_all_zero_weights_get_the_worst_scores_not_nan():
+    # every draw of q lies where p has no mass: no weight at all
+    for n in (10, 1000):
+        lw = np.full(n, -np.inf)
+        assert psis_khat(lw) == math.inf and ess(lw) == 0.0 and log_mean_exp(lw) == -math.inf
+        out = summarize_weights(lw)
+        assert out["khat"] == math.inf and out["ess"] == 0.0 and out["ess_fraction"] == 0.0
+        assert out["elbo"] == out["iwelbo"] == -math.inf and out["num_samples"] == n
+
+
+def test_zero_weights_among_positive_ones_count_in_n_but_not_in_the_tail_fit():
+    base = _gaussian_log_weights(0.7, 20_000, 0)
+    lw = np.random.default_rng(1).permutation(np.concatenate([base, np.full(2_000, -np.inf)]))
+    n = lw.size
+    # zero weights leave the sums alone: ESS unchanged, the mean weight scaled by n_finite / n
+    assert math.isclose(ess(lw), ess(base), rel_tol=1e-12)
+    assert math.isclose(log_mean_exp(lw), log_mean_exp(base) + math.log(20_000 / n), rel_tol=1e-12)
+    # the tail has M(n) draws, all of them finite here: the fit is on their exceedances
+    tail = math.ceil(3 * math.sqrt(n))
+    top = np.sort(base - base.max())[-tail - 1:]
+    assert psis_khat(lw) == gpd_fit(np.exp(top[1:]) - np.exp(top[0]))[0]
+    assert abs(psis_khat(lw) - (1 - 0.7**2)) < 0.15
+    out = summarize_weights(lw)
+    assert out["elbo"] == -math.inf and math.isfinite(out["iwelbo"]) and math.isfinite(out["khat"])
+
+
+def test_equal_weights_on_a_subset_have_ess_equal_to_its_size():
+    lw = np.full(1000, -np.inf)
+    lw[:300] = 2.0
+    assert math.isclose(ess(lw), 300.0, rel_tol=1e-12)
+    assert psis_khat(lw) == -math.inf  # the 95 largest weights tie
+
+
+def test_fewer_than_five_positive_weights_is_too_short_a_tail_and_scores_inf():
+    lw = np.full(1000, -np.inf)
+    lw[:3] = [0.0, 1.0, 2.0]
+    w = np.exp([0.0, 1.0, 2.0])
+    assert psis_khat(lw) == math.inf
+    assert math.isclose(ess(lw), w.sum() ** 2 / (w**2).sum(), rel_tol=1e-12)
+
+
+def test_a_few_large_weights_above_a_tie_score_inf():
+    # q = p up to a constant except three draws with e^20 times the weight: they carry it all
+    lw = np.zeros(1000)
+    lw[[5, 50, 500]] = 20.0
+    assert psis_khat(lw) == math.inf
+    expected = (3 * math.exp(20) + 997) ** 2 / (3 * math.exp(40) + 997)
+    assert math.isclose(ess(lw), expected, rel_tol=1e-12) and ess(lw) < 3.01
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_an_exact_guide_up_to_rounding_has_no_tail(dtype):
+    # log w = log Z for every draw, computed with rounding: equal to a few units in the last place
+    noise = np.random.default_rng(0).integers(-3, 4, 1000) * np.finfo(dtype).eps * 40.0
+    lw = (np.float64(-40.0) + noise).astype(dtype)
+    assert len(np.unique(lw)) > 5
+    out = summarize_weights(lw)
+    assert out["khat"] == -math.inf and math.isclose(out["ess_fraction"], 1.0, rel_tol=1e-6)

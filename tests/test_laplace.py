@@ -4,7 +4,8 @@ against closed forms (numpy only, so both backends share these answers)."""
 import numpy as np
 import pytest
 
-from pyroflows.laplace import find_mode, laplace_scale_tril
+from pyroflows import laplace
+from pyroflows.laplace import check_init_scale, choose_start, find_mode, laplace_scale_tril
 
 
 def rosenbrock():
@@ -59,3 +60,113 @@ def test_failures_name_the_problem_and_the_fix():
         find_mode(lambda x: (np.nan, np.zeros(1)), lambda x: np.eye(1), np.zeros(1))
     with pytest.raises(ValueError, match="not positive definite.*smallest eigenvalue -1"):
         laplace_scale_tril(np.diag([2.0, -1.0]))
+
+
+# --------------------------------------------------------------------------- init_scale="auto"
+def funnel_potential(dim=10):
+    """Neal's funnel, U(v, x) = v^2/18 + sum_i (x_i^2 e^-v / 2 + v / 2): no proper mode (its
+    "mode" at x = 0, v = -4.5 (dim - 1), is the neck, where the Hessian degenerates)."""
+
+    def u(z):
+        z = np.atleast_2d(z)
+        v, x = z[:, 0], z[:, 1:]
+        with np.errstate(over="ignore", invalid="ignore"):
+            return v**2 / 18 + 0.5 * np.sum(x**2, axis=1) * np.exp(-v) + 0.5 * (dim - 1) * v
+
+    def fg(z):
+        v, x = z[0], z[1:]
+        with np.errstate(over="ignore", invalid="ignore"):
+            e = np.exp(-v)
+            g = np.concatenate([[v / 9 - 0.5 * np.sum(x**2) * e + 0.5 * (dim - 1)], x * e])
+        return float(u(z)[0]), g
+
+    def hess(z):
+        v, x = z[0], z[1:]
+        with np.errstate(over="ignore", invalid="ignore"):
+            e = np.exp(-v)
+            h = np.diag(np.concatenate([[1 / 9 + 0.5 * np.sum(x**2) * e], np.full(dim - 1, e)]))
+            h[0, 1:] = h[1:, 0] = -x * e
+        return h
+
+    return fg, hess, u
+
+
+def gaussian_potential(cov):
+    prec = np.linalg.inv(cov)
+    mean = np.arange(1.0, len(cov) + 1)
+    return (
+        lambda z: (float(0.5 * (z - mean) @ prec @ (z - mean)), prec @ (z - mean)),
+        lambda z: prec,
+        lambda zs: 0.5 * np.einsum("ni,ij,nj->n", zs - mean, prec, zs - mean),
+        mean,
+    )
+
+
+def test_auto_takes_the_laplace_start_of_a_gaussian_posterior():
+    cov = np.array([[4.0, 1.9], [1.9, 1.0]])
+    fg, hess, us, mean = gaussian_potential(cov)
+    start = choose_start("auto", fg, hess, us, np.zeros(2))
+    assert start.kind == "laplace" and "Laplace start" in start.message
+    np.testing.assert_allclose(start.loc, mean, atol=1e-8)
+    np.testing.assert_allclose(start.scale_tril @ start.scale_tril.T, cov, atol=1e-8)
+
+
+def test_auto_falls_back_to_a_diagonal_start_on_a_funnel_and_says_why():
+    fg, hess, us = funnel_potential()
+    x0 = np.zeros(10)
+    with pytest.warns(UserWarning, match=r"no Laplace start \(.*\); started at the init_loc_fn point with scales"):
+        start = choose_start("auto", fg, hess, us, x0)
+    assert start.kind == "diagonal"
+    # 1/sqrt(H_ii) at (v, x) = 0: H_vv = 1/9, H_xx = 1
+    np.testing.assert_allclose(np.diag(start.scale_tril), [3.0] + [1.0] * 9)
+    np.testing.assert_array_equal(start.loc, x0)
+
+
+def test_explicit_laplace_on_a_funnel_raises_with_the_fix():
+    fg, hess, us = funnel_potential()
+    with pytest.raises(ValueError, match=r"init_scale='laplace'.*(neck of a funnel|no posterior mode).*init_scale=0.1"):
+        choose_start("laplace", fg, hess, us, np.zeros(10))
+
+
+def test_float32_round_off_does_not_stop_the_mode_search():
+    # a potential computed in float32 cannot reach a float64 tolerance; eps sets the tolerance
+    cov = np.array([[2.0, 0.3], [0.3, 0.5]])
+    fg64, hess, us, mean = gaussian_potential(cov)
+
+    def fg(z):
+        f, g = fg64(np.asarray(z, np.float32).astype(float))
+        return float(np.float32(f + 110.0)), np.asarray(g, np.float32).astype(float)
+
+    start = choose_start("auto", fg, hess, us, np.zeros(2), eps=float(np.finfo(np.float32).eps))
+    assert start.kind == "laplace"
+    np.testing.assert_allclose(start.loc, mean, atol=1e-3)
+
+
+def test_a_model_error_at_a_trial_point_is_backed_off_from():
+    # U = x - log x, whose "model" raises (as Pyro's validation does) for x <= 0
+    def fg(x):
+        if x[0] <= 0:
+            raise ValueError("Expected parameter scale to satisfy the constraint GreaterThan(0)")
+        return float(x[0] - np.log(x[0])), np.array([1 - 1 / x[0]])
+
+    mode, _ = find_mode(fg, lambda x: np.array([[1 / x[0] ** 2]]), np.array([4.0]))
+    np.testing.assert_allclose(mode, [1.0], atol=1e-7)
+
+
+def test_auto_skips_the_dense_hessian_in_high_dimensions(monkeypatch):
+    monkeypatch.setattr(laplace, "MAX_LAPLACE_DIM", 1)
+    fg, hess, us, _ = gaussian_potential(np.eye(2))
+    with pytest.warns(UserWarning, match="2 latent dimensions are more than the 1"):
+        start = choose_start("auto", fg, hess, us, np.zeros(2))
+    assert start.kind == "isotropic"
+    np.testing.assert_allclose(start.scale_tril, 0.1 * np.eye(2))
+
+
+@pytest.mark.parametrize(
+    "value, match",
+    [("lapalce", "must be 'auto', 'laplace' or a positive float"), (float("nan"), "positive float"),
+     (float("inf"), "positive float"), (True, "positive float"), (0.0, "positive float"), (1e-4, "must lie in")],
+)
+def test_init_scale_errors_name_the_valid_values(value, match):
+    with pytest.raises(ValueError, match=match):
+        check_init_scale(value)

@@ -12,6 +12,7 @@ from .autoguide import AutoFlow  # noqa: E402
 from .train import evaluate, fit_mle, fit_reverse_kl  # noqa: E402
 from . import snf  # noqa: E402  (stochastic normalizing flows)
 from .autoguide import AutoSNF  # noqa: E402
+from .posterior import fit_posterior  # noqa: E402
 
 __all__ = ["available_flows", "build_flow", "register_flow", "save_flow", "load_flow", "transforms", "REGISTRY",
-           "AutoFlow", "fit_mle", "fit_reverse_kl", "evaluate", "snf", "AutoSNF"]
+           "AutoFlow", "fit_mle", "fit_reverse_kl", "evaluate", "snf", "AutoSNF", "fit_posterior"]

@@ -4,13 +4,12 @@ The guide works on the model's unconstrained latent vector ``z`` of size ``D`` (
 sites flattened and mapped through ``biject_to`` as in NumPyro's other
 ``AutoContinuous`` guides, which is ADVI: Kucukelbir et al. 2017, arXiv:1603.00788):
 
-    u ~ N(0, I_D),    z = loc + exp(log_scale) * F(u),
+    u ~ N(0, I_D),    z = S(loc + exp(log_scale) * T(F(u))),
 
-where ``F`` is ``build_flow(flow, D, ...)`` and the last step is an ``ElementwiseAffine``
-layer whose ``loc`` starts at the ``init_loc_fn`` point and whose scale starts at
-``init_scale``. pyroflows' flows start at (or near) the identity, so the guide starts at
-N(init_loc, init_scale^2 I). With ``init_scale="laplace"`` a fixed whitening map
-``z -> mode + L z`` (``L L^T = H^-1``, the Laplace approximation) follows the affine layer.
+where ``F`` is ``build_flow(flow, D, ...)``, ``T`` the fixed ``LogTails`` map and ``S`` a
+fixed start map: the Laplace approximation (``init_scale="auto"`` where the model has a
+proper mode, or ``"laplace"``), a diagonal scale at the ``init_loc_fn`` point (the
+``"auto"`` fallback), or none (a float ``init_scale``, which then sets the affine layer).
 """
 
 from __future__ import annotations
@@ -30,22 +29,27 @@ from numpyro.contrib.module import eqx_module
 from numpyro.infer.autoguide import AutoContinuous
 from numpyro.infer.initialization import init_to_median, init_to_uniform
 
-from ..fitting import (
-    AUTOFLOW_LOG_SCALE_BOUND, check_fit_options, check_init_scale, check_latent_sites, check_quantiles,
-)
+from ..fitting import AUTOFLOW_LOG_SCALE_BOUND, check_fit_options, check_latent_sites, check_quantiles
 from .. import snf as _snf
-from ..laplace import LAPLACE, find_mode, laplace_scale_tril
+from ..laplace import AUTO, Start, check_init_scale, choose_start
 from . import snf as _blocks
 from .flows import REGISTRY, build_flow
 from .io import _replace_arrays, named_arrays
-from .transforms.base import CholeskyAffine, ElementwiseAffine, Flow, Permute, astype, is_stochastic
+from .transforms.base import CholeskyAffine, ElementwiseAffine, Flow, LogTails, Permute, astype, is_stochastic
 
 __all__ = ["AutoFlow", "AutoSNF"]
 
 # Layers that act on each coordinate by an increasing map, or only reorder coordinates:
 # a stack of them sends every output coordinate to an increasing function of ONE base
 # coordinate, so the posterior's marginal quantiles are the flow applied to base quantiles.
-_MARGINAL_LAYERS = (ElementwiseAffine, Permute)
+_MARGINAL_LAYERS = (ElementwiseAffine, Permute, LogTails)
+
+
+def _is_marginal(layer) -> bool:
+    """Whether ``layer`` maps each coordinate increasingly on its own (a diagonal start map too)."""
+    if isinstance(layer, CholeskyAffine):
+        return not np.any(np.tril(np.asarray(layer.scale_tril), -1))
+    return isinstance(layer, _MARGINAL_LAYERS)
 
 
 def _leaf_layers(module):
@@ -95,34 +99,34 @@ class _PathDerivativePosterior(dist.TransformedDistribution):
 class AutoFlow(AutoContinuous):
     """A normalizing-flow posterior over all continuous latent sites of a NumPyro model.
 
-    The posterior over the unconstrained latent vector ``z`` (size ``D``) is a standard
-    normal pushed through ``build_flow(flow, D, num_layers=..., hidden_dims=...,
-    **options)`` and then through a learnable elementwise affine map
-    ``z = loc + exp(log_scale) * u``, with ``loc`` initialised at the ``init_loc_fn``
-    point (unconstrained) and the scale at ``init_scale``. Constrained sites are mapped
-    with ``biject_to`` as in NumPyro's other continuous guides (ADVI; Kucukelbir et al.
-    2017, arXiv:1603.00788). Any registered flow works, a user's own (``register_flow``)
-    included. Works with ``SVI`` (the whole update jits), ``sample_posterior``,
+    The posterior over the unconstrained latent vector ``z`` (size ``D``) is
+    ``z = S(loc + exp(log_scale) * T(F(u)))``, ``u ~ N(0, I_D)``: ``F = build_flow(flow, D,
+    num_layers=..., hidden_dims=..., **options)`` (any registered flow, a user's own
+    included), ``T`` the fixed ``LogTails`` map (the identity on [-5, 5], logarithmic
+    beyond, so a large optimiser step cannot send samples to 1e30 and the model to
+    ``inf``), a learnable elementwise affine map with its log-scale soft-clamped to
+    (-5, 5), and ``S`` a fixed start map. Constrained sites are mapped with ``biject_to``
+    as in NumPyro's other continuous guides (ADVI; Kucukelbir et al. 2017,
+    arXiv:1603.00788). Works with ``SVI`` (the whole update jits), ``sample_posterior``,
     ``Predictive`` and ``numpyro.infer.reparam.NeuTraReparam``.
 
     :param model: a NumPyro model whose latent sample sites are all continuous.
     :param str flow: a registered flow name (``pyroflows.jax.available_flows()``).
     :param num_layers: layers of the flow (default: the family's).
     :param hidden_dims: hidden sizes of the flow's networks (default: the family's).
-    :param init_loc_fn: NumPyro init strategy for ``loc`` (default ``init_to_median``).
-    :param init_scale: initial posterior scale in the unconstrained space; the final
-        affine layer's log-scale is soft-clamped to (-5, 5), so it must lie in
-        (exp(-5), exp(5)). Or ``"laplace"``: find the posterior mode by Newton's method
-        from the ``init_loc_fn`` point (``pyroflows.laplace.find_mode``; at the first call,
-        with the model's arguments of that call), and start at the Laplace approximation
-        ``N(mode, H^-1)``, ``H`` the Hessian of ``-log p(x, z)`` there. The guide is then
-        ``z = mode + L (loc + exp(log_scale) * F(u))`` with ``L L^T = H^-1`` held fixed
-        (``{prefix}_laplace$params``, under ``stop_gradient``; ``get_whitening``), ``loc = 0``
-        and scale 1 at the start: the flow learns in whitened coordinates, where Adam's
-        step sizes suit every coordinate even when the posterior sds differ by orders of
-        magnitude or the coordinates are strongly correlated. It needs a mode with a
-        positive-definite Hessian (not a funnel) and ``D`` gradient evaluations for
-        ``H``; failure raises ``ValueError``.
+    :param init_loc_fn: NumPyro init strategy for the start point (default ``init_to_median``).
+    :param init_scale: ``"auto"`` (default): the Laplace approximation ``N(mode, H^-1)`` when
+        a Newton search from the ``init_loc_fn`` point (at the first call, with that
+        call's model arguments) finds a mode with a positive-definite Hessian and the
+        approximation's importance weights do not rule it out
+        (``pyroflows.laplace.choose_start``): ``S(w) = mode + L w``, ``L L^T = H^-1``, held
+        fixed (``{prefix}_laplace$params`` under ``stop_gradient``; ``get_whitening``), so
+        the flow learns in whitened coordinates where Adam's steps suit every coordinate.
+        Otherwise (a funnel, an improper posterior, ``D > 1000``) ``S(w) = x0 +
+        diag(1/sqrt(H_ii(x0))) w`` at the ``init_loc_fn`` point, with a ``UserWarning`` that
+        says why; ``guide.start`` records which (``kind``, ``message``). ``"laplace"``: the
+        Laplace start or a ``ValueError``. A float: no ``S``; the affine layer starts at the
+        ``init_loc_fn`` point with this scale, in (exp(-5), exp(5)).
     :param bool stick_the_landing: score the guide's own samples with its parameters
         held fixed (path-derivative gradient; Roeder et al. 2017, arXiv:1703.09194). The
         score then needs the flow's inverse, which is ``D`` sequential passes for ``iaf``.
@@ -148,7 +152,7 @@ class AutoFlow(AutoContinuous):
         num_layers=None,
         hidden_dims=None,
         init_loc_fn=init_to_median,
-        init_scale=0.1,
+        init_scale=AUTO,
         stick_the_landing=False,
         prefix="auto",
         key=None,
@@ -179,9 +183,10 @@ class AutoFlow(AutoContinuous):
         dtype = jnp.result_type(self._init_latent)
         flow = build_flow(self.flow_name, self.latent_dim, key=self._key, **self._flow_kwargs)
         affine = ElementwiseAffine(self.latent_dim, log_scale_bound=self._log_scale_bound)
-        if self._init_scale == LAPLACE:
-            mode, scale_tril = self._laplace(*args, **kwargs)
-            self._whitening = astype(CholeskyAffine(mode, scale_tril), dtype)
+        self._tails = LogTails(self.latent_dim)
+        self.start = self._choose_start(*args, **kwargs)
+        if self.start.scale_tril is not None:
+            self._whitening = astype(CholeskyAffine(self.start.loc, self.start.scale_tril), dtype)
             loc, log_scale = jnp.zeros(self.latent_dim, dtype), 0.0
         else:
             self._whitening = None
@@ -193,22 +198,25 @@ class AutoFlow(AutoContinuous):
         self._flow = astype(flow, dtype)
         self._affine = astype(affine, dtype)
 
-    def _laplace(self, *args, **kwargs):
-        """``(mode, L)``: the posterior mode from the ``init_loc_fn`` point and ``chol(H^-1)``."""
+    def _choose_start(self, *args, **kwargs) -> Start:
+        """Where the guide starts (``pyroflows.laplace.choose_start``): Laplace, diagonal or isotropic."""
 
         def potential(z):
             return -self.log_joint(z, *args, **kwargs)
 
         value_and_grad, hessian = jax.jit(jax.value_and_grad(potential)), jax.jit(jax.hessian(potential))
+        potentials = jax.jit(jax.vmap(potential))
         dtype = jnp.result_type(self._init_latent)
 
         def fg(x):
             f, g = value_and_grad(jnp.asarray(x, dtype))
             return float(f), np.asarray(g, dtype=float)
 
-        mode, h = find_mode(fg, lambda x: np.asarray(hessian(jnp.asarray(x, dtype)), dtype=float),
-                            np.asarray(self._init_latent, dtype=float), caller=type(self).__name__)
-        return mode, laplace_scale_tril(h, type(self).__name__)
+        return choose_start(
+            self._init_scale, fg, lambda x: np.asarray(hessian(jnp.asarray(x, dtype)), dtype=float),
+            lambda xs: np.asarray(potentials(jnp.asarray(xs, dtype)), dtype=float),
+            np.asarray(self._init_latent, dtype=float), eps=float(jnp.finfo(dtype).eps), caller=type(self).__name__,
+        )
 
     def log_joint(self, z, *args, **kwargs):
         """``log p(x, z)`` at one unconstrained latent vector ``z`` (shape ``(D,)``), with the
@@ -232,7 +240,7 @@ class AutoFlow(AutoContinuous):
     def _get_posterior(self):
         flow = _flow_param(f"{self.prefix}_flow$params", self._flow)
         affine = _flow_param(f"{self.prefix}_affine$params", self._affine)
-        layers = [flow, affine]
+        layers = [flow, self._tails, affine]
         if self._whitening is not None:
             layers.append(jax.lax.stop_gradient(_flow_param(f"{self.prefix}_laplace$params", self._whitening)))
         cls = _PathDerivativePosterior if self.stick_the_landing else dist.TransformedDistribution
@@ -258,13 +266,14 @@ class AutoFlow(AutoContinuous):
 
     def _layers(self, params):
         whitening = self.get_whitening(params)
-        return list(self.get_flow(params)) + ([] if whitening is None else [whitening])
+        flow, affine = self.get_flow(params)
+        return [flow, self._tails, affine] + ([] if whitening is None else [whitening])
 
     @property
     def has_exact_quantiles(self) -> bool:
         """Whether ``median``/``quantiles`` are exact: every layer is elementwise increasing or a permutation."""
-        layers = _leaf_layers(self._flow) + [self._affine] + ([] if self._whitening is None else [self._whitening])
-        return all(isinstance(layer, _MARGINAL_LAYERS) and not is_stochastic(layer) for layer in layers)
+        layers = _leaf_layers(self._flow) + [self._tails, self._affine] + ([] if self._whitening is None else [self._whitening])
+        return all(_is_marginal(layer) and not is_stochastic(layer) for layer in layers)
 
     def _latent_transform(self, params):
         transforms = [layer.to_transform() for layer in self._layers(params)]

@@ -16,7 +16,7 @@ import optax
 from numpyro.infer import SVI, Predictive, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
 
-from ..data import breast_cancer
+from ..demo import breast_cancer
 from .autoguide import AutoFlow
 from .train import evaluate
 
@@ -36,7 +36,7 @@ def fit_guides(flow="iaf", steps=2000, lr=1e-2, particles=8, seed=0, progress=Tr
     """Fit ``AutoNormal`` and ``AutoFlow(flow)``; per guide its draws (num_draws, 31), diagnostics, time."""
     x, y = (jnp.asarray(a, dtype=jnp.float32) for a in breast_cancer())
     guides = {"AutoNormal": lambda: AutoNormal(logistic_regression),
-              f"AutoFlow {flow}": lambda: AutoFlow(logistic_regression, flow=flow, init_scale="laplace")}
+              f"AutoFlow {flow}": lambda: AutoFlow(logistic_regression, flow=flow)}
     fits = []
     for label, make in guides.items():
         guide = make()

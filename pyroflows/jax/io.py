@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import checkpoint
 from .flows import build_flow
+from .standardize import Standardize, with_standardize
 
 __all__ = ["save_flow", "load_flow", "named_arrays"]
 
@@ -45,7 +46,12 @@ def _replace_arrays(flow, arrays: dict):
 
 
 def save_flow(flow, path) -> None:
-    """Write ``flow`` (from ``build_flow``) to ``path``: its config as JSON, its arrays by name."""
+    """Write ``flow`` (from ``build_flow``) to ``path``: its config as JSON, its arrays by name.
+
+    Args:
+        flow: a flow made by ``build_flow`` (it records how to rebuild it).
+        path: the file to write, used as given (conventionally ``*.npz``).
+    """
     if not getattr(flow, "config", None):
         raise ValueError("save_flow needs a flow made by build_flow (it records how to rebuild it)")
     arrays = {k: np.asarray(v) for k, v in named_arrays(flow).items()}
@@ -55,12 +61,29 @@ def save_flow(flow, path) -> None:
 def load_flow(path, dtype=None):
     """Rebuild the flow saved at ``path`` (by either backend) with its exact weights.
 
-    Floating weights keep their saved dtype unless ``dtype`` is given (float64 needs
-    ``jax_enable_x64``).
+    Args:
+        path: a file written by ``save_flow`` of either backend.
+        dtype: the dtype of the floating weights; defaults to the saved one (float64
+            needs ``jax_enable_x64``).
+
+    Returns:
+        The flow, as ``build_flow`` makes it, holding the saved weights; a flow saved
+        from ``fit_mle(standardize=True)`` ends in its ``Standardize`` layer again.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not a pyroflows flow file, is damaged, holds non-finite
+            weights, or does not match the flow its config builds (the message says
+            which, and what to do).
     """
     config, arrays, _ = checkpoint.read(path)
     name, dim, kwargs = checkpoint.rebuild_arguments(config)
-    flow = build_flow(name, dim, key=jax.random.key(0), **kwargs)
+    try:
+        flow = build_flow(name, dim, key=jax.random.key(0), **kwargs)
+    except (ValueError, TypeError, KeyError) as e:
+        raise checkpoint.build_error(path, config, "jax", e) from None
+    if checkpoint.is_standardized(config):
+        flow = with_standardize(flow, Standardize(np.zeros(dim), np.ones(dim)))
     current = named_arrays(flow)
     expected = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in current.items()}
     arrays = checkpoint.match_arrays(expected, arrays, path)

@@ -7,6 +7,9 @@ Each fit compiles one program (``eqx.filter_jit``) that runs a chunk of Adam ste
 (``eval_every`` steps for ``fit_mle``, 50 for ``fit_reverse_kl``) instead of per step.
 The last chunk is padded with masked steps, so every chunk has the same shape and the
 program compiles once per flow structure, and a second fit of the same shapes reuses it.
+A step whose loss or gradient is NaN or inf is masked the same way (weights and
+optimiser state untouched) and counted; ``max_bad_steps`` of them in a row raise
+(``pyroflows.fitting.NonFiniteGuard``).
 """
 
 from __future__ import annotations
@@ -74,20 +77,47 @@ def _nll(params, static, x, key):
     return -jnp.mean(flow_log_prob(eqx.combine(params, static), x, key))
 
 
+def _all_finite(loss, grads):
+    """Whether ``loss`` and every gradient leaf are finite (a traced boolean)."""
+    ok = jnp.isfinite(loss)
+    for g in jax.tree.leaves(grads):
+        ok = ok & jnp.all(jnp.isfinite(g))
+    return ok
+
+
 def _adam_steps(loss_fn, params, static, opt_state, xs, active):
-    """Adam steps on ``loss_fn(params, static, x) -> (loss, aux)`` for each ``x`` in ``xs``;
-    steps whose ``active`` flag is False leave the weights and the optimiser untouched."""
+    """Adam steps on ``loss_fn(params, static, x) -> (loss, aux)`` for each ``x`` in ``xs``.
+
+    A step whose ``active`` flag is False (padding) or whose loss or gradient is NaN or inf
+    leaves the weights and the optimiser state untouched (masked with ``jnp.where``, as
+    ``optax.apply_if_finite`` does), inside the compiled scan. Returns the final
+    ``(params, opt_state)`` and, per step, ``(loss, ok, aux)`` with ``ok`` whether the loss
+    and the gradient were finite.
+    """
 
     def body(carry, inputs):
         params, opt_state = carry
         x, on = inputs
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, static, x)
+        ok = _all_finite(loss, grads)
         updates, new_state = _ADAM.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(on, new, old))
-        return (keep(new_params, params), keep(new_state, opt_state)), (loss, aux)
+        take = on & ok
+        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(take, new, old))
+        return (keep(new_params, params), keep(new_state, opt_state)), (loss, ok, aux)
 
     return jax.lax.scan(body, (params, opt_state), (xs, active))
+
+
+def _guard_chunk(guard, start, losses, ok, target_bad=None):
+    """Feed one chunk's steps to the guard; the indices of the steps that were taken."""
+    taken = []
+    for i in range(len(losses)):
+        loss_finite = bool(np.isfinite(losses[i]))
+        bad = 0 if target_bad is None else int(target_bad[i])
+        if guard.update(start + i + 1, loss_finite, bool(ok[i]) or not loss_finite, bad):
+            taken.append(i)
+    return taken
 
 
 @eqx.filter_jit
@@ -96,8 +126,8 @@ def _mle_chunk(params, static, opt_state, data, idx, keys, active):
         rows, key = x
         return _nll(params, static, data[rows], key), None
 
-    (params, opt_state), (losses, _) = _adam_steps(loss, params, static, opt_state, (idx, keys), active)
-    return params, opt_state, losses
+    (params, opt_state), (losses, ok, _) = _adam_steps(loss, params, static, opt_state, (idx, keys), active)
+    return params, opt_state, losses, ok
 
 
 @eqx.filter_jit
@@ -105,24 +135,21 @@ def _mle_eval(params, static, data, key):
     return _nll(params, static, data, key)
 
 
-def _first_bad(values):
-    bad = np.flatnonzero(~np.isfinite(values))
-    return int(bad[0]) if bad.size else None
-
-
 def fit_mle(
     flow,
     data,
     *,
-    num_steps=1000,
-    batch_size=256,
-    lr=1e-3,
-    validation_fraction=0.1,
-    eval_every=50,
-    patience=None,
-    seed=0,
+    num_steps: int = 1000,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    validation_fraction: float = 0.1,
+    eval_every: int = 50,
+    patience: int | None = None,
+    standardize: bool = True,
+    max_bad_steps: int = fitting.MAX_BAD_STEPS,
+    seed: int = 0,
     key=None,
-    progress=True,
+    progress: bool = True,
 ):
     """Fit ``flow`` to ``data`` by maximum likelihood (forward KL) with Adam.
 
@@ -134,26 +161,75 @@ def fit_mle(
     evaluation when nothing is held out) is recorded, and ``patience`` evaluations
     without improvement stop the fit. Minibatches of ``batch_size`` rows are drawn
     without replacement by a numpy generator seeded by ``seed``; ``key`` (default
-    ``jax.random.key(seed)``) feeds layers that draw noise.
+    ``jax.random.key(seed)``) feeds layers that draw noise. An evaluation after which
+    every step was skipped (see below) is not recorded: the weights did not change.
 
-    Returns ``(flow, history)``: a new flow with the weights of the best evaluation
-    (equinox modules are immutable) and a ``pyroflows.fitting.History``.
+    With ``standardize=True`` (the default) the flow is trained on the z-scored data
+    ``z = (x - mean) / sd`` (per column, mean and sd of the training rows;
+    ``pyroflows.fitting.standardization``) and the returned flow ends in the fixed layer
+    ``pyroflows.jax.standardize.Standardize(mean, sd)``, so its density is that of the
+    original data (``log q(x) = log q_flow(z) - sum(log sd)``). All recorded losses are
+    NLLs of the original data. A ``flow`` that already ends in a ``Standardize`` layer
+    keeps it and its statistics; a ``StochasticFlow`` is never standardised.
+
+    A step whose loss or gradient is NaN or inf leaves the weights and the optimiser
+    state untouched (inside the compiled step) and is counted in
+    ``history.skipped_steps``; ``max_bad_steps`` consecutive ones raise a ValueError
+    naming the likely cause (``pyroflows.fitting.NonFiniteGuard``).
+
+    Args:
+        flow: a ``Flow`` from ``build_flow`` (or any layer with ``dim``).
+        data: array of shape ``(n, dim)``, ``n >= 2``, finite real numbers.
+        num_steps: Adam steps.
+        batch_size: rows per minibatch.
+        lr: Adam's learning rate.
+        validation_fraction: share of the rows held out, in ``[0, 1)``.
+        eval_every: steps between evaluations (and per compiled chunk).
+        patience: evaluations without improvement before stopping; None: never stop.
+        standardize: fit on z-scored data and fold the z-scoring into the returned flow.
+        max_bad_steps: consecutive non-finite steps that raise.
+        seed: seeds the split and the minibatches.
+        key: feeds layers that draw noise.
+        progress: show a progress bar.
+
+    Returns:
+        ``(fitted, history)``. Equinox modules are immutable, so ``fitted`` is a new flow
+        with the weights of the best evaluation: ``flow``'s structure when nothing is
+        standardised (``standardize=False``, a ``StochasticFlow``, or ``flow`` already ends
+        in a ``Standardize`` layer), otherwise a ``Flow`` whose parts are ``flow``'s layers
+        (fitted to the z-scored data) followed by ``Standardize(mean, sd)``, with
+        ``standardize=True`` added to the config. ``history`` is a ``pyroflows.fitting.History``.
     """
     fitting.check_fit_options(
         "fit_mle", num_steps=num_steps, batch_size=batch_size, lr=lr,
         validation_fraction=validation_fraction, eval_every=eval_every, patience=patience,
+        standardize=standardize, max_bad_steps=max_bad_steps,
     )
+    from .snf import StochasticFlow
+    from .standardize import Standardize, split_standardize, with_standardize
+
     dtype = _float_dtype(flow)
     array = fitting.check_data(data, flow.dim)
     train_idx, val_idx = fitting.split_indices(array.shape[0], validation_fraction, seed)
+    inner, layer, offset = flow, None, 0.0
+    if standardize and not isinstance(flow, StochasticFlow):
+        inner, layer = split_standardize(flow)
+        if layer is None:
+            loc, scale = fitting.standardization(array[train_idx])
+            layer = Standardize(loc, scale, dtype)
+        else:
+            loc, scale = np.asarray(layer.loc, float), np.asarray(layer.scale, float)
+        array = (array - loc) / scale
+        offset = float(np.log(scale).sum())  # NLL(x) = NLL(z) + sum(log sd)
     device_data = jnp.asarray(array, dtype)
     validation = device_data[val_idx] if val_idx.size else None
     rng = np.random.default_rng(seed)
     train_key, val_key = jax.random.split(jax.random.key(seed) if key is None else key)
 
-    params, static = eqx.partition(flow, eqx.is_inexact_array)
+    params, static = eqx.partition(inner, eqx.is_inexact_array)
     opt_state = _init_optimizer(params, lr, dtype)
     history, stopper = fitting.History(), fitting.EarlyStopping(patience)
+    guard = fitting.NonFiniteGuard("fit_mle", lr, history, max_bad_steps)
     best, step = params, 0
     chunk = min(eval_every, num_steps)
     rows = min(batch_size, train_idx.size)
@@ -164,21 +240,25 @@ def fit_mle(
             for i in range(n):
                 idx[i] = fitting.batch_indices(train_idx, batch_size, rng)
             keys = jax.random.split(jax.random.fold_in(train_key, step), chunk)
-            params, opt_state, losses = _mle_chunk(
+            params, opt_state, losses, ok = _mle_chunk(
                 params, static, opt_state, device_data, jnp.asarray(idx), keys, jnp.arange(chunk) < n
             )
-            losses = np.asarray(losses)[:n]
-            bad = _first_bad(losses)
-            if bad is not None:
-                fitting.check_finite_loss(losses[bad], step + bad + 1, "fit_mle: the training loss")
+            losses, ok = np.asarray(losses)[:n], np.asarray(ok)[:n]
+            taken = _guard_chunk(guard, step, losses, ok)
             step += n
-            train_loss = float(np.mean(losses))
+            bar.update(n)
+            if not taken:  # every step of the chunk was skipped: the weights did not change
+                continue
+            train_loss = float(np.mean(losses[taken])) + offset
             val_loss = None
             if validation is not None:
-                val_loss = float(_mle_eval(params, static, validation, jax.random.fold_in(val_key, step)))
-                fitting.check_finite_loss(val_loss, step, "fit_mle: the validation loss")
+                val_loss = float(_mle_eval(params, static, validation, jax.random.fold_in(val_key, step))) + offset
+                fitting.check_finite_loss(
+                    val_loss, step, "fit_mle: the validation loss",
+                    f"a held-out row has zero density under the flow although the training steps were finite: "
+                    f"the weights diverged (try lr={lr / 10:g}) or the data are badly scaled (standardize=True)",
+                )
             history.record(step, train_loss, val_loss)
-            bar.update(n)
             bar.set_postfix(loss=train_loss if val_loss is None else val_loss)
             if stopper.update(train_loss if val_loss is None else val_loss, step):
                 best = params
@@ -186,7 +266,10 @@ def fit_mle(
                 history.stopped_early = True
                 break
     history.best_step = stopper.best_step
-    return eqx.combine(best, static), history
+    fitted = eqx.combine(best, static)
+    if layer is None:
+        return fitted, history
+    return with_standardize(fitted, layer), history
 
 
 def _reverse_kl(params, static, log_density, key, beta, num_samples, stick_the_landing):
@@ -206,8 +289,8 @@ def _reverse_kl(params, static, log_density, key, beta, num_samples, stick_the_l
             log_q = _base_log_prob(eps) - ladj
     log_p = log_density(x)
     fitting.check_log_density_shape(jnp.shape(log_p), num_samples, flow.dim)
-    finite = jnp.all(jnp.isfinite(log_p))
-    return jnp.mean(log_q - beta * log_p), finite
+    bad = jax.lax.stop_gradient(~jnp.isfinite(log_p))
+    return jnp.mean(log_q - beta * log_p), (jnp.sum(bad), jnp.any(bad & jnp.isnan(log_p)))
 
 
 @eqx.filter_jit
@@ -216,22 +299,25 @@ def _reverse_kl_chunk(params, static, opt_state, log_density, keys, betas, activ
         key, beta = x
         return _reverse_kl(params, static, log_density, key, beta, num_samples, stick_the_landing)
 
-    (params, opt_state), (losses, finite) = _adam_steps(loss, params, static, opt_state, (keys, betas), active)
-    return params, opt_state, losses, finite
+    (params, opt_state), (losses, ok, (target_bad, target_nan)) = _adam_steps(
+        loss, params, static, opt_state, (keys, betas), active
+    )
+    return params, opt_state, losses, ok, target_bad, target_nan
 
 
 def fit_reverse_kl(
     flow,
     log_density=None,
     *,
-    num_steps=1000,
-    num_samples=256,
-    lr=1e-3,
-    anneal_steps=0,
-    stick_the_landing=False,
-    seed=0,
+    num_steps: int = 1000,
+    num_samples: int = 256,
+    lr: float = 1e-3,
+    anneal_steps: int = 0,
+    stick_the_landing: bool = False,
+    max_bad_steps: int = fitting.MAX_BAD_STEPS,
+    seed: int = 0,
     key=None,
-    progress=True,
+    progress: bool = True,
 ):
     """Fit ``flow`` to an unnormalised density by minimising the reverse KL with Adam.
 
@@ -240,20 +326,41 @@ def fit_reverse_kl(
     (Rezende & Mohamed 2015, arXiv:1505.05770): without annealing it is
     ``KL(q || p) - log Z``. ``beta_t = pyroflows.fitting.anneal_factor(t, anneal_steps)``
     ramps linearly from ``1/anneal_steps`` to 1 over the first ``anneal_steps`` steps.
-    ``log_density`` maps an array of shape ``(n, dim)`` to shape ``(n,)`` and must be
-    jax-traceable; a NaN or inf from it raises ``ValueError`` naming the step.
     ``stick_the_landing`` scores the samples with the weights held fixed (path
     derivative; Roeder et al. 2017, arXiv:1703.09194), which needs the flow's inverse.
     ``key`` (default ``jax.random.key(seed)``) draws the base samples.
 
-    Returns ``(flow, history)``: a new flow with the final weights and a
-    ``pyroflows.fitting.History`` with the loss of every step.
+    A NaN or inf from ``log_density`` at the first step (before any update) raises a
+    ValueError: the target is broken. Later, a step whose loss or gradient is NaN or inf
+    leaves the weights and the optimiser state untouched (inside the compiled step), is
+    not recorded, and is counted in ``history.skipped_steps``; ``max_bad_steps``
+    consecutive ones raise a ValueError naming the likely cause (the target, or the
+    learning rate). Steps run in compiled chunks of 50, so the error comes at the end of
+    the chunk in which it arose.
 
     A ``pyroflows.jax.snf.StochasticFlow`` trains on ``E[-log w]`` of its whole paths
     against its own target (``log_density=None``).
+
+    Args:
+        flow: a flow with ``dim`` (from ``build_flow``) or a ``StochasticFlow``.
+        log_density: maps an ``(n, dim)`` array to shape ``(n,)``; jax-traceable.
+        num_steps: Adam steps.
+        num_samples: draws per step.
+        lr: Adam's learning rate.
+        anneal_steps: steps of the linear ramp of ``beta`` (0: none).
+        stick_the_landing: use the path-derivative gradient.
+        max_bad_steps: consecutive non-finite steps that raise.
+        seed: the default ``key``'s seed.
+        key: draws the base samples.
+        progress: show a progress bar.
+
+    Returns:
+        ``(flow, history)``: a new flow with the final weights and a
+        ``pyroflows.fitting.History`` with the loss of every step taken.
     """
     fitting.check_fit_options(
-        "fit_reverse_kl", num_steps=num_steps, num_samples=num_samples, lr=lr, anneal_steps=anneal_steps
+        "fit_reverse_kl", num_steps=num_steps, num_samples=num_samples, lr=lr, anneal_steps=anneal_steps,
+        max_bad_steps=max_bad_steps,
     )
     from ..snf import snf_fit_target
     from .snf import StochasticFlow
@@ -266,28 +373,27 @@ def fit_reverse_kl(
     params, static = eqx.partition(flow, eqx.is_inexact_array)
     opt_state = _init_optimizer(params, lr, dtype)
     history = fitting.History()
+    guard = fitting.NonFiniteGuard("fit_reverse_kl", lr, history, max_bad_steps)
     chunk, step = min(_CHUNK, num_steps), 0
     with fitting.progress_bar(num_steps, "fit_reverse_kl", progress) as bar:
         while step < num_steps:
             n = min(chunk, num_steps - step)
             betas = [fitting.anneal_factor(step + i, anneal_steps) for i in range(chunk)]
             keys = jax.random.split(jax.random.fold_in(key, step), chunk)
-            params, opt_state, losses, finite = _reverse_kl_chunk(
+            params, opt_state, losses, ok, target_bad, target_nan = _reverse_kl_chunk(
                 params, static, opt_state, log_density, keys, jnp.asarray(betas, dtype), jnp.arange(chunk) < n,
                 num_samples, bool(stick_the_landing),
             )
-            losses, finite = np.asarray(losses)[:n], np.asarray(finite)[:n]
-            bad = _first_bad(np.where(finite, 0.0, np.nan))
-            if bad is not None:
-                fitting.check_finite_loss(float("nan"), step + bad + 1, "fit_reverse_kl: the target log-density")
-            bad = _first_bad(losses)
-            if bad is not None:
-                fitting.check_finite_loss(losses[bad], step + bad + 1, "fit_reverse_kl: the loss")
-            for i, value in enumerate(losses):
-                history.record(step + i + 1, value)
+            losses, ok, target_bad = np.asarray(losses)[:n], np.asarray(ok)[:n], np.asarray(target_bad)[:n]
+            if step == 0:
+                fitting.check_first_log_density(int(target_bad[0]), num_samples, bool(np.asarray(target_nan)[0]))
+            taken = _guard_chunk(guard, step, losses, ok, target_bad)
+            for i in taken:
+                history.record(step + i + 1, losses[i])
             step += n
             bar.update(n)
-            bar.set_postfix(loss=float(losses[-1]))
+            if taken:
+                bar.set_postfix(loss=float(losses[taken[-1]]))
     history.best_step = num_steps
     return eqx.combine(params, static), history
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
@@ -14,24 +15,29 @@ from pyro.poutine.runtime import _DIM_ALLOCATOR
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to, constraints
 
-from ..fitting import (
-    AUTOFLOW_LOG_SCALE_BOUND, check_fit_options, check_init_scale, check_latent_sites, check_quantiles,
-)
+from ..fitting import AUTOFLOW_LOG_SCALE_BOUND, check_fit_options, check_latent_sites, check_quantiles
 from .. import snf as _snf
-from ..laplace import LAPLACE, find_mode, laplace_scale_tril
+from ..laplace import AUTO, Start, check_init_scale, choose_start
 from . import snf as _blocks
 from .flows import REGISTRY, build_flow
 from .train import log_prob_stop_gradient
-from .transforms.base import CholeskyAffine, ElementwiseAffine, Flow, Permute
+from .transforms.base import CholeskyAffine, ElementwiseAffine, Flow, LogTails, Permute
 
 __all__ = ["AutoFlow", "AutoSNF"]
 
 # Layers that act on each coordinate by an increasing map, or only reorder coordinates:
 # through a stack of them every output coordinate is an increasing function of ONE
 # base coordinate, so marginal quantiles are the flow applied to base quantiles.
-_MARGINAL_LAYERS = (ElementwiseAffine, Permute)
+_MARGINAL_LAYERS = (ElementwiseAffine, Permute, LogTails)
 # The final affine layer's log-scale bound (ElementwiseAffine's default; the JAX guide's too).
 _LOG_SCALE_BOUND = AUTOFLOW_LOG_SCALE_BOUND
+
+
+def _is_marginal(layer) -> bool:
+    """Whether ``layer`` maps each coordinate increasingly on its own (a diagonal start map too)."""
+    if isinstance(layer, CholeskyAffine):
+        return bool(torch.count_nonzero(torch.tril(layer.scale_tril, -1)) == 0)
+    return isinstance(layer, _MARGINAL_LAYERS)
 
 
 def _leaves(transform):
@@ -89,6 +95,13 @@ def _start_improper_sites(init_loc_fn):
     return init
 
 
+def _potential_or_inf(potential, z) -> float:
+    try:
+        return float(potential(z))
+    except (ValueError, RuntimeError):  # a distribution that rejects its parameters there
+        return math.inf
+
+
 def _per_path(log_prob, n, nesting):
     """Sum a site's log-density over every dimension right of the path plate (``n`` paths)."""
     log_prob = log_prob.reshape((1,) * max(0, nesting + 1 - log_prob.dim()) + log_prob.shape)
@@ -98,32 +111,34 @@ def _per_path(log_prob, n, nesting):
 class AutoFlow(AutoContinuous):
     """A flow posterior over the model's unconstrained latent vector ``z`` (size ``D``).
 
-    ``z = loc + exp(log_scale) * f(u)`` with ``u ~ N(0, I_D)`` and ``f = build_flow(flow, D,
-    num_layers=..., hidden_dims=..., **options)``, any registered flow (the user's own
-    included). ``loc`` starts at the ``init_loc_fn`` point (sites that cannot sample, such
-    as ``ImproperUniform``, at the point 0 of their unconstrained space; mapped to the unconstrained
-    space), ``log_scale`` at ``log(init_scale)``; it is soft-clamped to (-5, 5), so
-    ``init_scale`` must lie in (exp(-5), exp(5)). The built-in flows start at (or near)
-    a map that leaves ``N(0, I)`` unchanged (the identity, up to a reordering of
-    coordinates), so the guide starts at ``N(init_loc, init_scale^2 I)``. Constrained
-    sites are mapped through ``biject_to`` as in Pyro's other continuous guides (ADVI;
-    Kucukelbir et al. 2017, arXiv:1603.00788).
+    ``z = S(loc + exp(log_scale) * T(f(u)))`` with ``u ~ N(0, I_D)``, ``f = build_flow(flow, D,
+    num_layers=..., hidden_dims=..., **options)`` (any registered flow, the user's own
+    included), ``T`` the fixed ``LogTails`` map (the identity on [-5, 5], logarithmic
+    beyond: a large optimiser step then cannot send samples to 1e30 and the model to
+    ``inf``) and ``S`` a fixed start map. The log-scale is soft-clamped to (-5, 5).
+    Constrained sites are mapped through ``biject_to`` as in Pyro's other continuous
+    guides (ADVI; Kucukelbir et al. 2017, arXiv:1603.00788). The built-in flows start at
+    (or near) a map that leaves ``N(0, I)`` unchanged, so the guide starts at ``S(N(0, I))``:
 
-    ``init_scale="laplace"`` first finds the posterior mode by Newton's method from the
-    ``init_loc_fn`` point (``pyroflows.laplace.find_mode``; at the first call, with that
-    call's model arguments) and starts at the Laplace approximation ``N(mode, H^-1)``,
-    ``H`` the Hessian of ``-log p(x, z)`` there: the guide is then ``z = mode + L (loc +
-    exp(log_scale) * f(u))`` with ``L L^T = H^-1`` fixed (``guide.whitening``, a
-    ``CholeskyAffine`` of buffers), ``loc = 0`` and scale 1 at the start. The flow learns
-    in whitened coordinates, where Adam's step sizes suit every coordinate even when the
-    posterior sds differ by orders of magnitude or the coordinates are strongly
-    correlated. It needs a mode with a positive-definite Hessian (not a funnel) and ``D``
-    backward passes for ``H``; failure raises ``ValueError``.
+    - ``init_scale="auto"`` (default): the Laplace approximation ``N(mode, H^-1)`` when a
+      Newton search from the ``init_loc_fn`` point (at the first call, with that call's
+      model arguments) finds a mode with a positive-definite Hessian and the
+      approximation's importance weights do not rule it out (``pyroflows.laplace.choose_start``):
+      ``S(w) = mode + L w`` with ``L L^T = H^-1``, so the flow learns in whitened
+      coordinates, where Adam's steps suit every coordinate however differently scaled or
+      correlated the posterior is (``D`` backward passes for ``H``). Otherwise (a funnel,
+      an improper posterior, ``D > 1000``) ``S(w) = x0 + diag(1/sqrt(H_ii(x0))) w`` at the
+      ``init_loc_fn`` point ``x0``, with a ``UserWarning`` that says why;
+      ``guide.start`` records which (``kind``, ``message``).
+    - ``"laplace"``: the Laplace start or a ``ValueError`` that names the problem.
+    - a float: no ``S``; ``loc`` starts at the ``init_loc_fn`` point (sites that cannot
+      sample, such as ``ImproperUniform``, at 0 of their unconstrained space) and the
+      scale at ``init_scale``, which must lie in (exp(-5), exp(5)).
 
     Attributes after the first call: ``guide.flow`` (the ``build_flow`` part, which
     ``save_flow`` writes), ``guide.affine`` (the final ``ElementwiseAffine``),
-    ``guide.whitening`` (the Laplace map, or None), ``guide.transform`` (all of them, the
-    map ``get_transform()`` returns).
+    ``guide.whitening`` (the start map ``S``, a ``CholeskyAffine`` of buffers, or None),
+    ``guide.transform`` (all of them, the map ``get_transform()`` returns).
 
     ``median()`` and ``quantiles()``: exact when every layer of the flow keeps the
     coordinates independent and increasing (``ElementwiseAffine``, ``ActNorm``,
@@ -149,7 +164,7 @@ class AutoFlow(AutoContinuous):
         num_layers=None,
         hidden_dims=None,
         init_loc_fn=init_to_median,
-        init_scale=0.1,
+        init_scale=AUTO,
         stick_the_landing=False,
         **options,
     ):
@@ -189,18 +204,18 @@ class AutoFlow(AutoContinuous):
         ).to(device=loc.device, dtype=loc.dtype)
         bound = _LOG_SCALE_BOUND
         affine = ElementwiseAffine(self.latent_dim, log_scale_bound=bound).to(loc)
-        layers = [body, affine]
-        if self.init_scale == LAPLACE:
-            mode, scale_tril = self._laplace(loc, *args, **kwargs)
-            layers.append(CholeskyAffine(loc.new_tensor(mode), loc.new_tensor(scale_tril)))
+        layers = [body, LogTails(self.latent_dim), affine]
+        self.start = self._choose_start(loc, *args, **kwargs)
+        if self.start.scale_tril is not None:
+            layers.append(CholeskyAffine(loc.new_tensor(self.start.loc), loc.new_tensor(self.start.scale_tril)))
         else:
             with torch.no_grad():
                 affine.loc.copy_(loc)
                 affine.unconstrained_log_scale.fill_(bound * math.atanh(math.log(self.init_scale) / bound))
         self.transform = _GuideFlow(layers, self.latent_dim)
 
-    def _laplace(self, start, *args, **kwargs):
-        """``(mode, L)`` as float64 numpy arrays: the posterior mode from ``start`` and ``chol(H^-1)``."""
+    def _choose_start(self, start, *args, **kwargs) -> Start:
+        """Where the guide starts (``pyroflows.laplace.choose_start``): Laplace, diagonal or isotropic."""
 
         def potential(z):
             return -self.log_joint(z, *args, **kwargs)
@@ -217,10 +232,18 @@ class AutoFlow(AutoContinuous):
         def hessian(x):
             return torch.autograd.functional.hessian(potential, as_tensor(x)).detach().cpu().double().numpy()
 
+        @torch.no_grad()
+        def potentials(xs):
+            try:  # one vectorised run of the model under a plate of points
+                return potential(as_tensor(xs)).cpu().double().numpy()
+            except (ValueError, RuntimeError, NotImplementedError):  # a model that does not broadcast
+                return np.array([_potential_or_inf(potential, as_tensor(x)) for x in xs])
+
         with torch.enable_grad():
-            mode, h = find_mode(potential_and_grad, hessian, start.detach().cpu().double().numpy(),
-                                caller=type(self).__name__)
-        return mode, laplace_scale_tril(h, type(self).__name__)
+            return choose_start(
+                self.init_scale, potential_and_grad, hessian, potentials, start.detach().cpu().double().numpy(),
+                eps=torch.finfo(start.dtype).eps, caller=type(self).__name__,
+            )
 
     def _find_nesting(self, *args, **kwargs):
         # the path plate sits left of every plate of the model, observed sites' included
@@ -277,20 +300,20 @@ class AutoFlow(AutoContinuous):
     @property
     def affine(self):
         """The ``ElementwiseAffine`` layer after the flow: ``loc`` and the bounded log-scale."""
-        return self.transform.parts[1]
+        return self.transform.parts[2]
 
     @property
     def whitening(self):
-        """The fixed ``CholeskyAffine`` Laplace map of ``init_scale="laplace"`` (else None)."""
+        """The fixed ``CholeskyAffine`` start map (Laplace or diagonal; None for a float ``init_scale``)."""
         parts = self.transform.parts
-        return parts[2] if len(parts) > 2 else None
+        return parts[3] if len(parts) > 3 else None
 
     # --- the AutoContinuous contract ---------------------------------------------------
     def _reference(self):
         if self.prototype_trace is None:
             raise ValueError(f"{type(self).__name__} is not set up yet: call it (or run SVI) with the model's arguments")
         # _modules, not the attribute: PyroModule would register the weights again
-        return self._modules["transform"].parts[1].loc
+        return self._modules["transform"].parts[2].loc
 
     def get_base_dist(self):
         ref = self._reference()
@@ -308,7 +331,7 @@ class AutoFlow(AutoContinuous):
     def has_exact_quantiles(self) -> bool:
         """Whether ``median``/``quantiles`` are exact: every layer is elementwise increasing or a permutation."""
         self._reference()
-        return all(isinstance(layer, _MARGINAL_LAYERS) for layer in _leaves(self._modules["transform"]))
+        return all(_is_marginal(layer) for layer in _leaves(self._modules["transform"]))
 
     @torch.no_grad()
     def _latent_quantiles(self, probs, num_samples):

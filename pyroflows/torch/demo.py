@@ -16,7 +16,7 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.optim import Adam
 from tqdm.auto import tqdm
 
-from ..data import breast_cancer
+from ..demo import breast_cancer
 from .autoguide import AutoFlow
 from .train import evaluate
 
@@ -38,7 +38,7 @@ def fit_guides(flow="iaf", steps=2000, lr=1e-2, particles=8, seed=0, progress=Tr
     torch.set_num_threads(1)
     x, y = (torch.as_tensor(a, dtype=torch.float32) for a in breast_cancer())
     guides = {"AutoNormal": lambda: AutoNormal(logistic_regression),
-              f"AutoFlow {flow}": lambda: AutoFlow(logistic_regression, flow=flow, init_scale="laplace")}
+              f"AutoFlow {flow}": lambda: AutoFlow(logistic_regression, flow=flow)}
     fits = []
     for label, make in guides.items():
         pyro.clear_param_store()

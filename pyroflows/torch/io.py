@@ -7,12 +7,18 @@ import torch
 
 from .. import checkpoint
 from .flows import build_flow
+from .standardize import Standardize, with_standardize
 
 __all__ = ["save_flow", "load_flow"]
 
 
 def save_flow(flow, path) -> None:
-    """Write ``flow`` (from ``build_flow``) to ``path``: its config as JSON, its state dict as arrays."""
+    """Write ``flow`` (from ``build_flow``) to ``path``: its config as JSON, its state dict as arrays.
+
+    Args:
+        flow: a flow made by ``build_flow`` (it records how to rebuild it).
+        path: the file to write, used as given (conventionally ``*.npz``).
+    """
     config = getattr(flow, "config", None)
     if not config:
         raise ValueError("save_flow needs a flow made by build_flow (it records how to rebuild it)")
@@ -20,14 +26,32 @@ def save_flow(flow, path) -> None:
     checkpoint.write(path, config, arrays, backend="torch")
 
 
-def load_flow(path, dtype=None):
+def load_flow(path, dtype: torch.dtype | None = None):
     """Rebuild the flow saved at ``path`` (by either backend) with its exact weights.
 
-    ``dtype`` defaults to the dtype the weights were saved in.
+    Args:
+        path: a file written by ``save_flow`` of either backend.
+        dtype: the torch dtype of the rebuilt flow; defaults to the dtype the weights
+            were saved in.
+
+    Returns:
+        The flow, as ``build_flow`` makes it, holding the saved weights; a flow saved
+        from ``fit_mle(standardize=True)`` ends in its ``Standardize`` layer again.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not a pyroflows flow file, is damaged, holds non-finite
+            weights, or does not match the flow its config builds (the message says
+            which, and what to do).
     """
     config, arrays, _ = checkpoint.read(path)
     name, dim, kwargs = checkpoint.rebuild_arguments(config)
-    flow = build_flow(name, dim, **kwargs)
+    try:
+        flow = build_flow(name, dim, **kwargs)
+    except (ValueError, TypeError, KeyError) as e:
+        raise checkpoint.build_error(path, config, "torch", e) from None
+    if checkpoint.is_standardized(config):
+        flow = with_standardize(flow, Standardize(torch.zeros(dim), torch.ones(dim)))
     dtype = dtype or getattr(torch, checkpoint.float_dtype(arrays).name)
     flow = flow.to(dtype)
     state = flow.state_dict()

@@ -106,8 +106,9 @@ class TorchAdapter:
     def shapes(self, flow, shape):
         return tuple(flow.forward_shape(shape)), tuple(flow.inverse_shape(shape))
 
-    def train(self, flow, data, dim, dtype, steps=5, lr=1e-2):
-        """A few Adam steps on -log_prob of one fixed batch, scoring it twice per step."""
+    def train(self, flow, data, dim, dtype, steps=5, lr=1e-2, rescore=True):
+        """A few Adam steps on -log_prob of one fixed batch, scoring it twice per step (once
+        without ``rescore``)."""
         torch = self.torch
         d = self.distribution(flow, dim, dtype)
         x = self.tensor(data, dtype)
@@ -117,8 +118,9 @@ class TorchAdapter:
             opt.zero_grad()
             loss = -d.log_prob(x).mean()
             loss.backward()
-            again = -d.log_prob(x).mean()  # scoring the same tensor again must work
-            again.backward()
+            if rescore:
+                again = -d.log_prob(x).mean()  # scoring the same tensor again must work
+                again.backward()
             opt.step()
             losses.append(float(loss.detach()))
         grads_finite = all(bool(torch.isfinite(p).all()) for p in flow.parameters())

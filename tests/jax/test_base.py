@@ -171,8 +171,14 @@ def test_layers_that_draw_noise_get_fresh_keys_from_numpyro_or_the_caller():
     flow = Flow([_NoisyLogDet(dim=2), Permute.reverse(2)] * 2 + [_NoisyLogDet(dim=2)], dim=2)
     assert flow.is_stochastic and flow.segments[0][1:] == (2, 2)
     x = jnp.zeros((200, 2))
-    with pytest.raises(ValueError, match="numpyro.handlers.seed"):
-        flow.to_transform()(x)
+    # Only the log-det draws noise: without a key it raises, naming both ways to give one ...
+    with pytest.raises(ValueError, match=r"key=jax\.random\.key.*numpyro\.handlers\.seed"):
+        flow.to_transform().call_with_intermediates(x)
+    with pytest.raises(ValueError, match=r"key="):
+        flow.to_transform().log_abs_det_jacobian(x, x)
+    # ... while the maps alone need none (issue 17).
+    np.testing.assert_array_equal(flow.to_transform()(x), x)
+    np.testing.assert_array_equal(flow.to_transform().inv(x + 1.0), x + 1.0)
     _, a = flow.to_transform(key=jax.random.key(1)).call_with_intermediates(x)
     _, b = flow.to_transform(key=jax.random.key(1)).call_with_intermediates(x)
     np.testing.assert_array_equal(a, b)
@@ -187,3 +193,45 @@ def test_layers_that_draw_noise_get_fresh_keys_from_numpyro_or_the_caller():
     assert not np.allclose(first, second)
     jitted = jax.jit(lambda k: numpyro.handlers.seed(ladj, rng_seed=k)())
     assert not np.allclose(jitted(jax.random.key(0)), jitted(jax.random.key(1)))
+
+
+# --- inputs: dtypes and shapes (issue 17) ---------------------------------------------------
+def test_integer_and_boolean_inputs_are_cast_to_the_flow_dtype():
+    # An unusual width, so the programs compiled here are this test's own; three layers, so
+    # (coupling, permutation) repeats and runs in a lax.scan.
+    flow = pf.build_flow("realnvp", 2, key=jax.random.key(0), num_layers=3, hidden_dims=(7,))
+    assert any(repeats > 1 for _, _, repeats in flow.segments)
+    t = flow.to_transform()
+    xi = jnp.array([[1, -2], [0, 3]])
+    y_ref, ladj_ref = t.call_with_intermediates(xi.astype(jnp.float64))  # the same points as floats
+    y, ladj = t.call_with_intermediates(xi)
+    assert y.dtype == ladj.dtype == jnp.float64
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(ladj, ladj_ref)
+    np.testing.assert_array_equal(t(xi), y_ref)
+    np.testing.assert_array_equal(t.inv(xi), t.inv(xi.astype(jnp.float64)))
+    # The scanned Flow itself (an integer carry used to fail inside lax.scan).
+    y0, ladj0 = flow.call_and_ladj(xi[0])
+    np.testing.assert_allclose(y0, y_ref[0], rtol=1e-12)
+    np.testing.assert_allclose(ladj0, ladj_ref[0], rtol=1e-12)
+    assert flow.inverse_and_ladj(np.array([True, False]))[0].dtype == jnp.float64
+    base = dist.Normal(jnp.zeros(2), 1.0).to_event(1)
+    d = dist.TransformedDistribution(base, t)
+    np.testing.assert_allclose(d.log_prob(xi), d.log_prob(xi.astype(jnp.float64)), rtol=1e-12)
+    # A float32 flow casts integers to float32.
+    from pyroflows.jax.transforms.base import astype
+
+    assert astype(flow, jnp.float32).to_transform()(xi).dtype == jnp.float32
+
+
+def test_wrong_shapes_are_clear_errors():
+    flow = pf.build_flow("realnvp", 2, key=jax.random.key(0), num_layers=2, hidden_dims=(7,))
+    t = flow.to_transform()
+    for bad in (jnp.zeros((4, 3)), jnp.zeros(()), jnp.zeros((2, 1))):
+        for call in (t, t.inv, t.call_with_intermediates, t.inverse_and_ladj):
+            with pytest.raises(ValueError, match="the last dimension must be 2"):
+                call(bad)
+    # The module methods map one vector; a batch points to the transform or vmap.
+    for call in (flow.call_and_ladj, flow.inverse_and_ladj):
+        with pytest.raises(ValueError, match=r"one vector of shape \(2,\), got shape \(4, 2\).*to_transform"):
+            call(jnp.zeros((4, 2)))

@@ -152,7 +152,7 @@ def test_noise_keys_come_from_the_caller_or_numpyro_and_exact_modes_need_none():
     with pytest.raises(ValueError, match="key"):
         flow.parts[0].call_and_ladj(x[0])
     with pytest.raises(ValueError, match="numpyro.handlers.seed"):
-        flow.to_transform()(x)
+        flow.to_transform().call_with_intermediates(x)
     y1, a = flow.to_transform(key=jax.random.key(1)).call_with_intermediates(x)
     _, b = flow.to_transform(key=jax.random.key(1)).call_with_intermediates(x)
     np.testing.assert_array_equal(a, b)
@@ -160,6 +160,13 @@ def test_noise_keys_come_from_the_caller_or_numpyro_and_exact_modes_need_none():
         y2, c = flow.to_transform().call_with_intermediates(x)
     assert not np.allclose(a, c)
     np.testing.assert_allclose(y2, y1, atol=1e-12)  # the noise moves the log-det, never the map
+    # So the maps alone need no key (issue 17): the ODE for x without the divergence.
+    t = flow.to_transform()
+    np.testing.assert_allclose(t(x), y1, atol=1e-12)
+    back = flow.to_transform(key=jax.random.key(1)).inverse_and_ladj(y1)[0]
+    np.testing.assert_allclose(t.inv(y1), back, atol=1e-12)
+    np.testing.assert_allclose(back, x, atol=1e-5)  # rk4's error on these dynamics
+    np.testing.assert_allclose(flow.forward_map(x[0]), y1[0], atol=1e-12)
     exact = eqx.tree_at(lambda f: f.parts, flow, tuple(_with(p, estimator="exact") for p in flow.parts))
     assert not exact.is_stochastic
     exact.to_transform()(x)

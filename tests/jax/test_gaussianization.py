@@ -209,3 +209,66 @@ def test_builder_options_and_torch_names(options):
     y = jax.vmap(lambda v: layer._reflect(v, layer._unit_reflections(), reverse=True))(u)
     z, _ = jax.jit(jax.vmap(layer.inverse_and_ladj))(y)
     assert float(jnp.abs(z - u).max()) < 0.1
+
+
+# --- large base values (issue 17) -------------------------------------------------------------
+# Base values out to |z| = 1e3; a layer maps z to about s z^2 / 2, so the default four layers
+# reach ~1e37. The log-det used to be log f(u) - log phi(z), two numbers near -z^2/2 that
+# cancelled to garbage, then NaN, from |z| ~ 100.
+BASE = np.array([-1e3, -300.0, -100.0, -25.0, -20.0, -8.0, 0.0, 8.0, 15.0, 19.0, 20.0, 25.0, 100.0, 300.0, 1e3])
+
+
+def default_depth_flow(scale, seed=0):
+    flow = astype(pf.build_flow("gaussianization", 2, key=jax.random.key(seed)), jnp.float64)
+    return perturb(flow, seed, scale)
+
+
+@eqx.filter_jit
+def _round_trip(flow, z):
+    t = flow.to_transform()
+    y, ladj = t.call_with_intermediates(z)
+    z2, ildj = t.inverse_and_ladj(y)
+    return y, ladj, z2, ildj
+
+
+# One float64 program (forward and inverse) serves the three tests; float32 and the
+# Jacobians run the cheaper inverse only (the forward's log-det is minus the inverse's).
+def test_large_base_values_stay_finite_and_invert():
+    flow = default_depth_flow(0.2)
+    z = np.stack([BASE, BASE[::-1]], -1)
+    y, ladj, z2, ildj = (np.asarray(a) for a in _round_trip(flow, jnp.asarray(z)))
+    for a in (y, ladj, z2, ildj):
+        assert np.all(np.isfinite(a))
+    assert np.abs(y).max() > 1e30  # the map really does reach far out
+    np.testing.assert_allclose(z2, z, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(ildj, -ladj, rtol=1e-9, atol=1e-9)
+
+
+def test_large_base_value_log_dets_hold_in_float32():
+    """The float32 inverse of the fresh flow against the same flow in float64."""
+    flow64 = default_depth_flow(0.0)
+    z = np.stack([BASE, BASE[::-1]], -1)
+    y64, ladj64, _, _ = (np.asarray(a) for a in _round_trip(flow64, jnp.asarray(z)))
+    assert np.abs(y64).max() < 1e38  # inside float32's range
+    inverse = eqx.filter_jit(lambda flow, y: flow.to_transform().inverse_and_ladj(y))
+    z32, ildj32 = (np.asarray(a) for a in inverse(astype(flow64, jnp.float32), jnp.asarray(y64, jnp.float32)))
+    # The reflections mix coordinates of sizes 1e37 and 1e30: the smaller keeps a few digits.
+    np.testing.assert_allclose(z32, z, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(ildj32, -ladj64, rtol=1e-4, atol=1e-3)
+
+
+def test_log_det_matches_autodiff_at_large_base_values():
+    flow = default_depth_flow(0.2)
+    z = np.stack([BASE, BASE[::-1]], -1)
+    rows = [7, 8, 11]  # base points (8, 8), (15, -8), (25, -20)
+    y = _round_trip(flow, jnp.asarray(z))[0][jnp.asarray(rows)]
+
+    @eqx.filter_jit
+    def jacobian_and_ladj(flow, y):
+        fn = flow.inverse_and_ladj
+        return jax.vmap(jax.jacfwd(lambda v: fn(v)[0]))(y), jax.vmap(fn)(y)[1]
+
+    jac, ildj = jacobian_and_ladj(flow, y)
+    sign, logdet = np.linalg.slogdet(np.asarray(jac))
+    assert np.all(sign != 0)
+    np.testing.assert_allclose(np.asarray(ildj), logdet, rtol=1e-8, atol=1e-8)

@@ -201,6 +201,13 @@ def test_keys_explicit_under_seed_and_missing():
     block = flow.parts[0]
     with pytest.raises(ValueError, match="key"):
         block.inverse_and_ladj(data[0])
+    # Only the log-det estimate draws noise: the maps alone need no key (issue 17).
+    t, keyed = flow.to_transform(), flow.to_transform(key=jax.random.key(5))
+    x, _ = keyed.inverse_and_ladj(data)
+    np.testing.assert_array_equal(t.inv(data), x)
+    np.testing.assert_allclose(t(x), data, atol=1e-9)
+    np.testing.assert_array_equal(t(x), keyed(x))
+    np.testing.assert_array_equal(block.inverse_map(data[0]), block.inverse_and_ladj(data[0], jax.random.key(1))[0])
     exact = pf.build_flow("residual", 2, num_layers=1, hidden_dims=(8,), estimator="exact")
     assert np.all(np.isfinite(lp(exact.to_transform())))  # exact mode needs no key
 

@@ -117,3 +117,64 @@ def test_flow_state_dict_round_trip_is_exact():
     b.load_state_dict(a.state_dict())
     x = torch.randn(7, 3)
     assert torch.equal(a.inverse_and_ladj(x)[1], b.inverse_and_ladj(x)[1])
+
+
+# --- inputs: dtypes and shapes (issue 17) ---------------------------------------------------
+def _small_flow():
+    torch.manual_seed(0)
+    return pf.build_flow("realnvp", 2, num_layers=2, hidden_dims=[8])
+
+
+def test_integer_and_boolean_inputs_are_cast_to_the_flow_dtype():
+    flow = _small_flow()
+    xi = torch.tensor([[1, -2], [0, 3]])
+    with torch.no_grad():
+        y_ref, ladj_ref = flow.call_and_ladj(xi.float())  # the same points given as floats
+        x_ref, ildj_ref = flow.inverse_and_ladj(xi.float())
+        y, ladj = flow.call_and_ladj(xi)
+        x, ildj = flow.inverse_and_ladj(xi)
+        assert y.dtype == x.dtype == ladj.dtype == torch.float32
+        torch.testing.assert_close(y, y_ref)
+        torch.testing.assert_close(ladj, ladj_ref)
+        torch.testing.assert_close(x, x_ref)
+        torch.testing.assert_close(ildj, ildj_ref)
+        torch.testing.assert_close(flow(xi), y_ref)
+        torch.testing.assert_close(flow.inv(xi), x_ref)
+        torch.testing.assert_close(flow(torch.tensor([[True, False]])), flow(torch.tensor([[1.0, 0.0]])))
+        d = dist.TransformedDistribution(_normal(2), [flow])
+        torch.testing.assert_close(d.log_prob(xi), d.log_prob(xi.float()))
+        # A float64 flow casts integers to float64.
+        assert flow.double()(xi).dtype == torch.float64
+
+
+def test_a_float_dtype_mismatch_names_both_dtypes_and_the_fix():
+    flow = _small_flow()
+    x64 = torch.zeros(3, 2, dtype=torch.float64)
+    message = r"torch.float32 parameters but the input has dtype torch.float64; cast the flow with flow.to\(torch.float64\)"
+    for call in (flow.call_and_ladj, flow.inverse_and_ladj, flow, flow.inv, lambda v: flow.log_abs_det_jacobian(v, v),
+                 dist.TransformedDistribution(_normal(2), [flow]).log_prob):
+        with pytest.raises(TypeError, match=message):
+            call(x64)
+    with pytest.raises(TypeError, match="torch.as_tensor"):
+        flow.parts[0]([[0.0, 1.0]])
+    # After the suggested fix the same input runs, and the other direction now raises.
+    flow = flow.to(torch.float64)
+    assert flow(x64).dtype == torch.float64
+    with pytest.raises(TypeError, match=r"flow.to\(torch.float32\) or the input with .to\(torch.float64\)"):
+        flow(x64.float())
+
+
+def test_layers_without_float_parameters_take_any_float_dtype():
+    perm = Permute.reverse(2)
+    for dtype in (torch.float32, torch.float64):
+        assert perm(torch.zeros(1, 2, dtype=dtype)).dtype == dtype
+    assert perm(torch.tensor([[1, 2]])).dtype == torch.get_default_dtype()
+
+
+def test_wrong_event_shapes_are_clear_errors_at_every_entry_point():
+    flow = _small_flow()
+    for bad in (torch.zeros(4, 3), torch.zeros(()), torch.zeros(2, 1)):
+        for call in (flow.call_and_ladj, flow.inverse_and_ladj, flow, flow.inv,
+                     lambda v: flow.log_abs_det_jacobian(v, v), flow.parts[0], flow.parts[0].inv):
+            with pytest.raises(ValueError, match="the last dimension must be 2"):
+                call(bad)

@@ -9,7 +9,7 @@ def test_demo_model_scores_vectorised_particles_like_single_ones():
     from pyro.infer import Trace_ELBO
     from pyro.infer.autoguide import AutoNormal
 
-    from pyroflows.data import breast_cancer
+    from pyroflows.demo import breast_cancer
     from pyroflows.torch.demo import logistic_regression
 
     x, y = (torch.as_tensor(a, dtype=torch.float64) for a in breast_cancer())

@@ -3,6 +3,7 @@ distributions, a direct float64 evaluation of Phi^-1(F(H y)), and autodiff Jacob
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -106,8 +107,10 @@ def test_ndtri_exp_gradient_is_phi_over_density():
     z = ndtri_exp(log_p)
     (grad,) = torch.autograd.grad(z.sum(), log_p)
     zn = z.detach().numpy()
-    expected = np.exp(special.log_ndtr(zn) - stats.norm.logpdf(zn))
-    np.testing.assert_allclose(grad.numpy(), expected, rtol=1e-12)
+    # Phi(z) / phi(z) = sqrt(pi / 2) erfcx(-z / sqrt 2): no cancellation in the tail, where
+    # exp(log Phi - log phi) is only good to about eps z^2.
+    expected = math.sqrt(math.pi / 2) * special.erfcx(-zn / math.sqrt(2))
+    np.testing.assert_allclose(grad.numpy(), expected, rtol=1e-13)
     few = torch.tensor([-3000.0, -50.0, -2.0, -0.5, -1e-3], dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(ndtri_exp, (few,))
 
@@ -243,3 +246,62 @@ def test_builder_rejects_bad_options():
         pf.build_flow("gaussianization", 2, num_components=0)
     with pytest.raises(ValueError, match="hidden_dims"):
         pf.build_flow("gaussianization", 2, hidden_dims=[8])
+
+
+# --- large base values (issue 17) -------------------------------------------------------------
+# Base values out to |z| = 1e3; a layer maps z to about s z^2 / 2, so the default four layers
+# reach ~1e37. The log-det used to be log f(u) - log phi(z), two numbers near -z^2/2 that
+# cancelled to garbage, then NaN, from |z| ~ 20 (float32) and 100 (float64).
+BASE = np.array([-1e3, -300.0, -100.0, -25.0, -20.0, -8.0, 0.0, 8.0, 15.0, 19.0, 20.0, 25.0, 100.0, 300.0, 1e3])
+
+
+def perturbed_flow(num_layers, seed=0, perturb=0.2):
+    torch.manual_seed(seed)
+    flow = pf.build_flow("gaussianization", 2, num_layers=num_layers).double()
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(perturb * torch.randn_like(p))
+    return flow
+
+
+# float32: the reflections mix coordinates of sizes 1e37 and 1e30, so the smaller one keeps
+# only a few digits; mapped back through the square-root-like inverse that is ~1e-4.
+@pytest.mark.parametrize("dtype,perturb,tol", [(torch.float64, 0.2, 1e-9), (torch.float32, 0.0, 1e-3)])
+def test_large_base_values_stay_finite_and_invert(dtype, perturb, tol):
+    # The default depth; in float32 the fresh flow of build_flow, as in the report.
+    flow = perturbed_flow(4, perturb=perturb).to(dtype)
+    z = torch.tensor(np.stack([BASE, BASE[::-1]], -1), dtype=dtype)
+    with torch.no_grad():
+        y, ladj = flow.call_and_ladj(z)
+        z2, ildj = flow.inverse_and_ladj(y.clone())  # a new tensor: no cache hit
+    for a in (y, ladj, z2, ildj):
+        assert torch.isfinite(a).all()
+    assert float(y.abs().max()) > 1e30  # the map really does reach far out
+    assert float(((z2 - z).abs() / (1 + z.abs())).max()) < tol
+    assert float(((ladj + ildj).abs() / (1 + ladj.abs())).max()) < tol
+
+
+def test_large_base_value_log_dets_agree_across_dtypes():
+    """float32 against the same flow in float64: the hazard form keeps single precision."""
+    flow64 = perturbed_flow(2)
+    flow32 = copy.deepcopy(flow64).float()
+    z = np.stack([BASE, BASE[::-1]], -1)
+    with torch.no_grad():
+        y64, ladj64 = flow64.call_and_ladj(torch.tensor(z))
+        y32, ladj32 = flow32.call_and_ladj(torch.tensor(z, dtype=torch.float32))
+        _, ildj32 = flow32.inverse_and_ladj(y64.float())  # float32 data near the float64 path
+    np.testing.assert_allclose(y32.numpy(), y64.numpy(), rtol=1e-4)
+    np.testing.assert_allclose(ladj32.numpy(), ladj64.numpy(), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(ildj32.numpy(), -ladj64.numpy(), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("value", [8.0, 15.0, 25.0])
+def test_log_det_matches_autodiff_at_large_base_values(value):
+    flow = perturbed_flow(4, seed=1)
+    z = torch.tensor([value, -0.6 * value], dtype=torch.float64)
+    y = flow.call_and_ladj(z)[0].detach()
+    for fn, point in ((flow.call_and_ladj, z), (flow.inverse_and_ladj, y)):
+        jac = torch.autograd.functional.jacobian(lambda v: fn(v)[0], point)
+        sign, logdet = torch.linalg.slogdet(jac)
+        assert sign != 0
+        np.testing.assert_allclose(float(fn(point)[1].detach()), float(logdet), rtol=1e-8, atol=1e-8)

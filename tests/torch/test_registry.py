@@ -96,3 +96,56 @@ def test_register_flow_adds_a_user_builder():
             pf.register_flow(name)(builder)
     finally:
         pf.REGISTRY._builders.pop(name)
+
+
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("realnvp", {"log_scale_bound": float("inf")}),
+        ("iaf", {"log_scale_bound": float("inf")}),
+        ("glow", {"log_scale_bound": float("inf")}),
+        ("maf", {"log_scale_bound": float("nan")}),
+        ("realnvp", {"log_scale_bound": True}),
+        ("realnvp", {"log_scale_bound": 1e6}),
+        ("nsf", {"bound": float("inf")}),
+        ("ffjord", {"time_length": float("inf")}),
+        ("ffjord", {"atol": float("nan")}),
+        ("residual", {"inverse_tol": float("nan")}),
+        ("gdn", {"max_exponent": float("nan")}),
+    ],
+)
+def test_non_finite_and_boolean_options_are_rejected_before_they_become_nan(name, kwargs):
+    # Each of these used to build a flow whose every output was NaN (issue 17).
+    ((option, value),) = kwargs.items()
+    with pytest.raises(ValueError, match=rf"flow {name!r}: option {option}={value!r} must "):
+        pf.build_flow(name, 2, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["realnvp", "iaf", "maf", "glow"])
+def test_the_largest_log_scale_bound_still_gives_finite_outputs(name):
+    torch.manual_seed(0)
+    flow = pf.build_flow(name, 2, num_layers=2, hidden_dims=[8], log_scale_bound=50.0).double()
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(torch.randn_like(p))
+        x = torch.randn(16, 2, dtype=torch.float64) * 5
+        y, ladj = flow.call_and_ladj(x)
+        x2, ildj = flow.inverse_and_ladj(y.clone())
+    for a in (y, ladj, x2, ildj):
+        assert torch.isfinite(a).all()
+    assert float(ladj.abs().max()) > 20  # the scales do go far past the default bound of 5
+    if name == "realnvp":
+        # Scales up to e^50 are as far as the bound goes; a coupling still inverts. (Sequential
+        # inverses amplify rounding by such scales: there only finiteness is promised.)
+        torch.testing.assert_close(x2, x, rtol=1e-6, atol=1e-6)
+
+
+def test_a_large_finite_spline_bound_stays_finite():
+    torch.manual_seed(0)
+    flow = pf.build_flow("nsf", 2, num_layers=2, hidden_dims=[8], bound=1e6).double()
+    x = torch.randn(16, 2, dtype=torch.float64) * 1e5
+    with torch.no_grad():
+        y, ladj = flow.call_and_ladj(x)
+        x2, _ = flow.inverse_and_ladj(y.clone())
+    assert torch.isfinite(y).all() and torch.isfinite(ladj).all()
+    torch.testing.assert_close(x2, x, rtol=1e-6, atol=1e-3)

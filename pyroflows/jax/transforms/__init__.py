@@ -3,7 +3,7 @@
 from . import autoregressive, base, coupling, gaussianization, gdn, glow, planar, spline, sylvester
 from .autoregressive import *  # noqa: F401,F403
 from .continuous import *  # noqa: F401,F403
-from .base import EqxTransform, CholeskyAffine, ElementwiseAffine, Flow, FlowTransform, Permute
+from .base import EqxTransform, CholeskyAffine, ElementwiseAffine, Flow, FlowTransform, LogTails, Permute
 from .coupling import *  # noqa: F401,F403
 from .gaussianization import *  # noqa: F401,F403
 from .gdn import *  # noqa: F401,F403
@@ -13,7 +13,7 @@ from .residual import *  # noqa: F401,F403
 from .spline import *  # noqa: F401,F403
 from .sylvester import *  # noqa: F401,F403
 
-__all__ = ["FlowTransform", "Flow", "EqxTransform", "Permute", "ElementwiseAffine", "CholeskyAffine"] + [
+__all__ = ["FlowTransform", "Flow", "EqxTransform", "Permute", "ElementwiseAffine", "CholeskyAffine", "LogTails"] + [
     name
     for module in (planar, sylvester, coupling, glow, autoregressive, spline, gaussianization, gdn)
     for name in module.__all__

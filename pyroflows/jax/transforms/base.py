@@ -28,8 +28,8 @@ from numpyro.distributions.transforms import Transform
 from ...registry import check_event_dim
 
 __all__ = [
-    "FlowTransform", "Flow", "EqxTransform", "Permute", "ElementwiseAffine", "CholeskyAffine",
-    "soft_clamp", "bisect_increasing", "implicit_step", "interleave", "astype", "is_stochastic",
+    "FlowTransform", "Flow", "EqxTransform", "Permute", "ElementwiseAffine", "CholeskyAffine", "LogTails",
+    "soft_clamp", "bisect_increasing", "implicit_step", "interleave", "astype", "is_stochastic", "float_dtype",
 ]
 
 
@@ -51,7 +51,8 @@ class FlowTransform(eqx.Module):
     inverse_tol: ClassVar[float] = 0.0
     # Layers that draw noise (stochastic log-det estimators) set this, or define a
     # property ``is_stochastic`` when it depends on a static option, and take
-    # ``call_and_ladj(x, key=None)`` / ``inverse_and_ladj(y, key=None)``.
+    # ``call_and_ladj(x, key=None)`` / ``inverse_and_ladj(y, key=None)``. Only their
+    # log-det may depend on the key: the map itself must not.
     stochastic: ClassVar[bool] = False
 
     def call_and_ladj(self, x):
@@ -60,11 +61,25 @@ class FlowTransform(eqx.Module):
     def inverse_and_ladj(self, y):
         raise NotImplementedError
 
+    def forward_map(self, x):
+        """The forward map alone, for one vector: no log-det, so no noise and no key.
+
+        Layers whose log-det is a stochastic estimate override this with a pass that
+        skips the estimate; the default runs ``call_and_ladj`` (with a fixed key for a
+        stochastic layer, which by contract only changes the dropped log-det).
+        """
+        return _call_layer(self, x, False, _fixed_key() if is_stochastic(self) else None)[0]
+
+    def inverse_map(self, y):
+        """The inverse map alone, for one vector (see ``forward_map``)."""
+        return _call_layer(self, y, True, _fixed_key() if is_stochastic(self) else None)[0]
+
     def to_transform(self, key=None) -> "EqxTransform":
         """This layer as a NumPyro ``Transform`` on ``(..., dim)`` arrays.
 
-        ``key`` feeds layers that draw noise; without it they draw from
-        ``numpyro.prng_key()``, so they work inside a model or guide under ``seed``.
+        ``key`` feeds layers whose log-det is a random estimate; without it they draw
+        from ``numpyro.prng_key()``, so they work inside a model or guide under ``seed``.
+        The maps alone (``transform(x)``, ``transform.inv(y)``) need no key at all.
         """
         return EqxTransform(self, key)
 
@@ -74,9 +89,51 @@ def is_stochastic(layer) -> bool:
     return bool(getattr(layer, "is_stochastic", type(layer).stochastic))
 
 
-def _call_layer(layer, x, inverse, key):
+def _fixed_key():
+    return jax.random.key(0)
+
+
+def _call_layer(layer, x, inverse, key, log_det=True):
+    if not log_det:
+        return (layer.inverse_map(x) if inverse else layer.forward_map(x)), None
     fn = layer.inverse_and_ladj if inverse else layer.call_and_ladj
     return fn(x, key=key) if is_stochastic(layer) else fn(x)
+
+
+def float_dtype(module) -> jnp.dtype:
+    """The floating-point dtype a module computes in.
+
+    Args:
+        module: a layer or flow (any pytree).
+
+    Returns:
+        The dtype of its first inexact array, or JAX's default float dtype when it has none
+        (a permutation, say).
+    """
+    for leaf in jax.tree.leaves(module):
+        if eqx.is_inexact_array(leaf):
+            return leaf.dtype
+    return jnp.result_type(float)
+
+
+def _as_input(module, x, batched):
+    """``x`` as an array with the module's event size; integers and booleans become floats.
+
+    A floating input of another dtype follows JAX's promotion rules (as any jnp function).
+    """
+    x = jnp.asarray(x)
+    shape = jnp.shape(x)
+    if batched:
+        check_event_dim(shape, module.dim, "input")
+    elif shape != (module.dim,):
+        raise ValueError(
+            f"{type(module).__name__}.call_and_ladj / inverse_and_ladj map one vector of shape ({module.dim},), "
+            f"got shape {tuple(shape)}; for a batch use flow.to_transform() (any leading shape) or "
+            "jax.vmap(flow.call_and_ladj)"
+        )
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        x = x.astype(float_dtype(module))  # an integer array promoted would fail in the scan carry
+    return x
 
 
 def _chunk_signature(chunk):
@@ -103,12 +160,13 @@ def _segments(parts, max_period=3):
     return tuple(out)
 
 
-def _run(chunk, x, inverse, keys=None):
+def _run(chunk, x, inverse, keys=None, log_det=True):
     total = jnp.zeros((), x.dtype)
     order = range(len(chunk) - 1, -1, -1) if inverse else range(len(chunk))
     for i in order:
-        x, ladj = _call_layer(chunk[i], x, inverse, None if keys is None else keys[i])
-        total = total + ladj
+        x, ladj = _call_layer(chunk[i], x, inverse, None if keys is None else keys[i], log_det)
+        if log_det:
+            total = total + ladj
     return x, total
 
 
@@ -129,7 +187,8 @@ class Flow(FlowTransform):
     def is_stochastic(self) -> bool:
         return any(is_stochastic(p) for p in self.parts)
 
-    def _apply(self, x, inverse, key):
+    def _apply(self, x, inverse, key, log_det=True):
+        x = _as_input(self, x, batched=False)
         total = jnp.zeros((), x.dtype)
         # one key per part, so a part's noise does not depend on the direction of travel
         keys = None if key is None else jax.random.split(key, len(self.parts))
@@ -138,14 +197,14 @@ class Flow(FlowTransform):
             chunks = [self.parts[start + k * period : start + (k + 1) * period] for k in range(repeats)]
             seg_keys = None if keys is None else keys[start : start + period * repeats].reshape((repeats, period) + keys.shape[1:])
             if repeats == 1:
-                x, ladj = _run(chunks[0], x, inverse, None if seg_keys is None else seg_keys[0])
+                x, ladj = _run(chunks[0], x, inverse, None if seg_keys is None else seg_keys[0], log_det)
             else:
                 dynamic, static = eqx.partition(chunks, eqx.is_array)
                 stacked = jax.tree.map(lambda *a: jnp.stack(a), *dynamic)
 
                 def body(carry, xs, static=static[0]):
                     weights, chunk_keys = xs
-                    y, lad = _run(eqx.combine(weights, static), carry[0], inverse, chunk_keys)
+                    y, lad = _run(eqx.combine(weights, static), carry[0], inverse, chunk_keys, log_det)
                     return (y, carry[1] + lad), None
 
                 (x, ladj), _ = jax.lax.scan(
@@ -155,10 +214,23 @@ class Flow(FlowTransform):
         return x, total
 
     def call_and_ladj(self, x, key=None):
+        """``(y, log|det dy/dx|)`` for one vector ``x`` of shape ``(dim,)`` (integers are cast).
+
+        ``key`` feeds the layers with a stochastic log-det estimate (``is_stochastic``).
+        """
         return self._apply(x, inverse=False, key=key)
 
     def inverse_and_ladj(self, y, key=None):
+        """``(x, log|det dx/dy|)`` for one vector ``y`` of shape ``(dim,)``."""
         return self._apply(y, inverse=True, key=key)
+
+    def forward_map(self, x):
+        """The forward map alone for one vector: no log-det, so no key even for stochastic layers."""
+        return self._apply(x, inverse=False, key=None, log_det=False)[0]
+
+    def inverse_map(self, y):
+        """The inverse map alone for one vector (see ``forward_map``)."""
+        return self._apply(y, inverse=True, key=None, log_det=False)[0]
 
 
 class _Frozen(dict):
@@ -178,7 +250,13 @@ def _vmapped(module, flat, inverse: bool, keys):
     return jax.vmap(lambda v, k: _call_layer(module, v, inverse, k))(flat, keys)
 
 
-def _noise_key(module, key):
+@eqx.filter_jit
+def _vmapped_map(module, flat, inverse: bool):
+    return jax.vmap(lambda v: _call_layer(module, v, inverse, None, log_det=False)[0])(flat)
+
+
+def _available_key(key):
+    """``key``, else ``numpyro.prng_key()`` inside a seed handler, else ``None``."""
     if key is not None:
         return key
     import warnings
@@ -186,24 +264,37 @@ def _noise_key(module, key):
     import numpyro
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # numpyro warns outside a seed handler; we raise below
-        key = numpyro.prng_key()
+        warnings.simplefilter("ignore")  # numpyro warns outside a seed handler; callers decide
+        return numpyro.prng_key()
+
+
+def _noise_key(module, key):
+    key = _available_key(key)
     if key is None:
         raise ValueError(
-            f"{type(module).__name__} draws noise for its log-det estimator and got no random key: "
-            "call it inside numpyro.handlers.seed (a model or guide under SVI does this), "
-            "or pass one with flow.to_transform(key=jax.random.key(0))"
+            f"{type(module).__name__} estimates its log-det with random noise and got no random key: "
+            "pass one with flow.to_transform(key=jax.random.key(0)) (or key= to call_and_ladj / "
+            "inverse_and_ladj), or call it inside numpyro.handlers.seed (a model or guide under SVI "
+            "does this); the maps alone (transform(x), transform.inv(y)) need no key"
         )
     return key
 
 
 def _batched(module, x, inverse, key=None):
-    check_event_dim(jnp.shape(x), module.dim, "input")
+    x = _as_input(module, x, batched=True)
     shape = jnp.shape(x)
     flat = jnp.reshape(x, (-1, module.dim))
     keys = jax.random.split(_noise_key(module, key), flat.shape[0]) if is_stochastic(module) else None
     out, ladj = _vmapped(module, flat, inverse, keys)
     return jnp.reshape(out, shape), jnp.reshape(ladj, shape[:-1])
+
+
+def _batched_map(module, x, inverse):
+    """The map alone on ``(..., dim)``: for a stochastic module without a key at hand."""
+    x = _as_input(module, x, batched=True)
+    shape = jnp.shape(x)
+    out = _vmapped_map(module, jnp.reshape(x, (-1, module.dim)), inverse)
+    return jnp.reshape(out, shape)
 
 
 class EqxTransform(Transform):
@@ -212,6 +303,11 @@ class EqxTransform(Transform):
     A pytree (its module is the only child), so it passes through ``jit`` and ``vmap``;
     ``call_with_intermediates`` returns the log-determinant as the intermediate, so a
     ``TransformedDistribution`` scores its own samples without an inverse.
+
+    Inputs: the last axis must be the flow's ``dim``; integer and boolean arrays are cast
+    to the flow's float dtype. For a module with a stochastic log-det estimate, the
+    log-det needs a key (``key`` here, or ``numpyro.prng_key()`` under ``seed``) and
+    raises without one; ``__call__`` and ``inv`` then compute the map alone.
     """
 
     domain = constraints.real_vector
@@ -222,7 +318,6 @@ class EqxTransform(Transform):
         self.key = key
         self._last_inverse = None
 
-
     @property
     def dim(self):
         return self.module.dim
@@ -231,10 +326,17 @@ class EqxTransform(Transform):
         return _batched(self.module, x, False, self.key)
 
     def __call__(self, x):
-        return self.call_with_intermediates(x)[0]
+        if is_stochastic(self.module):
+            # Only the log-det needs noise: without a key at hand run the map alone.
+            key = _available_key(self.key)
+            return _batched_map(self.module, x, False) if key is None else _batched(self.module, x, False, key)[0]
+        return _batched(self.module, x, False)[0]
 
     def _inverse(self, y):
-        return self.inverse_and_ladj(y)[0]
+        if is_stochastic(self.module):
+            key = _available_key(self.key)
+            return _batched_map(self.module, y, True) if key is None else self._inverse_and_ladj(y, key)[0]
+        return self._inverse_and_ladj(y, None)[0]
 
     def log_abs_det_jacobian(self, x, y, intermediates=None):
         if intermediates is not None:
@@ -250,7 +352,10 @@ class EqxTransform(Transform):
 
     def inverse_and_ladj(self, y):
         """``(x, log|det dx/dy|)`` for a batch ``y`` of shape ``(..., dim)``."""
-        x, ladj = _batched(self.module, y, True, self.key)
+        return self._inverse_and_ladj(y, self.key)
+
+    def _inverse_and_ladj(self, y, key):
+        x, ladj = _batched(self.module, y, True, key)
         # Held by identity (one entry, like Pyro's cache_size=1), so only the very
         # objects of this call can match; a new trace or a new array never does.
         self._last_inverse = (y, x, ladj)
@@ -418,3 +523,32 @@ def implicit_step(root, value, derivative, target):
 def astype(module, dtype):
     """``module`` with every floating-point array cast to ``dtype`` (integer/boolean constants kept)."""
     return jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, module)
+
+
+class LogTails(FlowTransform):
+    """Identity on ``[-threshold, threshold]``, logarithmic beyond: a fixed bijection of R^D.
+
+    ``y = x`` for ``|x| <= t`` and ``y = sign(x) (t + log(1 + |x| - t))`` beyond, per
+    coordinate (continuously differentiable). ``AutoFlow`` puts it between the flow and
+    its affine layer: a flow whose weights take one large optimiser step can put samples
+    at ``|x| ~ 1e30``, and a model that exponentiates them (a scale site) then returns
+    ``inf`` and the ELBO gradient NaN. After ``LogTails`` such a sample is ``t + 69``, so
+    the guide stays finite at learning rates where the flow alone diverges; the bulk of
+    the distribution (``|x| <= t``, in whitened coordinates) is untouched.
+    """
+
+    threshold: float = eqx.field(static=True)
+
+    def __init__(self, dim: int, threshold: float = 5.0):
+        self.dim = int(dim)
+        self.threshold = float(threshold)
+
+    def call_and_ladj(self, x):
+        excess = jnp.maximum(jnp.abs(x) - self.threshold, 0.0)
+        log_slope = jnp.log1p(excess)
+        return jnp.sign(x) * (jnp.minimum(jnp.abs(x), self.threshold) + log_slope), -log_slope.sum()
+
+    def inverse_and_ladj(self, y):
+        excess = jnp.maximum(jnp.abs(y) - self.threshold, 0.0)
+        # log(1 + |x| - t) = excess exactly: no expm1/log1p round trip
+        return jnp.sign(y) * (jnp.minimum(jnp.abs(y), self.threshold) + jnp.expm1(excess)), excess.sum()

@@ -63,7 +63,7 @@ class _Dynamics(eqx.Module):
     ``args = (net, noise)``, so ``BacksolveAdjoint`` differentiates the weights.
     """
 
-    estimator: str = eqx.field(static=True)
+    estimator: str | None = eqx.field(static=True)  # None: the map alone, state (x,)
     sign: float = eqx.field(static=True)
     time_length: float = eqx.field(static=True)
     regularized: bool = eqx.field(static=True)
@@ -72,6 +72,8 @@ class _Dynamics(eqx.Module):
         net, noise = args
         x = state[0]
         t = s if self.sign > 0 else self.time_length - s
+        if self.estimator is None:
+            return (self.sign * net(t, x, None)[0],)
         eye = None
         if self.estimator == "exact" or (self.estimator == "hollow" and self.regularized):
             eye = jnp.eye(x.shape[-1], dtype=x.dtype)
@@ -121,7 +123,9 @@ class CNF(FlowTransform):
 
     ``estimator="hutchinson"`` draws its probe from ``key`` (one per vector, held for
     the whole solve); ``call_and_ladj(x)`` without a key then raises. ``EqxTransform``
-    passes a key per batch row. ``"exact"`` and ``"hollow"`` draw nothing.
+    passes a key per batch row. ``"exact"`` and ``"hollow"`` draw nothing. The maps
+    alone (``forward_map``, ``inverse_map``, and the transform's ``__call__`` and
+    ``inv`` without a key) integrate ``x`` only and need no key.
 
     Solvers: fixed-step ``rk4`` (3/8 rule), ``midpoint``, ``euler`` on the grid
     ``T k / num_steps`` (a ``lax.scan``; forward and reverse mode), or adaptive
@@ -181,11 +185,15 @@ class CNF(FlowTransform):
             return jax.random.normal(key, x.shape, x.dtype)
         return jax.random.rademacher(key, x.shape, x.dtype)
 
-    def _solve(self, x, sign, key):
-        noise = self._probe(x, key) if self.is_stochastic else None
-        dynamics = _Dynamics(self.estimator, sign, self.time_length, self.regularized)
+    def _solve(self, x, sign, key, log_det=True):
+        # Without the log-det the state is x alone: no divergence, so no probe and no key.
+        # (Adaptive solvers then choose their steps from x only, which moves the map within
+        # the tolerances.)
+        noise = self._probe(x, key) if self.is_stochastic and log_det else None
+        regularized = self.regularized and log_det
+        dynamics = _Dynamics(self.estimator if log_det else None, sign, self.time_length, regularized)
         zero = jnp.zeros((), x.dtype)
-        state = (x, zero) + ((zero, zero) if self.regularized else ())
+        state = ((x, zero) if log_det else (x,)) + ((zero, zero) if regularized else ())
         args = (self.net, noise)
         fixed = self.solver in FIXED_STEP
         if fixed and not self.adjoint:
@@ -207,7 +215,9 @@ class CNF(FlowTransform):
                 saveat=diffrax.SaveAt(t1=True), max_steps=max_steps, adjoint=adjoint,
             )
             final = jax.tree.map(lambda a: a[-1], solution.ys)
-        reg = self.kinetic_energy * final[2] + self.jacobian_norm * final[3] if self.regularized else zero
+        if not log_det:
+            return final[0], None, None
+        reg = self.kinetic_energy * final[2] + self.jacobian_norm * final[3] if regularized else zero
         return final[0], final[1], reg
 
     def call_and_ladj(self, x, key=None):
@@ -215,6 +225,14 @@ class CNF(FlowTransform):
 
     def inverse_and_ladj(self, y, key=None):
         return self._solve(y, -1.0, key)[:2]
+
+    def forward_map(self, x):
+        """``x(T)`` alone: the ODE without the log-det, so it needs no key for any estimator."""
+        return self._solve(x, 1.0, None, log_det=False)[0]
+
+    def inverse_map(self, y):
+        """``x(0)`` from ``y = x(T)`` alone (see ``forward_map``)."""
+        return self._solve(y, -1.0, None, log_det=False)[0]
 
     def call_ladj_and_regularization(self, x, key=None):
         """``(y, log|det dy/dx|, regularizer)`` for one vector; the regulariser is 0 unless a weight is above 0."""

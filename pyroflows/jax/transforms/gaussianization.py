@@ -8,6 +8,11 @@ here it is ``inverse_and_ladj``; the forward (noise to data) solves it per coord
 The numerics live in log space: ``log F`` and ``log(1 - F)`` are log-sum-exps of
 log-sigmoids, and ``ndtri_exp`` inverts the normal CDF from a log-probability, so the
 layer stays exact and finite when ``F`` is far closer to 0 or 1 than a float can hold.
+The log-det ``log f(u) - log phi(z)`` is never formed as that difference (both terms
+are about ``-z^2/2``, so it would cancel to nothing in the tails); it is the difference
+of two hazards, ``log f - log F`` of the mixture and ``log phi - log Phi`` of the
+normal, taken in the same tail, each of the size of ``log|z|`` (see ``_tails`` and
+``_log_normal_hazard``).
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from .base import FlowTransform, bisect_increasing, implicit_step, soft_clamp
 
 __all__ = ["Gaussianization"]
 
-_LOG_HALF = -math.log(2.0)
+_LOG_2 = math.log(2.0)
+_LOG_HALF = -_LOG_2
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
@@ -47,7 +53,9 @@ def log_ndtr(z):
 
 
 def _log_normal_pdf(z):
-    return -0.5 * z * z - _HALF_LOG_2PI
+    # (z / 2) z, not z^2 / 2: the same value (halving is exact), and finite for every z
+    # whose log-density is (z up to sqrt(2 max) rather than sqrt(max)).
+    return -(0.5 * z) * z - _HALF_LOG_2PI
 
 
 def _mills_series(x, terms=12):
@@ -64,6 +72,40 @@ def _mills_series(x, terms=12):
     return series
 
 
+def _tail_switch(dtype):
+    return 20.0 if jnp.finfo(dtype).bits == 64 else 10.0
+
+
+@jax.custom_jvp
+def _log_normal_hazard(x, log_tail):
+    """``log(phi(x) / Phi(-x))`` for ``x >= 0`` given ``log_tail = log Phi(-x)``, without cancellation.
+
+    Both logs are about ``-x^2/2``: their difference ``log phi(x) - log_tail`` is formed only
+    up to ``x = 20`` (float64; 10 in float32), where it is exact to about ``eps x^2``;
+    beyond, ``log x - log S(x)`` with the asymptotic series ``S = x Phi(-x) / phi(x)``, and
+    ``log_tail`` is not used. Callers pass the log tail they already hold (the mixture's,
+    equal to ``log Phi(-x)`` by construction), so no normal CDF is evaluated here. The
+    derivative is a custom rule (see ``_log_normal_hazard_jvp``), so the series is never
+    differentiated: that keeps the compiled gradient small.
+    """
+    switch = _tail_switch(x.dtype)
+    tail = x > switch
+    far = jnp.where(tail, x, switch)
+    direct = _log_normal_pdf(jnp.where(tail, 0.0, x)) - jnp.where(tail, 0.0, log_tail)
+    return jnp.where(tail, jnp.log(far) - jnp.log(_mills_series(far)), direct)
+
+
+@_log_normal_hazard.defjvp
+def _log_normal_hazard_jvp(primals, tangents):
+    (x, log_tail), (dx, dlog_tail) = primals, tangents
+    h = _log_normal_hazard(x, log_tail)
+    # Direct form: d(log phi(x) - log_tail) = -x dx - dlog_tail. Series form, a function of
+    # x alone: dh/dx = phi(x) / Phi(-x) - x = exp(h) - x. Along log_tail = log Phi(-x) the two
+    # agree (dlog_tail = -exp(h) dx), as the callers' arguments always are.
+    tail = x > _tail_switch(x.dtype)
+    return h, jnp.where(tail, (jnp.exp(jnp.where(tail, h, 0.0)) - x) * dx, -x * dx - dlog_tail)
+
+
 def _ndtri_exp_slope(log_p, z):
     """``dz/dlog_p = Phi(z) / phi(z)`` at ``z = ndtri_exp(log_p)``, without cancellation.
 
@@ -73,7 +115,7 @@ def _ndtri_exp_slope(log_p, z):
     rounding instead. Neither form needs ``log_ndtr``, which keeps the derivative cheap
     to compile.
     """
-    switch = -20.0 if jnp.finfo(z.dtype).bits == 64 else -10.0
+    switch = -_tail_switch(z.dtype)
     tail = z < switch
     x = -jnp.where(tail, z, switch)
     direct = jnp.exp(log_p - _log_normal_pdf(jnp.where(tail, 0.0, z)))
@@ -97,9 +139,11 @@ def _ndtri_exp_lower(log_p):
     # Deep tail: log Phi(z) ~ -z^2/2 - log|z| - log sqrt(2 pi) gives z^2 ~ a - log a with
     # a = -2 log_p - log 2 pi; Newton on log Phi(z) = log_p then converges quadratically
     # (log Phi is concave, so after one step the iterates approach the root from below).
-    lp = jnp.clip(log_p, -float(finfo.max) / 8, threshold)
-    a = jnp.maximum(-2.0 * lp - math.log(2.0 * math.pi), 1.0)
-    x = jnp.sqrt(a - jnp.log(a))  # x = -z, at least 37 (float64) or 12 (float32) here
+    # Every finite log_p: a / 2 = -log_p - log sqrt(2 pi) is formed instead of a, which
+    # would overflow for log_p below -max / 2.
+    lp = jnp.clip(log_p, -float(finfo.max), threshold)
+    half_a = jnp.maximum(-lp - _HALF_LOG_2PI, 0.5)
+    x = math.sqrt(2.0) * jnp.sqrt(half_a - 0.5 * (_LOG_2 + jnp.log(half_a)))  # x = -z >= 37 (12 in float32)
     for _ in range(4):
         # There log Phi(-x) = log phi(x) + log(S(x) / x), and Phi/phi = S(x) / x, with S
         # the asymptotic series: exact to rounding, and far cheaper to compile than log_ndtr.
@@ -123,7 +167,7 @@ def _ndtri_exp_value(log_p):
 def ndtri_exp(log_p):
     """Inverse standard normal CDF of ``exp(log_p)``: the ``z`` with ``log Phi(z) = log_p``.
 
-    Accurate to rounding over the whole range of ``log_p`` (from ``-finfo.max / 8`` up to
+    Accurate to rounding over the whole range of ``log_p`` (from ``-finfo.max`` up to
     ``-1e-300`` and 0; compared with ``scipy.special.ndtri_exp`` in the tests): it uses
     ``jax.scipy.special.ndtri`` where ``exp(log_p)`` is a normal float at most 1/2, the
     reflection ``z = -ndtri_exp(log(1 - p))`` above 1/2, and in the far tail an asymptotic
@@ -158,6 +202,19 @@ def _normal_icdf_from_logs(log_cdf, log_sf):
     return jnp.where(lower, z, -z)
 
 
+def _log_slope(z, log_cdf, log_sf, hazard_lower, hazard_upper):
+    """``log dz/du = log f(u) - log phi(z)`` where ``F(u) = Phi(z)``, without cancellation.
+
+    In the lower tail ``log F = log Phi(z)``, so ``log f - log phi(z) = (log f - log F) -
+    (log phi - log Phi)(z)``: the difference of the mixture's and the normal's hazards, each
+    of moderate size (likewise with ``1 - F`` in the upper tail), where ``log f`` and
+    ``log phi(z)`` are both about ``-z^2/2``.
+    """
+    lower = z < 0
+    hazard = jnp.where(lower, hazard_lower, hazard_upper)
+    return hazard - _log_normal_hazard(jnp.abs(z), jnp.where(lower, log_cdf, log_sf))
+
+
 def _logsumexp(a):
     """``log sum exp`` over the last axis of finite values (lean: it is traced many times)."""
     m = jax.lax.stop_gradient(a.max(-1, keepdims=True))
@@ -189,7 +246,8 @@ class Gaussianization(FlowTransform):
     ``log F`` and ``log(1 - F)`` are log-sum-exps of log-sigmoids, and ``Phi^-1`` is taken
     from whichever tail is smaller (``ndtri_exp``), so extreme inputs stay exact. The
     log-determinant is ``sum_i log f_i(u_i) - log phi(z_i)`` with ``f_i`` the mixture
-    density; reflections contribute 0.
+    density, computed as a difference of hazards (module docstring) so that it stays
+    exact for any finite input; reflections contribute 0.
 
     Noise to data (``call_and_ladj``) has no closed form: per coordinate ``u`` solves
     ``F(u) = Phi(z)`` by bisection on ``logit F(u) = logit Phi(z)``, an increasing function
@@ -275,15 +333,37 @@ class Gaussianization(FlowTransform):
         out = _logsumexp(jnp.stack([log_w + terms[p]() for p in parts]))
         return tuple(out)
 
+    @staticmethod
+    def _tails(u, params):
+        """``log F``, ``log(1 - F)`` and the hazards ``log f - log F``, ``log f - log(1 - F)``.
+
+        ``f = sum_k w_k sigmoid(t_k) sigmoid(-t_k) / s_k``, so ``f / F`` is the average of
+        ``sigmoid(-t_k) / s_k`` under the weights ``w_k sigmoid(t_k) / F``: a log-sum-exp of
+        bounded terms once the largest ``log(w_k sigmoid(t_k))`` is taken out, where
+        ``log f - log F`` itself would cancel two numbers of size ``|u| / s``. One stacked
+        log-sum-exp for all four.
+        """
+        log_w, means, log_s, inv_s = params
+        t = (u[:, None] - means) * inv_s
+        shared = jnp.log1p(jnp.exp(-jnp.abs(t)))
+        lower, upper = jnp.minimum(t, 0.0) - shared, jnp.minimum(-t, 0.0) - shared
+        a_cdf, a_sf = log_w + lower, log_w + upper
+        # The shift cancels exactly in the hazards; stopped, it carries no gradient.
+        m_cdf = jax.lax.stop_gradient(a_cdf.max(-1, keepdims=True))
+        m_sf = jax.lax.stop_gradient(a_sf.max(-1, keepdims=True))
+        r_cdf, r_sf = a_cdf - m_cdf, a_sf - m_sf
+        out = _logsumexp(jnp.stack([r_cdf, r_sf, r_cdf + upper - log_s, r_sf + lower - log_s]))
+        return m_cdf[:, 0] + out[0], m_sf[:, 0] + out[1], out[2] - out[0], out[3] - out[1]
+
     def _tol(self, dtype):
         return max(self.inverse_tol, 8 * float(jnp.finfo(dtype).eps))
 
     # --- the two directions ------------------------------------------------------------
     def inverse_and_ladj(self, y):
         u = self._reflect(y, self._unit_reflections())
-        log_cdf, log_sf, log_pdf = self._mixture(u, self._mixture_params())
-        z = _normal_icdf_from_logs(log_cdf, log_sf)
-        return z, (log_pdf - _log_normal_pdf(z)).sum()
+        tails = self._tails(u, self._mixture_params())
+        z = _normal_icdf_from_logs(tails[0], tails[1])
+        return z, _log_slope(z, *tails).sum()
 
     def call_and_ladj(self, z):
         params = self._mixture_params()
@@ -300,14 +380,15 @@ class Gaussianization(FlowTransform):
 
         root = bisect_increasing(logit_cdf, fixed, target, tol=self._tol(z.dtype),
                                  lo=ends.min(-1), hi=ends.max(-1))
-        log_cdf, log_sf, log_pdf = self._mixture(root, params)
-        value = _normal_icdf_from_logs(log_cdf, log_sf)
-        slope = jnp.exp(log_pdf - _log_normal_pdf(z))  # d Phi^-1(F(u)) / du at the root
-        u = implicit_step(root, value, slope, z)
-        # Density at the differentiable u so the log-det carries its own gradients.
-        (log_pdf,) = self._mixture(u, params, "d")
+        tails = self._tails(root, params)
+        value = _normal_icdf_from_logs(tails[0], tails[1])
+        # The slope d Phi^-1(F(u)) / du at the root, with z for Phi^-1(F(root)) (equal to
+        # the solve's tolerance): the log-det below then shares its normal hazard.
+        u = implicit_step(root, value, jnp.exp(_log_slope(z, *tails)), z)
+        # The log-det at the differentiable u, so it carries its own gradients; after the
+        # Newton step the tail of F(u) equals that of Phi(z) to rounding.
         y = self._reflect(u, self._unit_reflections(), reverse=True)
-        return y, -(log_pdf - _log_normal_pdf(z)).sum()
+        return y, -_log_slope(z, *self._tails(u, params)).sum()
 
 
 @register_flow("gaussianization")

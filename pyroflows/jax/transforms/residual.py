@@ -54,7 +54,9 @@ class ResidualBlock(FlowTransform):
 
     The stochastic estimators take a ``key`` per vector (``call_and_ladj(x, key)``; the
     flow's ``EqxTransform`` splits one per batch row and layer, from an explicit key or
-    ``numpyro.prng_key()``); ``N`` and ``v`` come from it.
+    ``numpyro.prng_key()``); ``N`` and ``v`` come from it. The maps alone
+    (``forward_map``, ``inverse_map``, the transform's ``__call__`` and ``inv`` without
+    a key) need none.
 
     With ``neumann_gradient=True`` the series runs under ``stop_gradient`` and the gradient
     comes from Chen et al.'s Neumann-series estimator of ``tr((I + J_g)^-1 dJ_g)``, with the
@@ -163,6 +165,10 @@ class ResidualBlock(FlowTransform):
         out, log_det = self._residual_and_log_det(y, self.g.weights(), key)
         return y + out, log_det
 
+    def inverse_map(self, y):
+        """``y + g(y)`` alone: no log-det, so no key for any estimator."""
+        return y + self.g.forward_and_slopes(y, self.g.weights(), slopes=False)[0]
+
     def _fixed_point(self, x, weights):
         tol = max(self.inverse_tol, 8 * float(jnp.finfo(x.dtype).eps))
         g = _stop(self.g)
@@ -179,14 +185,21 @@ class ResidualBlock(FlowTransform):
 
         return jax.lax.while_loop(cond, body, (jnp.asarray(0), x, jnp.asarray(False)))[1]
 
-    def call_and_ladj(self, x, key=None):
-        weights = self.g.weights()
+    def _solve(self, x, weights):
         fixed = _stop(weights)
         root = self._fixed_point(x, fixed)
         out, slopes = self.g.forward_and_slopes(root, weights)
         newton = jnp.eye(self.dim, dtype=x.dtype) + LipschitzMLP.jacobian(fixed, _stop(slopes))
-        y = root - jnp.linalg.solve(newton, root + out - x)
+        return root - jnp.linalg.solve(newton, root + out - x)
+
+    def call_and_ladj(self, x, key=None):
+        weights = self.g.weights()
+        y = self._solve(x, weights)
         return y, -self._residual_and_log_det(y, weights, key)[1]
+
+    def forward_map(self, x):
+        """The solve of ``y + g(y) = x`` alone: no log-det, so no key for any estimator."""
+        return self._solve(x, self.g.weights())
 
 
 @register_flow("residual")

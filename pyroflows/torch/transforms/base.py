@@ -23,12 +23,66 @@ from torch.distributions import constraints
 
 from ...registry import check_event_dim
 
-__all__ = ["FlowTransform", "Flow", "Permute", "ElementwiseAffine", "CholeskyAffine", "bisect_increasing", "soft_clamp"]
+__all__ = [
+    "FlowTransform", "Flow", "Permute", "ElementwiseAffine", "CholeskyAffine", "LogTails", "bisect_increasing", "soft_clamp",
+    "check_input",
+]
 
 
 def soft_clamp(x: torch.Tensor, bound: float) -> torch.Tensor:
     """``bound * tanh(x / bound)``: smooth, the identity near 0, and inside (-bound, bound)."""
     return bound * torch.tanh(x / bound)
+
+
+def _float_dtype(module: torch.nn.Module):
+    """The dtype of ``module``'s first floating-point parameter (else buffer), or ``None``."""
+    for tensors in (module.parameters(), module.buffers()):
+        for t in tensors:
+            if t.is_floating_point():
+                return t.dtype
+    return None
+
+
+def check_input(x: torch.Tensor, dim: int, dtype: torch.dtype | None, what: str = "input",
+                owner: str = "this flow") -> torch.Tensor:
+    """``x`` ready for a flow on vectors of size ``dim`` with floating-point ``dtype``.
+
+    Integer and boolean inputs are cast to ``dtype`` (their values are exact there); a
+    floating-point input of another dtype raises, as Pyro's own transforms do, rather
+    than be promoted or rounded silently. An input of the right dtype is returned as is.
+
+    Args:
+        x: the input tensor, shape ``(..., dim)``.
+        dim: the flow's event size.
+        dtype: the flow's parameter dtype; ``None`` (a flow without floating-point
+            tensors, such as a permutation) accepts every floating dtype.
+        what: the argument's name in messages.
+        owner: the flow's name in messages.
+
+    Returns:
+        ``x``, or ``x`` cast to ``dtype`` when it held integers or booleans.
+
+    Raises:
+        ValueError: the last dimension of ``x`` is not ``dim``.
+        TypeError: ``x`` is not a tensor, or is a floating (or complex) tensor of another dtype.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{owner} expects a torch.Tensor as {what}, got {type(x).__name__}; "
+                        "convert it with torch.as_tensor(x)")
+    shape = x.shape
+    if not shape or shape[-1] != dim:
+        check_event_dim(shape, dim, what)
+    if x.dtype == dtype or dtype is None and x.is_floating_point():
+        return x
+    if not (x.is_floating_point() or x.is_complex()):
+        return x.to(torch.get_default_dtype() if dtype is None else dtype)
+    if dtype is None or x.is_complex():
+        raise TypeError(f"{owner} maps real vectors, but the {what} has dtype {x.dtype}; pass a real "
+                        "floating-point tensor")
+    raise TypeError(
+        f"{owner} has {dtype} parameters but the {what} has dtype {x.dtype}; cast the flow with "
+        f"flow.to({x.dtype}) or the {what} with .to({dtype})"
+    )
 
 
 class _Entry:
@@ -58,6 +112,23 @@ class FlowTransform(TransformModule):
         super().__init__(cache_size=0)
         self.dim = int(dim)
         self._entry = None
+
+    def __setattr__(self, name, value):
+        if isinstance(value, (torch.Tensor, torch.nn.Module)):
+            self.__dict__["_dtype_cache"] = None  # a new tensor may change the dtype
+        super().__setattr__(name, value)
+
+    @property
+    def flow_dtype(self) -> torch.dtype | None:
+        """The floating-point dtype of this layer's parameters (``None`` if it has none)."""
+        cache = self.__dict__.get("_dtype_cache")
+        if cache is None:
+            cache = self.__dict__["_dtype_cache"] = (_float_dtype(self),)
+        return cache[0]
+
+    def _checked(self, x, what="input"):
+        # The one check of the hot path: shape and dtype, no copy for the right dtype.
+        return check_input(x, self.dim, self.flow_dtype, what, type(self).__name__)
 
     # --- the two methods a layer implements -------------------------------------------
     def call_and_ladj(self, x):
@@ -98,7 +169,7 @@ class FlowTransform(TransformModule):
         e = self._lookup(x=x)
         if e is not None:
             return e.y
-        check_event_dim(x.shape, self.dim)
+        x = self._checked(x)
         y, ladj = self.call_and_ladj(x)
         self._store(x, y, ladj, y)
         return y
@@ -107,24 +178,23 @@ class FlowTransform(TransformModule):
         e = self._lookup(y=y)
         if e is not None:
             return e.x
-        check_event_dim(y.shape, self.dim)
+        y = self._checked(y)
         x, ildj = self.inverse_and_ladj(y)
         ladj = -ildj
         self._store(x, y, ladj, x)
         return x
 
     def _call(self, x):
-        return self.call_and_ladj(x)[0]
+        return self.call_and_ladj(self._checked(x))[0]
 
     def _inverse(self, y):
-        return self.inverse_and_ladj(y)[0]
+        return self.inverse_and_ladj(self._checked(y))[0]
 
     def log_abs_det_jacobian(self, x, y):
         e = self._lookup(x=x) or self._lookup(y=y)
         if e is not None:
             return e.ladj
-        check_event_dim(x.shape, self.dim)
-        return self.call_and_ladj(x)[1]
+        return self.call_and_ladj(self._checked(x))[1]
 
     def with_cache(self, cache_size=1):
         return self
@@ -135,10 +205,12 @@ class FlowTransform(TransformModule):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_entry"] = None  # cached tensors belong to a graph, not to the model
+        state["_dtype_cache"] = None
         return state
 
     def _apply(self, fn, *args, **kwargs):
         self._entry = None
+        self.__dict__["_dtype_cache"] = None  # .to(), .double(), .float() change it
         return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self):
@@ -157,8 +229,20 @@ class Flow(ComposeTransformModule):
         self.dim = int(dim)
         self.config = dict(config or {})
 
+    def _checked(self, x, what):
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            # Float dtypes are checked by each part against its own parameters.
+            check_event_dim(x.shape, self.dim, what)
+            return x
+        return check_input(x, self.dim, _float_dtype(self), what, "Flow")
+
     def call_and_ladj(self, x):
-        check_event_dim(x.shape, self.dim)
+        """``(y, log|det dy/dx|)`` of the whole stack for ``x`` of shape ``(..., dim)``.
+
+        Integer or boolean ``x`` is cast to the flow's dtype; a floating ``x`` of another
+        dtype than the parameters raises a ``TypeError`` that names both.
+        """
+        x = self._checked(x, "input")
         total = x.new_zeros(x.shape[:-1])
         for part in self.parts:
             y = part(x)
@@ -167,7 +251,8 @@ class Flow(ComposeTransformModule):
         return x, total
 
     def inverse_and_ladj(self, y):
-        check_event_dim(y.shape, self.dim)
+        """``(x, log|det dx/dy|)`` of the whole stack (the inverse of ``call_and_ladj``)."""
+        y = self._checked(y, "input")
         total = y.new_zeros(y.shape[:-1])
         for part in reversed(self.parts):
             x = part.inv(y)
@@ -248,6 +333,35 @@ class CholeskyAffine(FlowTransform):
         x = torch.linalg.solve_triangular(self.scale_tril, (y - self.loc).unsqueeze(-1), upper=False).squeeze(-1)
         ladj = -torch.log(torch.diagonal(self.scale_tril)).sum()
         return x, ladj.expand(y.shape[:-1])
+
+
+class LogTails(FlowTransform):
+    """Identity on ``[-threshold, threshold]``, logarithmic beyond: a fixed bijection of R^D.
+
+    ``y = x`` for ``|x| <= t`` and ``y = sign(x) (t + log(1 + |x| - t))`` beyond, per
+    coordinate (continuously differentiable). ``AutoFlow`` puts it between the flow and
+    its affine layer: a flow whose weights take one large optimiser step can put samples
+    at ``|x| ~ 1e30``, and a model that exponentiates them (a scale site) then returns
+    ``inf`` and the ELBO gradient NaN. After ``LogTails`` such a sample is ``t + 69``, so
+    the guide stays finite at learning rates where the flow alone diverges; the bulk of
+    the distribution (``|x| <= t``, in whitened coordinates) is untouched.
+    """
+
+    def __init__(self, dim: int, threshold: float = 5.0):
+        super().__init__(dim)
+        self.threshold = float(threshold)
+
+    def call_and_ladj(self, x):
+        excess = (x.abs() - self.threshold).clamp(min=0)
+        log_slope = torch.log1p(excess)
+        y = torch.sign(x) * (x.abs().clamp(max=self.threshold) + log_slope)
+        return y, -log_slope.sum(-1)
+
+    def inverse_and_ladj(self, y):
+        excess = (y.abs() - self.threshold).clamp(min=0)
+        x = torch.sign(y) * (y.abs().clamp(max=self.threshold) + torch.expm1(excess))
+        # log(1 + |x| - t) = excess exactly: no expm1/log1p round trip
+        return x, excess.sum(-1)
 
 
 def permutation_layer(kind: str, dim: int) -> Permute:

@@ -8,6 +8,11 @@ here it is ``inverse_and_ladj``; the forward (noise to data) solves it per coord
 The numerics live in log space: ``log F`` and ``log(1 - F)`` are log-sum-exps of
 log-sigmoids, and ``ndtri_exp`` inverts the normal CDF from a log-probability, so the
 layer stays exact and finite when ``F`` is far closer to 0 or 1 than a float can hold.
+The log-det ``log f(u) - log phi(z)`` is never formed as that difference (both terms
+are about ``-z^2/2``, so it would cancel to nothing in the tails); it is the difference
+of two hazards, ``log f - log F`` of the mixture and ``log phi - log Phi`` of the
+normal, taken in the same tail, each of the size of ``log|z|`` (see ``_tails`` and
+``_log_normal_hazard``).
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from .base import FlowTransform, bisect_increasing, implicit_step, soft_clamp
 
 __all__ = ["Gaussianization"]
 
-_LOG_HALF = -math.log(2.0)
+_LOG_2 = math.log(2.0)
+_LOG_HALF = -_LOG_2
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
@@ -34,7 +40,59 @@ def _log_sigmoid(t):
 
 
 def _log_normal_pdf(z):
-    return -0.5 * z * z - _HALF_LOG_2PI
+    # (z / 2) z, not z^2 / 2: the same value (halving is exact), and finite for every z
+    # whose log-density is (z up to sqrt(2 max) rather than sqrt(max)).
+    return -(0.5 * z) * z - _HALF_LOG_2PI
+
+
+def _mills_series(x, terms=12):
+    """``sum_n (-1)^n (2n-1)!! / x^(2n)``: ``x Phi(-x) / phi(x)`` for large ``x`` (asymptotic).
+
+    With 12 terms the first omitted one is below 1e-19 at ``x = 20`` and 1e-13 at
+    ``x = 10``: exact to rounding from there on in float64 (resp. float32).
+    """
+    inv2 = 1.0 / (x * x)
+    series, term = torch.ones_like(x), torch.ones_like(x)
+    for n in range(1, terms + 1):
+        term = term * (-(2 * n - 1)) * inv2
+        series = series + term
+    return series
+
+
+def _tail_switch(dtype):
+    return 20.0 if torch.finfo(dtype).bits == 64 else 10.0
+
+
+def _log_normal_hazard(x, log_tail):
+    """``log(phi(x) / Phi(-x))`` for ``x >= 0`` given ``log_tail = log Phi(-x)``, without cancellation.
+
+    Both logs are about ``-x^2/2``: their difference ``log phi(x) - log_tail`` is formed only
+    up to ``x = 20`` (float64; 10 in float32), where it is exact to about ``eps x^2``;
+    beyond, ``log x - log S(x)`` with the asymptotic series ``S = x Phi(-x) / phi(x)``, and
+    ``log_tail`` is not used. Callers pass the log tail they already hold (the mixture's,
+    equal to ``log Phi(-x)`` by construction), so no normal CDF is evaluated here.
+    """
+    switch = _tail_switch(x.dtype)
+    tail = x > switch
+    zero = torch.zeros_like(x)
+    far = torch.where(tail, x, torch.full_like(x, switch))
+    direct = _log_normal_pdf(torch.where(tail, zero, x)) - torch.where(tail, zero, log_tail)
+    return torch.where(tail, torch.log(far) - torch.log(_mills_series(far)), direct)
+
+
+def _ndtri_exp_slope(log_p, z):
+    """``dz/dlog_p = Phi(z) / phi(z)`` at ``z = ndtri_exp(log_p)``, without cancellation.
+
+    ``exp(log_p - log phi(z))`` (``log Phi(z) = log_p`` there) is exact to about
+    ``eps z^2``; below ``z = -20`` (float64; ``-10`` in float32) the two logs would cancel
+    down to ``log|z|``, and the asymptotic series ``S(x) / x``, ``x = -z``, is exact to
+    rounding instead (mirrors the JAX backend).
+    """
+    switch = -_tail_switch(z.dtype)
+    tail = z < switch
+    x = -torch.where(tail, z, torch.full_like(z, switch))
+    direct = torch.exp(log_p - _log_normal_pdf(torch.where(tail, torch.zeros_like(z), z)))
+    return torch.where(tail, _mills_series(x) / x, direct)
 
 
 def _ndtri_exp_lower(log_p):
@@ -46,14 +104,19 @@ def _ndtri_exp_lower(log_p):
     # Deep tail: log Phi(z) ~ -z^2/2 - log|z| - log sqrt(2 pi) gives z^2 ~ a - log a with
     # a = -2 log_p - log 2 pi; Newton on log_ndtr(z) = log_p then converges quadratically
     # (log Phi is concave, so after one step the iterates approach the root from below).
-    lp = log_p.clamp(min=-finfo.max / 8, max=threshold)
-    a = (-2.0 * lp - math.log(2.0 * math.pi)).clamp_min(1.0)
-    z = -torch.sqrt(a - torch.log(a))
+    # Every finite log_p: a / 2 = -log_p - log sqrt(2 pi) is formed instead of a, which
+    # would overflow for log_p below -max / 2.
+    lp = log_p.clamp(min=-finfo.max, max=threshold)
+    half_a = (-lp - _HALF_LOG_2PI).clamp_min(0.5)
+    x = math.sqrt(2.0) * torch.sqrt(half_a - 0.5 * (_LOG_2 + torch.log(half_a)))  # x = -z >= 37 (12 in float32)
     for _ in range(4):
-        log_cdf = torch.special.log_ndtr(z)
-        step = (log_cdf - lp) * torch.exp(log_cdf - _log_normal_pdf(z))
-        z = torch.where(torch.isfinite(step), z - step, z)
-    z = torch.where(log_p >= threshold, direct, z)
+        # There Phi(-x) / phi(x) = S(x) / x: the Newton slope without the cancellation of
+        # exp(log Phi - log phi) (both near -x^2/2, which float32 holds only to ~x^2 eps).
+        mills = _mills_series(x) / x
+        log_cdf = _log_normal_pdf(x) + torch.log(mills)
+        step = (log_cdf - lp) * mills
+        x = torch.where(torch.isfinite(step), x + step, x)
+    z = torch.where(log_p >= threshold, direct, -x)
     return torch.where(log_p == -math.inf, torch.full_like(z, -math.inf), z)
 
 
@@ -75,15 +138,13 @@ class _NdtriExp(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output)
+        ctx.save_for_backward(inputs[0], output)
 
     @staticmethod
     def backward(ctx, grad):
-        (z,) = ctx.saved_tensors
-        # Implicit function: log Phi(z) = log_p, so dz/dlog_p = Phi(z) / phi(z), formed in log space.
-        slope = torch.exp(torch.special.log_ndtr(z) - _log_normal_pdf(z))
-        slope = torch.where(z == -math.inf, torch.zeros_like(slope), slope)
-        return grad * slope
+        log_p, z = ctx.saved_tensors
+        # Implicit function: log Phi(z) = log_p, so dz/dlog_p = Phi(z) / phi(z).
+        return grad * _ndtri_exp_slope(log_p, z)
 
 
 def ndtri_exp(log_p: torch.Tensor) -> torch.Tensor:
@@ -99,10 +160,29 @@ def ndtri_exp(log_p: torch.Tensor) -> torch.Tensor:
 
 
 def _normal_icdf_from_logs(log_cdf, log_sf):
-    """``Phi^-1(F)`` given both ``log F`` and ``log(1 - F)``: each tail from its own log."""
-    lower = ndtri_exp(torch.minimum(log_cdf, torch.full_like(log_cdf, _LOG_HALF)))
-    upper = -ndtri_exp(torch.minimum(log_sf, torch.full_like(log_sf, _LOG_HALF)))
-    return torch.where(log_cdf < log_sf, lower, upper)
+    """``Phi^-1(F)`` given both ``log F`` and ``log(1 - F)``: each tail from its own log.
+
+    ``ndtri_exp(log F)`` where ``F < 1 - F``, else ``-ndtri_exp(log(1 - F))``; one call on
+    the smaller log (at most ``log(1/2)``).
+    """
+    lower = log_cdf < log_sf
+    small = torch.where(lower, log_cdf, log_sf)
+    # A where (not minimum, which halves the gradient at a tie) caps rounding above log(1/2).
+    z = ndtri_exp(torch.where(small > _LOG_HALF, torch.full_like(small, _LOG_HALF), small))
+    return torch.where(lower, z, -z)
+
+
+def _log_slope(z, log_cdf, log_sf, hazard_lower, hazard_upper):
+    """``log dz/du = log f(u) - log phi(z)`` where ``F(u) = Phi(z)``, without cancellation.
+
+    In the lower tail ``log F = log Phi(z)``, so ``log f - log phi(z) = (log f - log F) -
+    (log phi - log Phi)(z)``: the difference of the mixture's and the normal's hazards, each
+    of moderate size (likewise with ``1 - F`` in the upper tail), where ``log f`` and
+    ``log phi(z)`` are both about ``-z^2/2``.
+    """
+    lower = z < 0
+    hazard = torch.where(lower, hazard_lower, hazard_upper)
+    return hazard - _log_normal_hazard(z.abs(), torch.where(lower, log_cdf, log_sf))
 
 
 def _initial_mixture(num_components: int):
@@ -130,7 +210,8 @@ class Gaussianization(FlowTransform):
     ``log F`` and ``log(1 - F)`` are log-sum-exps of log-sigmoids, and ``Phi^-1`` is taken
     from whichever tail is smaller (``ndtri_exp``), so extreme inputs stay exact. The
     log-determinant is ``sum_i log f_i(u_i) - log phi(z_i)`` with ``f_i`` the mixture
-    density; reflections contribute 0.
+    density, computed as a difference of hazards (module docstring) so that it stays
+    exact for any finite input; reflections contribute 0.
 
     Noise to data (``call_and_ladj``) has no closed form: per coordinate ``u`` solves
     ``F(u) = Phi(z)`` by bisection on ``logit F(u) = logit Phi(z)``, an increasing function
@@ -187,15 +268,33 @@ class Gaussianization(FlowTransform):
         return log_w, self.means, log_s
 
     @staticmethod
-    def _mixture(u, params, density=True):
-        """``log F(u)``, ``log(1 - F(u))`` and (optionally) ``log f(u)`` per coordinate."""
+    def _mixture(u, params):
+        """``log F(u)`` and ``log(1 - F(u))`` per coordinate."""
+        log_w, means, log_s = params
+        t = (u.unsqueeze(-1) - means) * torch.exp(-log_s)
+        return torch.logsumexp(log_w + _log_sigmoid(t), -1), torch.logsumexp(log_w + _log_sigmoid(-t), -1)
+
+    @staticmethod
+    def _tails(u, params):
+        """``log F``, ``log(1 - F)`` and the hazards ``log f - log F``, ``log f - log(1 - F)``.
+
+        ``f = sum_k w_k sigmoid(t_k) sigmoid(-t_k) / s_k``, so ``f / F`` is the average of
+        ``sigmoid(-t_k) / s_k`` under the weights ``w_k sigmoid(t_k) / F``: a log-sum-exp of
+        bounded terms once the largest ``log(w_k sigmoid(t_k))`` is taken out, where
+        ``log f - log F`` itself would cancel two numbers of size ``|u| / s``.
+        """
         log_w, means, log_s = params
         t = (u.unsqueeze(-1) - means) * torch.exp(-log_s)
         lower, upper = _log_sigmoid(t), _log_sigmoid(-t)
-        log_cdf = torch.logsumexp(log_w + lower, -1)
-        log_sf = torch.logsumexp(log_w + upper, -1)
-        log_pdf = torch.logsumexp(log_w - log_s + lower + upper, -1) if density else None
-        return log_cdf, log_sf, log_pdf
+        a_cdf, a_sf = log_w + lower, log_w + upper
+        # The shift cancels exactly in the hazards; detached, it carries no gradient.
+        m_cdf = a_cdf.detach().amax(-1, keepdim=True)
+        m_sf = a_sf.detach().amax(-1, keepdim=True)
+        r_cdf, r_sf = a_cdf - m_cdf, a_sf - m_sf
+        lse_cdf, lse_sf = torch.logsumexp(r_cdf, -1), torch.logsumexp(r_sf, -1)
+        hazard_lower = torch.logsumexp(r_cdf + upper - log_s, -1) - lse_cdf
+        hazard_upper = torch.logsumexp(r_sf + lower - log_s, -1) - lse_sf
+        return m_cdf.squeeze(-1) + lse_cdf, m_sf.squeeze(-1) + lse_sf, hazard_lower, hazard_upper
 
     def _tol(self, dtype):
         return max(self.inverse_tol, 8 * torch.finfo(dtype).eps)
@@ -203,9 +302,9 @@ class Gaussianization(FlowTransform):
     # --- the two directions ------------------------------------------------------------
     def inverse_and_ladj(self, y):
         u = self._reflect(y, self._unit_reflections())
-        log_cdf, log_sf, log_pdf = self._mixture(u, self._mixture_params())
-        z = _normal_icdf_from_logs(log_cdf, log_sf)
-        return z, (log_pdf - _log_normal_pdf(z)).sum(-1)
+        tails = self._tails(u, self._mixture_params())
+        z = _normal_icdf_from_logs(tails[0], tails[1])
+        return z, _log_slope(z, *tails).sum(-1)
 
     def call_and_ladj(self, z):
         params = self._mixture_params()
@@ -218,19 +317,20 @@ class Gaussianization(FlowTransform):
             ends = fixed[1] + torch.exp(fixed[2]) * target.detach().unsqueeze(-1)
 
             def logit_cdf(u):
-                log_cdf, log_sf, _ = self._mixture(u, fixed, density=False)
+                log_cdf, log_sf = self._mixture(u, fixed)
                 return log_cdf - log_sf
 
             root = bisect_increasing(logit_cdf, target.detach(), tol=self._tol(z.dtype),
                                      lo=ends.amin(-1), hi=ends.amax(-1))
-        log_cdf, log_sf, log_pdf = self._mixture(root, params)
-        value = _normal_icdf_from_logs(log_cdf, log_sf)
-        slope = torch.exp(log_pdf - _log_normal_pdf(z))  # d Phi^-1(F(u)) / du at the root
-        u = implicit_step(root, value, slope, z)
-        # Density at the differentiable u so the log-det carries its own gradients.
-        _, _, log_pdf = self._mixture(u, params)
+        tails = self._tails(root, params)
+        value = _normal_icdf_from_logs(tails[0], tails[1])
+        # The slope d Phi^-1(F(u)) / du at the root, with z for Phi^-1(F(root)) (equal to
+        # the solve's tolerance): the log-det below then shares its normal hazard.
+        u = implicit_step(root, value, torch.exp(_log_slope(z, *tails)), z)
+        # The log-det at the differentiable u, so it carries its own gradients; after the
+        # Newton step the tail of F(u) equals that of Phi(z) to rounding.
         y = self._reflect(u, self._unit_reflections().flip(0))
-        return y, -(log_pdf - _log_normal_pdf(z)).sum(-1)
+        return y, -_log_slope(z, *self._tails(u, params)).sum(-1)
 
 
 @register_flow("gaussianization")

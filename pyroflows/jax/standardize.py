@@ -1,0 +1,82 @@
+"""A fixed per-coordinate affine layer: how ``fit_mle(standardize=True)`` folds the data's
+z-scoring into the flow it returns (mirrored in ``pyroflows.torch.standardize``).
+
+``Standardize(loc, scale)`` maps ``z`` to ``x = loc + scale * z`` (log-det
+``sum(log scale)``). Its arrays pass through ``stop_gradient``, so no optimiser (``fit_mle``,
+``fit_reverse_kl``, NumPyro's ``eqx_module`` under SVI) moves them; in a saved file they
+are named ``<index>.loc`` and ``<index>.scale``, as the torch buffers are.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .transforms.base import Flow, FlowTransform
+
+__all__ = ["Standardize", "with_standardize", "split_standardize"]
+
+
+class Standardize(FlowTransform):
+    """``x = loc + scale * z`` per coordinate, with fixed ``loc`` and ``scale > 0``.
+
+    Args:
+        loc: the per-coordinate shift, shape ``(dim,)`` (the data's mean).
+        scale: the per-coordinate scale, shape ``(dim,)``, positive (the data's sd).
+        dtype: the arrays' dtype (default: JAX's default float).
+    """
+
+    loc: jax.Array
+    scale: jax.Array
+
+    def __init__(self, loc, scale, dtype=None):
+        loc_np, scale_np = np.asarray(loc, dtype=float), np.asarray(scale, dtype=float)
+        if loc_np.ndim != 1 or scale_np.shape != loc_np.shape:
+            raise ValueError(
+                f"Standardize: loc and scale must both have shape (dim,), got {loc_np.shape} and {scale_np.shape}"
+            )
+        if not np.isfinite(loc_np).all() or not (np.isfinite(scale_np) & (scale_np > 0)).all():
+            raise ValueError("Standardize: loc must be finite and scale finite and positive")
+        dtype = dtype or jnp.result_type(float)
+        self.dim = int(loc_np.shape[0])
+        self.loc = jnp.asarray(loc_np, dtype)
+        self.scale = jnp.asarray(scale_np, dtype)
+
+    def _fixed(self):
+        return jax.lax.stop_gradient(self.loc), jax.lax.stop_gradient(self.scale)
+
+    def call_and_ladj(self, x):
+        loc, scale = self._fixed()
+        return loc + scale * x, jnp.sum(jnp.log(scale))
+
+    def inverse_and_ladj(self, y):
+        loc, scale = self._fixed()
+        return (y - loc) / scale, -jnp.sum(jnp.log(scale))
+
+
+def with_standardize(flow, layer: Standardize) -> Flow:
+    """A ``Flow`` running ``flow`` and then ``layer`` (so its density is on the data's scale).
+
+    The config gains ``standardize=True``, which tells ``load_flow`` to append a
+    ``Standardize`` layer before it loads the arrays.
+
+    Args:
+        flow: a ``Flow`` (from ``build_flow``) or any single ``FlowTransform`` layer.
+        layer: the fixed affine layer to append.
+
+    Returns:
+        A new ``Flow`` whose last part is ``layer``.
+    """
+    if isinstance(flow, Flow):
+        config = dict(flow.config, standardize=True) if flow.config else {}
+        return Flow(tuple(flow.parts) + (layer,), layer.dim, config)
+    return Flow((flow, layer), layer.dim, {})
+
+
+def split_standardize(flow):
+    """``(inner, layer)`` when ``flow`` is a ``Flow`` ending in a ``Standardize`` layer, else ``(flow, None)``."""
+    if isinstance(flow, Flow) and len(flow.parts) > 1 and isinstance(flow.parts[-1], Standardize):
+        config = {k: v for k, v in flow.config.items() if k != "standardize"}
+        return Flow(flow.parts[:-1], flow.dim, config), flow.parts[-1]
+    return flow, None

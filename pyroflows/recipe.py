@@ -1,0 +1,176 @@
+"""The backend-neutral half of ``fit_posterior``: the training recipe, its learning-rate
+schedule with the ELBO-plateau stop, argument checks and the report.
+
+The recipe is the one the posteriordb benchmark supports (``benchmarks/posteriordb.py``):
+``AutoFlow``'s defaults (``iaf``, 3 layers of 64x64, ``init_scale="auto"``), 8 particles,
+Adam from ``lr=2e-3`` down to ``1e-4``. With ``num_steps=None`` the rate drops by
+``decay`` each time the ELBO stops improving, and the fit stops when it would fall below
+``lr_final`` (or at ``max_steps``); with a number of steps it decays exponentially over
+them, as in the benchmark.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+
+import numpy as np
+
+from .fitting import check_fit_options
+
+__all__ = ["RECIPE", "Recipe", "PlateauSchedule", "check_posterior_options", "split_options", "make_report", "KHAT_WARN"]
+
+KHAT_WARN = 0.7
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """The settings of ``fit_posterior`` (each one is also a keyword of it).
+
+    Attributes:
+        lr: Adam's initial learning rate.
+        lr_final: the learning rate at which the fit ends.
+        num_particles: ELBO particles per step (vectorised).
+        window: steps per ELBO window; the plateau test compares window means.
+        patience: windows without improvement before the rate drops.
+        decay: factor of each drop.
+        max_steps: the most steps when ``num_steps`` is None.
+        num_samples: guide draws for the report's diagnostics.
+    """
+
+    lr: float = 2e-3
+    lr_final: float = 1e-4
+    num_particles: int = 8
+    window: int = 1000
+    patience: int = 3
+    decay: float = 0.5
+    max_steps: int = 40_000
+    num_samples: int = 2000
+
+
+RECIPE = Recipe()
+
+
+def split_options(num_steps, options: dict, caller: str = "fit_posterior") -> tuple[Recipe, dict]:
+    """``fit_posterior``'s keywords split into the checked recipe and the guide's keywords.
+
+    Args:
+        num_steps: a fixed number of steps, or None.
+        options: every keyword ``fit_posterior`` got beyond its named ones.
+        caller: the name in messages.
+
+    Returns:
+        ``(recipe, guide_options)``; the guide (``AutoFlow``) checks the latter itself.
+    """
+    fields = {f.name for f in dataclasses.fields(Recipe)}
+    recipe = check_posterior_options(num_steps, {k: v for k, v in options.items() if k in fields}, caller)
+    return recipe, {k: v for k, v in options.items() if k not in fields}
+
+
+def check_posterior_options(num_steps, options: dict, caller: str = "fit_posterior") -> Recipe:
+    """The recipe with the user's overrides, each checked; unknown names raise ``ValueError``."""
+    fields = {f.name for f in dataclasses.fields(Recipe)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ValueError(f"{caller}: unknown option(s) {unknown}; the recipe's options are {sorted(fields)}")
+    recipe = dataclasses.replace(RECIPE, **options)
+    if num_steps is not None:
+        check_fit_options(caller, num_steps=num_steps)
+    check_fit_options(
+        caller, lr=recipe.lr, num_particles=recipe.num_particles, num_samples=recipe.num_samples,
+        eval_every=recipe.window, patience=recipe.patience, num_steps=recipe.max_steps,
+    )
+    check_fit_options(caller, lr=recipe.lr_final)
+    if not recipe.lr_final <= recipe.lr:
+        raise ValueError(f"{caller}: lr_final={recipe.lr_final!r} must not exceed lr={recipe.lr!r}")
+    if isinstance(recipe.decay, bool) or not (isinstance(recipe.decay, (int, float)) and 0 < recipe.decay < 1):
+        raise ValueError(f"{caller}: decay={recipe.decay!r} must lie strictly between 0 and 1")
+    return recipe
+
+
+class PlateauSchedule:
+    """The learning rate of each window of steps, and when to stop.
+
+    With ``num_steps``: ``lr * (lr_final / lr) ** (t / num_steps)`` at the start of each
+    window, for exactly ``num_steps`` steps. Without: the rate stays until the mean loss
+    of a window has not beaten the best window mean by two standard errors (the spread of
+    the per-step losses in that window over ``sqrt(window)``) for ``patience`` windows in
+    a row; then it is multiplied by ``decay``. The fit stops when the rate would fall
+    below ``lr_final``, or at ``max_steps``.
+
+    Args:
+        recipe: the settings.
+        num_steps: a fixed number of steps, or None for the plateau rule.
+    """
+
+    def __init__(self, recipe: Recipe, num_steps: int | None):
+        self.recipe, self.num_steps = recipe, num_steps
+        self.total = recipe.max_steps if num_steps is None else int(num_steps)
+        self.step, self.lr = 0, float(recipe.lr)
+        self.best, self._since, self.reason = math.inf, 0, None
+
+    def next_window(self) -> int:
+        """The length of the next window of steps (0 when the fit is over)."""
+        if self.reason is not None:
+            return 0
+        return min(self.recipe.window, self.total - self.step)
+
+    def update(self, losses) -> None:
+        """Record one window's per-step losses (non-finite ones, the skipped steps, ignored)."""
+        losses = np.asarray(losses, dtype=float)
+        self.step += losses.size
+        r = self.recipe
+        if self.num_steps is not None:
+            self.lr = r.lr * (r.lr_final / r.lr) ** (self.step / self.num_steps)
+            if self.step >= self.total:
+                self.reason = "num_steps"
+            return
+        if self.step >= self.total:
+            self.reason = "max_steps"
+            return
+        finite = losses[np.isfinite(losses)]
+        if finite.size < 2:
+            return
+        mean, se = finite.mean(), finite.std() / math.sqrt(finite.size)
+        if mean < self.best - 2 * se:
+            self.best, self._since = mean, 0
+            return
+        self.best = min(self.best, mean)
+        self._since += 1
+        if self._since >= r.patience:
+            self._since = 0
+            if self.lr * r.decay < r.lr_final * (1 - 1e-9):
+                self.reason = "plateau"
+            else:
+                self.lr *= r.decay
+
+
+def make_report(diagnostics: dict, seconds: float, schedule: PlateauSchedule, start: str,
+                caller: str = "fit_posterior") -> dict:
+    """The report of a fit, and a ``UserWarning`` when PSIS k-hat exceeds 0.7.
+
+    Args:
+        diagnostics: ``evaluate``'s dict (``elbo``, ``iwelbo``, ``khat``, ``ess``, ...).
+        seconds: wall-clock time of the fit.
+        schedule: the fit's schedule (steps taken, final rate, why it stopped).
+        start: the guide's one-line start message.
+
+    Returns:
+        ``elbo``, ``iwelbo``, ``khat``, ``ess``, ``ess_fraction``, ``seconds``, ``num_steps``,
+        ``lr_final`` (the last rate used), ``stopped`` (``"plateau"``, ``"max_steps"`` or
+        ``"num_steps"``) and ``start``.
+    """
+    report = {k: float(diagnostics[k]) for k in ("elbo", "iwelbo", "khat", "ess", "ess_fraction") if k in diagnostics}
+    report.update(seconds=float(seconds), num_steps=int(schedule.step), lr_final=float(schedule.lr),
+                  stopped=schedule.reason, start=start)
+    khat = report.get("khat", math.nan)
+    if not khat <= KHAT_WARN:
+        warnings.warn(
+            f"{caller}: PSIS k-hat {khat:.2f} > {KHAT_WARN}: the flow posterior misses part of the posterior's "
+            "mass, so its draws and expectations are not trustworthy. Try more steps (num_steps=, or a larger "
+            "max_steps=), a more flexible flow (flow='nsf', num_layers=), or reparametrise the model (a "
+            "non-centred hierarchy for a funnel); report['khat'] measures the result",
+            UserWarning, stacklevel=3,
+        )
+    return report

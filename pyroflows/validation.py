@@ -1,0 +1,175 @@
+"""Checks of numeric and boolean arguments, shared by the registry, the fitting functions and
+stochastic flows, so that a bad value reads the same wherever it was passed.
+
+Every checker takes ``(name, value)`` plus an optional ``caller`` and returns the value as
+a plain Python ``int``/``float``/``bool``, or raises ``ValueError`` naming the argument,
+the bad value and what is valid::
+
+    >>> positive_float("lr", float("inf"), caller="fit_mle")
+    Traceback (most recent call last):
+    ValueError: fit_mle: lr=inf must be a positive number (finite and above 0)
+
+Without ``caller`` the message says ``option name=...`` (the registry prefixes the flow's
+name). Booleans are never numbers here (``True`` is not ``1``), and NaN and infinities are
+never valid: they would only come back later as NaN outputs.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, Iterable
+
+__all__ = [
+    "positive_int", "optional_positive_int", "non_negative_int", "int_list", "positive_float",
+    "bounded_positive_float", "non_negative_float", "open_unit", "unit_fraction", "boolean", "choice",
+]
+
+
+def _label(name: str, caller: str | None) -> str:
+    return f"{caller}: {name}" if caller else f"option {name}"
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _real(value: Any) -> float | None:
+    """``value`` as a finite float, or ``None`` when it is not a finite real number (or a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        out = float(value)
+    except (OverflowError, ValueError, TypeError):  # e.g. 10**400
+        return None
+    return out if math.isfinite(out) else None
+
+
+def positive_int(name: str, value: Any, *, caller: str | None = None) -> int:
+    """``value`` as an ``int`` >= 1.
+
+    Args:
+        name: the argument's name, for the message.
+        value: what was passed.
+        caller: the function or flow that received it (message prefix).
+
+    Returns:
+        ``int(value)``.
+    """
+    if not _integer(value) or value < 1:
+        raise ValueError(f"{_label(name, caller)}={value!r} must be a positive integer")
+    return int(value)
+
+
+def optional_positive_int(name: str, value: Any, *, caller: str | None = None) -> int | None:
+    """``None``, or ``value`` as an ``int`` >= 1 (see ``positive_int``)."""
+    return None if value is None else positive_int(name, value, caller=caller)
+
+
+def non_negative_int(name: str, value: Any, *, caller: str | None = None) -> int:
+    """``value`` as an ``int`` >= 0 (see ``positive_int``)."""
+    if not _integer(value) or value < 0:
+        raise ValueError(f"{_label(name, caller)}={value!r} must be an integer >= 0")
+    return int(value)
+
+
+def int_list(name: str, value: Any, *, caller: str | None = None) -> tuple[int, ...]:
+    """A non-empty sequence of positive integers (or one integer) as a tuple of ints."""
+    if _integer(value):
+        value = [value]
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ValueError(f"{_label(name, caller)}={value!r} must be a list of positive integers")
+    items = list(value)
+    if not items:
+        raise ValueError(f"{_label(name, caller)} must not be empty: give a list of positive integers")
+    if not all(_integer(v) and v >= 1 for v in items):
+        raise ValueError(f"{_label(name, caller)}={value!r} must be a list of positive integers")
+    return tuple(int(v) for v in items)
+
+
+def positive_float(name: str, value: Any, *, caller: str | None = None) -> float:
+    """``value`` as a finite ``float`` > 0.
+
+    Args:
+        name: the argument's name, for the message.
+        value: what was passed (an int, float or other real number; not a bool).
+        caller: the function or flow that received it (message prefix).
+
+    Returns:
+        ``float(value)``.
+    """
+    out = _real(value)
+    if out is None or not out > 0:
+        raise ValueError(f"{_label(name, caller)}={value!r} must be a positive number (finite and above 0)")
+    return out
+
+
+def bounded_positive_float(maximum: float, why: str = "") -> Callable[..., float]:
+    """A checker like ``positive_float`` that also requires ``value <= maximum``.
+
+    Args:
+        maximum: the largest valid value.
+        why: appended to the message (for example why larger values are unsafe).
+
+    Returns:
+        ``check(name, value, *, caller=None) -> float``.
+    """
+    suffix = f": {why}" if why else ""
+
+    def check(name: str, value: Any, *, caller: str | None = None) -> float:
+        out = _real(value)
+        if out is None or not 0 < out <= maximum:
+            raise ValueError(
+                f"{_label(name, caller)}={value!r} must be a positive number no larger than {maximum:g}{suffix}"
+            )
+        return out
+
+    check.__name__ = f"positive_float_at_most_{maximum:g}"
+    return check
+
+
+def non_negative_float(name: str, value: Any, *, caller: str | None = None) -> float:
+    """``value`` as a finite ``float`` >= 0."""
+    out = _real(value)
+    if out is None or not out >= 0:
+        raise ValueError(f"{_label(name, caller)}={value!r} must be a finite number >= 0")
+    return out
+
+
+def open_unit(name: str, value: Any, *, caller: str | None = None) -> float:
+    """``value`` as a ``float`` strictly between 0 and 1."""
+    out = _real(value)
+    if out is None or not 0 < out < 1:
+        raise ValueError(f"{_label(name, caller)}={value!r} must lie strictly between 0 and 1")
+    return out
+
+
+def unit_fraction(name: str, value: Any, *, caller: str | None = None) -> float:
+    """``value`` as a ``float`` in ``[0, 1)`` (for example a validation fraction)."""
+    out = _real(value)
+    if out is None or not 0 <= out < 1:
+        raise ValueError(f"{_label(name, caller)}={value!r} must lie in [0, 1)")
+    return out
+
+
+def boolean(name: str, value: Any, *, caller: str | None = None) -> bool:
+    """``value`` itself when it is ``True`` or ``False`` (not 0, 1 or a string)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{_label(name, caller)}={value!r} must be True or False")
+    return value
+
+
+def choice(*values: str) -> Callable[..., str]:
+    """A checker accepting exactly the strings ``values``.
+
+    Returns:
+        ``check(name, value, *, caller=None) -> str``.
+    """
+
+    def check(name: str, value: Any, *, caller: str | None = None) -> str:
+        # isinstance first: `in` on an array would compare elementwise.
+        if not isinstance(value, str) or value not in values:
+            raise ValueError(f"{_label(name, caller)}={value!r} is not one of {list(values)}")
+        return value
+
+    return check

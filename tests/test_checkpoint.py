@@ -1,0 +1,247 @@
+"""``load_flow`` on files it cannot use: each error names the file, the problem and the fix.
+
+The same checks on both backends; each backend is imported only by its own cases, so a
+machine with one backend runs that half.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from pyroflows import checkpoint
+
+BACKENDS = ["torch", "jax"]
+
+
+def _backend(name):
+    return pytest.importorskip(f"pyroflows.{name}")
+
+
+def _saved_flow(backend, path):
+    """A small flow of ``backend`` saved at ``path``."""
+    pf = _backend(backend)
+    pf.save_flow(pf.build_flow("realnvp", 3, num_layers=2, hidden_dims=(4,)), path)
+    return pf
+
+
+def _rewrite(path, edit):
+    """Rewrite a saved file with ``edit(meta, arrays)`` applied, using numpy alone."""
+    with np.load(path) as f:
+        meta = json.loads(str(f[checkpoint._META]))
+        arrays = {k: f[k] for k in f.files if k != checkpoint._META}
+    edit(meta, arrays)
+    np.savez(path, **{checkpoint._META: np.array(json.dumps(meta))}, **arrays)
+
+
+def _first_weight(arrays):
+    return next(k for k, a in arrays.items() if np.issubdtype(a.dtype, np.floating) and a.ndim == 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_valid_file_still_loads(backend, tmp_path):
+    pf = _saved_flow(backend, tmp_path / "f.npz")
+    assert pf.load_flow(tmp_path / "f.npz").config["name"] == "realnvp"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_missing_file_is_named(backend, tmp_path):
+    pf = _backend(backend)
+    with pytest.raises(FileNotFoundError, match=r"nope\.npz: no such flow file; pass the path that save_flow wrote"):
+        pf.load_flow(tmp_path / "nope.npz")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_npy_file_is_not_a_flow_file(backend, tmp_path):
+    pf = _backend(backend)
+    path = tmp_path / "weights.npy"
+    np.save(path, np.zeros(3))
+    with pytest.raises(ValueError, match=(
+        r"weights\.npy is not a pyroflows flow file \(\.npz written by save_flow\): "
+        r"it holds a single numpy array \(\.npy.*load it with numpy\.load, or write the flow with save_flow"
+    )):
+        pf.load_flow(path)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_text_file_is_not_a_flow_file_and_is_never_unpickled(backend, tmp_path):
+    pf = _backend(backend)
+    path = tmp_path / "notes.txt"
+    path.write_text("dim: 3\nname: realnvp\n")
+    with pytest.raises(ValueError, match=(
+        r"notes\.txt is not a pyroflows flow file \(\.npz written by save_flow\): it is not a zip archive"
+    )) as info:
+        pf.load_flow(path)
+    assert "allow_pickle" not in str(info.value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_truncated_file_is_reported_as_damaged(backend, tmp_path):
+    path = tmp_path / "f.npz"
+    pf = _saved_flow(backend, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=(
+        r"f\.npz is damaged or truncated \(reading it failed with BadZipFile.*\); "
+        r"save the flow again with save_flow, or copy the file again in full"
+    )):
+        pf.load_flow(path)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_array_of_the_wrong_shape_is_named(backend, tmp_path):
+    path = tmp_path / "f.npz"
+    pf = _saved_flow(backend, path)
+    names = []
+
+    def edit(meta, arrays):
+        names.append(_first_weight(arrays))
+        arrays[names[0]] = arrays[names[0]][:, :-1]
+
+    _rewrite(path, edit)
+    with pytest.raises(ValueError, match=(
+        rf"f\.npz: array '{re.escape(names[0])}' has shape \(\d+, \d+\), the flow expects \(\d+, \d+\); "
+        r"the file does not match the flow its own config builds .*save the flow again with save_flow"
+    )):
+        pf.load_flow(path)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_weights_are_refused_naming_the_array(backend, bad, tmp_path):
+    path = tmp_path / "f.npz"
+    pf = _saved_flow(backend, path)
+    names = []
+
+    def edit(meta, arrays):
+        names.append(_first_weight(arrays))
+        arrays[names[0]] = arrays[names[0]].copy()
+        arrays[names[0]][0, 0] = bad
+
+    _rewrite(path, edit)
+    counts = "1 NaN, 0 inf" if np.isnan(bad) else "0 NaN, 1 inf"
+    with pytest.raises(ValueError, match=(
+        rf"f\.npz: non-finite weights in array\(s\) '{re.escape(names[0])}' \({counts} of \d+\); "
+        r"the flow was saved after its training diverged"
+    )):
+        pf.load_flow(path)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("key", ["config", "format"])
+def test_a_missing_metadata_key_is_named(backend, key, tmp_path):
+    path = tmp_path / "f.npz"
+    pf = _saved_flow(backend, path)
+    _rewrite(path, lambda meta, arrays: meta.pop(key))
+    with pytest.raises(ValueError, match=(
+        rf"f\.npz: its __pyroflows__ metadata lacks the key\(s\) \['{key}'\].*save the flow again with save_flow"
+    )):
+        pf.load_flow(path)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_config_without_the_flow_name_is_named(backend, tmp_path):
+    path = tmp_path / "f.npz"
+    pf = _saved_flow(backend, path)
+    _rewrite(path, lambda meta, arrays: meta["config"].pop("name"))
+    with pytest.raises(ValueError, match=r"f\.npz: its config lacks the key\(s\) \['name'\] that build_flow needs"):
+        pf.load_flow(path)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_config_this_backend_cannot_build_says_to_register_it(backend, tmp_path):
+    path = tmp_path / "f.npz"
+    pf = _saved_flow(backend, path)
+    _rewrite(path, lambda meta, arrays: meta["config"].update(name="my_own_flow"))
+    with pytest.raises(ValueError, match=(
+        rf"f\.npz: its config .* does not build a flow on the {backend} backend .*register_flow"
+    )):
+        pf.load_flow(path)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_npz_of_plain_arrays_and_an_object_array_are_refused(backend, tmp_path):
+    pf = _backend(backend)
+    plain = tmp_path / "plain.npz"
+    np.savez(plain, a=np.zeros(3))
+    with pytest.raises(ValueError, match=r"plain\.npz is not a pyroflows flow file .*without the __pyroflows__ entry"):
+        pf.load_flow(plain)
+    # an object array can only be read by unpickling it, which load_flow never does
+    path = tmp_path / "f.npz"
+    _saved_flow(backend, path)
+    _rewrite(path, lambda meta, arrays: arrays.update(evil=np.array([{"a": 1}], dtype=object)))
+    with pytest.raises(ValueError, match=r"f\.npz: array 'evil' holds Python objects, which pyroflows never unpickles"):
+        pf.load_flow(path)
+
+
+# A flow from fit_mle(standardize=True) ends in a fixed Standardize layer and records
+# standardize=True in its config; load_flow appends that layer again before loading.
+
+_STD_DATA = 5.0 + np.random.default_rng(1).normal(size=(200, 2)) * np.array([1.0, 0.5])
+
+
+def _fit_standardized(backend):
+    """``(pf, fitted, log_prob)``: a realnvp fitted in float64 by ``fit_mle`` (standardize on)."""
+    pf = _backend(backend)
+    if backend == "torch":
+        import torch
+
+        from pyroflows.torch.train import flow_log_prob
+
+        flow = pf.build_flow("realnvp", 2, num_layers=2, hidden_dims=(16, 16)).double()
+        fitted, _ = pf.fit_mle(flow, torch.as_tensor(_STD_DATA), num_steps=20, progress=False)
+
+        def log_prob(f, x):
+            with torch.no_grad():
+                return flow_log_prob(f, torch.as_tensor(x, dtype=torch.float64)).numpy()
+    else:
+        import jax
+
+        jax.config.update("jax_enable_x64", True)  # as the JAX test modules do
+        import jax.numpy as jnp
+
+        from pyroflows.jax.train import flow_log_prob
+
+        flow = pf.build_flow("realnvp", 2, key=jax.random.key(0), num_layers=2, hidden_dims=(16, 16))
+        fitted, _ = pf.fit_mle(flow, _STD_DATA, num_steps=20, progress=False)
+
+        def log_prob(f, x):
+            return np.asarray(flow_log_prob(f, jnp.asarray(x, jnp.float64)))
+    return pf, fitted, log_prob
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_standardized_fit_mle_flow_round_trips(backend, tmp_path):
+    pf, fitted, log_prob = _fit_standardized(backend)
+    assert fitted.config["standardize"] is True
+    np.testing.assert_allclose(np.asarray(fitted.parts[-1].loc), 5.0, atol=0.3)  # the data's mean, not 0
+    path = tmp_path / "fitted.npz"
+    pf.save_flow(fitted, path)
+    loaded = pf.load_flow(path)
+    assert loaded.config == fitted.config
+    assert type(loaded.parts[-1]).__name__ == "Standardize"
+    np.testing.assert_allclose(np.asarray(loaded.parts[-1].loc), np.asarray(fitted.parts[-1].loc), rtol=0, atol=0)
+    expected = log_prob(fitted, _STD_DATA)
+    assert expected.dtype == np.float64 and np.isfinite(expected).all()
+    np.testing.assert_allclose(log_prob(loaded, _STD_DATA), expected, rtol=0, atol=1e-10)
+
+
+def test_a_standardized_torch_flow_loads_in_jax(tmp_path):
+    pf_jax = _backend("jax")
+    pf_torch, fitted, torch_log_prob = _fit_standardized("torch")
+    path = tmp_path / "fitted.npz"
+    pf_torch.save_flow(fitted, path)
+    import jax
+
+    jax.config.update("jax_enable_x64", True)  # the saved float64 weights stay float64
+    import jax.numpy as jnp
+
+    from pyroflows.jax.train import flow_log_prob
+
+    loaded = pf_jax.load_flow(path)
+    assert loaded.config == fitted.config
+    got = np.asarray(flow_log_prob(loaded, jnp.asarray(_STD_DATA, jnp.float64)))
+    np.testing.assert_allclose(got, torch_log_prob(fitted, _STD_DATA), rtol=0, atol=1e-6)
