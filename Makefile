@@ -38,6 +38,8 @@ bench: $(BENCH_STAMP)
 	$(PY) benchmarks/unbiased.py
 	$(PY) benchmarks/snf_doublewell.py --no-progress
 	$(PY) benchmarks/fit_posterior_defaults.py --backend both
+	$(PY) benchmarks/funnel.py --backend torch
+	$(PY) benchmarks/funnel.py --backend jax
 	$(PY) benchmarks/nan_sweep.py --backend both
 
 clean:

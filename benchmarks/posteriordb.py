@@ -147,10 +147,13 @@ def fit_jax(model, guide, settings, seed, progress, sites):
     return {k: np.asarray(v, dtype=float) for k, v in draws.items()}, diag
 
 
-def fit_defaults(backend, model, seed, progress, sites, max_steps=None):
-    """``fit_posterior(model)`` at its defaults (``max_steps`` only where a budget is set), then
-    the same draws and diagnostics as the other guides."""
-    options = {"num_samples": NUM_DRAWS} if max_steps is None else {"num_samples": NUM_DRAWS, "max_steps": max_steps}
+def fit_defaults(backend, model, seed, progress, sites, max_steps=None, overrides=None):
+    """``fit_posterior(model)`` at its defaults (``max_steps`` only where a budget is set, and
+    ``overrides`` only in trials of a new default), then the same draws and diagnostics as the
+    other guides."""
+    options = {"num_samples": NUM_DRAWS, **(overrides or {})}
+    if max_steps is not None:
+        options["max_steps"] = max_steps
     if backend == "torch":
         import pyroflows.torch as pf
         import torch
@@ -202,6 +205,8 @@ def main():
     parser.add_argument("--stl", choices=["yes", "no"], default=None,
                         help="override the flow recipe's sticking-the-landing estimator")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                        help="a fit_posterior option for the defaults guide (a trial of a new default)")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="fit_posterior's step budget (default: its own, 40,000)")
     parser.add_argument("--threads", type=int, default=1)
@@ -245,7 +250,8 @@ def main():
             try:
                 sites = list(pdb.metadata(name)["dimensions"])
                 if kind == "defaults":
-                    draws, diag = fit_defaults(args.backend, model, args.seed, not args.no_progress, sites, args.max_steps)
+                    draws, diag = fit_defaults(args.backend, model, args.seed, not args.no_progress, sites, args.max_steps,
+                                               dict(_parse_option(o) for o in args.option))
                 else:
                     draws, diag = fit(model, make(model), recipe[kind], args.seed, not args.no_progress, sites)
                 row = compare(name, draws, diag)
@@ -258,6 +264,14 @@ def main():
     if args.update:
         rows = merge_rows(read_rows(output_path(args)), rows)
     write_table(rows, args, recipe)
+
+
+def _parse_option(text):
+    name, _, value = text.partition("=")
+    try:
+        return name, int(value)
+    except ValueError:
+        return name, float(value)
 
 
 def output_path(args):

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import warnings
 
 import numpy as np
+
+from . import validation
 
 __all__ = [
     "check_data", "split_indices", "batch_indices", "EarlyStopping", "History", "progress_bar",
@@ -203,35 +204,22 @@ def progress_bar(total: int, desc: str, progress: bool = True):
     return tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
 
 
-def _positive_int(caller, name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{caller}: {name}={value!r} must be a positive integer (an int >= 1, not a bool)")
-
-
-def _positive_float(caller, name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{caller}: {name}={value!r} must be a positive number (finite and > 0, not a bool)")
-
-
 def check_fit_options(caller: str = "fit", **options) -> None:
-    """Validate the keyword arguments shared by the fitting functions and guides, by name."""
+    """Validate the keyword arguments shared by the fitting functions and guides, by name
+    (with the checkers of ``pyroflows.validation``, so a bad value reads the same everywhere)."""
     for name, value in options.items():
         if name in ("num_steps", "batch_size", "num_samples", "eval_every", "num_particles", "max_bad_steps"):
-            _positive_int(caller, name, value)
+            validation.positive_int(name, value, caller=caller)
         elif name in ("lr", "init_scale"):
-            _positive_float(caller, name, value)
+            validation.positive_float(name, value, caller=caller)
         elif name == "validation_fraction":
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
-                raise ValueError(f"{caller}: validation_fraction={value!r} must lie in [0, 1)")
+            validation.unit_fraction(name, value, caller=caller)
         elif name == "patience":
-            if value is not None:
-                _positive_int(caller, name, value)
+            validation.optional_positive_int(name, value, caller=caller)
         elif name == "standardize":
-            if not isinstance(value, (bool, np.bool_)):
-                raise ValueError(f"{caller}: standardize={value!r} must be True or False")
+            validation.boolean(name, value, caller=caller)
         elif name == "anneal_steps":
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-                raise ValueError(f"{caller}: anneal_steps={value!r} must be an integer >= 0")
+            validation.non_negative_int(name, value, caller=caller)
         else:
             raise ValueError(f"check_fit_options: unknown option {name!r}")
 

@@ -17,6 +17,7 @@ import warnings
 
 import numpy as np
 
+from . import validation
 from .fitting import check_fit_options
 
 __all__ = ["RECIPE", "Recipe", "PlateauSchedule", "check_posterior_options", "split_options", "make_report", "KHAT_WARN"]
@@ -84,8 +85,7 @@ def check_posterior_options(num_steps, options: dict, caller: str = "fit_posteri
     check_fit_options(caller, lr=recipe.lr_final)
     if not recipe.lr_final <= recipe.lr:
         raise ValueError(f"{caller}: lr_final={recipe.lr_final!r} must not exceed lr={recipe.lr!r}")
-    if isinstance(recipe.decay, bool) or not (isinstance(recipe.decay, (int, float)) and 0 < recipe.decay < 1):
-        raise ValueError(f"{caller}: decay={recipe.decay!r} must lie strictly between 0 and 1")
+    validation.open_unit("decay", recipe.decay, caller=caller)
     return recipe
 
 

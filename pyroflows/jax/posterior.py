@@ -97,14 +97,15 @@ def fit_posterior(
 
     schedule = _recipe.PlateauSchedule(recipe, num_steps)
     guard = NonFiniteGuard("fit_posterior", recipe.lr, History())
+    size = min(recipe.window, schedule.total)
     with progress_bar(schedule.total, "fit_posterior", progress) as bar:
         while (length := schedule.next_window()) > 0:
             opt_state.hyperparams["learning_rate"] = jnp.asarray(schedule.lr, dtype=jnp.result_type(float))
             guard.lr = schedule.lr
             rng_key, sub = jax.random.split(rng_key)
-            keys = jax.random.split(sub, recipe.window)
+            keys = jax.random.split(sub, size)
             # a short last window is padded: one compiled program for every window
-            active = jnp.arange(recipe.window) < length
+            active = jnp.arange(size) < length
             (params, opt_state), (losses, ok) = window(params, opt_state, keys, active, args, kwargs)
             losses, ok = np.asarray(losses)[:length], np.asarray(ok)[:length]
             for i in range(length):
