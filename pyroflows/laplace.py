@@ -93,14 +93,17 @@ class Start:
             point and ``1/sqrt(H_ii)`` there), or ``"isotropic"`` (that point, a float scale).
         loc: the start's centre, float64, shape ``(D,)``.
         scale_tril: lower-triangular ``(D, D)`` float64, or None for the isotropic start
-            (the guide's affine layer then carries the scale).
+            (the guide's affine layer then carries ``scale``; no ``D x D`` matrix, so it
+            suits models of any size).
         message: one line that says which start was taken and why.
+        scale: the isotropic start's scale (unused otherwise).
     """
 
     kind: str
     loc: np.ndarray
     scale_tril: np.ndarray | None
     message: str
+    scale: float = 0.1
 
 
 def _safely(fn: Callable, *args):
@@ -160,7 +163,8 @@ def choose_start(
     x0 = np.asarray(x0, dtype=float)
     dim = x0.size
     if not isinstance(init_scale, str):
-        return Start("isotropic", x0, None, f"{caller}: started at the init_loc_fn point with scale {init_scale:g}")
+        message = f"{caller}: started at the init_loc_fn point with scale {init_scale:g}"
+        return Start("isotropic", x0, None, message, float(init_scale))
     tol = max(1e-10, 10 * eps)
     if init_scale == AUTO and dim > MAX_LAPLACE_DIM:
         why = f"{dim} latent dimensions are more than the {MAX_LAPLACE_DIM} a dense Hessian is computed for"
@@ -210,10 +214,10 @@ def _fallback(hessian, x0, why: str, caller: str) -> Start:
         scale_tril = np.diag(scale)
     else:
         kind, how = "isotropic", f"the init_loc_fn point with scale {_ISOTROPIC_SCALE:g}"
-        scale_tril = np.eye(x0.size) * _ISOTROPIC_SCALE
+        scale_tril = None
     message = f"{caller}(init_scale='auto'): no Laplace start ({why}); started at {how}"
     warnings.warn(message, UserWarning, stacklevel=4)
-    return Start(kind, x0, scale_tril, message)
+    return Start(kind, x0, scale_tril, message, _ISOTROPIC_SCALE)
 
 
 def find_mode(potential_and_grad, hessian, x0, *, max_steps: int = 200, tol: float = 1e-10, caller: str = "AutoFlow"):

@@ -191,7 +191,7 @@ class AutoFlow(AutoContinuous):
         else:
             self._whitening = None
             loc = jnp.asarray(self._init_latent, dtype)
-            log_scale = _unconstrained_log_scale(self._init_scale, self._log_scale_bound)
+            log_scale = _unconstrained_log_scale(self.start.scale, self._log_scale_bound)
         affine = eqx.tree_at(
             lambda m: (m.loc, m.unconstrained_log_scale), affine, (loc, jnp.full(self.latent_dim, log_scale, dtype))
         )

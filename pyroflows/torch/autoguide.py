@@ -211,7 +211,7 @@ class AutoFlow(AutoContinuous):
         else:
             with torch.no_grad():
                 affine.loc.copy_(loc)
-                affine.unconstrained_log_scale.fill_(bound * math.atanh(math.log(self.init_scale) / bound))
+                affine.unconstrained_log_scale.fill_(bound * math.atanh(math.log(self.start.scale) / bound))
         self.transform = _GuideFlow(layers, self.latent_dim)
 
     def _choose_start(self, start, *args, **kwargs) -> Start:

@@ -113,3 +113,15 @@ def test_a_funnel_falls_back_to_a_diagonal_start_and_trains():
         SVI(funnel, pf.AutoFlow(funnel, init_scale="laplace", **SMALL), optax.adam(1e-3), Trace_ELBO()).init(
             jax.random.key(0)
         )
+
+
+def test_above_the_dense_hessian_limit_the_start_is_isotropic(monkeypatch):
+    from pyroflows import laplace
+
+    monkeypatch.setattr(laplace, "MAX_LAPLACE_DIM", 1)
+    guide = pf.AutoFlow(two_sites, **SMALL)
+    svi = SVI(two_sites, guide, optax.adam(1e-3), Trace_ELBO())
+    with pytest.warns(UserWarning, match="2 latent dimensions are more than the 1"):
+        params = svi.get_params(svi.init(jax.random.key(0), jnp.ones(10)))
+    assert guide.start.kind == "isotropic" and guide.get_whitening(params) is None
+    np.testing.assert_allclose(np.exp(np.asarray(guide.get_flow(params)[1].log_scale())), 0.1, rtol=1e-5)

@@ -116,3 +116,15 @@ def test_a_funnel_falls_back_to_a_diagonal_start_and_trains():
     assert np.isfinite([svi.step() for _ in range(20)]).all()
     with pytest.raises(ValueError, match="init_scale='laplace'"):
         pf.AutoFlow(funnel, init_scale="laplace", **SMALL)()
+
+
+def test_above_the_dense_hessian_limit_the_start_is_isotropic(monkeypatch):
+    from pyroflows import laplace
+
+    monkeypatch.setattr(laplace, "MAX_LAPLACE_DIM", 1)
+    pyro.clear_param_store()
+    guide = pf.AutoFlow(two_sites, **SMALL)
+    with pytest.warns(UserWarning, match="2 latent dimensions are more than the 1"):
+        guide(torch.randn(10))
+    assert guide.start.kind == "isotropic" and guide.whitening is None
+    torch.testing.assert_close(guide.affine.log_scale().exp(), torch.full((2,), 0.1))
