@@ -15,7 +15,7 @@ jax.config.update("jax_enable_x64", True)
 
 from benchmarks import posteriordb_models as pdb  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not pdb.ROOT.exists(), reason="../shared/posteriordb is not present")
+pytestmark = pytest.mark.skipif(not pdb.ROOT.exists(), reason=f"no posteriordb clone at {pdb.ROOT} (benchmarks/posteriordb_models.py)")
 
 
 def _site_values(name, i):

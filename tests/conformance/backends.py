@@ -12,7 +12,7 @@ import numpy as np
 from pyroflows.registry import SPECS
 
 SMALL_HIDDEN = (16, 16)
-# The estimator families join the suite in their exact modes (DESIGN.md property 2);
+# The estimator families join the suite in their exact modes (the log-det property of tests/conformance/test_properties.py);
 # their stochastic estimators are tested for unbiasedness in their own test files.
 EXACT_MODE = {"ffjord": {"estimator": "exact"}, "residual": {"estimator": "exact"}}
 

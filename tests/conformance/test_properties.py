@@ -1,4 +1,4 @@
-"""The properties every registered flow must have, on every backend (DESIGN.md, "What every flow must pass")."""
+"""The properties every registered flow must have, on every backend."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 For every family registered on both backends, weights moved off their initial values
 (random perturbation) are saved from one backend and loaded in the other; the forward
-map, its log-det, and the inverse agree to 1e-6 in float64 (DESIGN.md property 7).
+map, its log-det, and the inverse agree to 1e-6 in float64.
 """
 
 from __future__ import annotations
