@@ -8,7 +8,7 @@ BENCH_STAMP := $(VENV)/.bench-$(shell cat pyproject.toml constraints.txt | cksum
 # Two workers: the suite is sized for a 2-core machine.
 PYTEST_ARGS ?= -q -n 2
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench docs clean
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ bench: $(BENCH_STAMP)
 	$(PY) benchmarks/funnel.py --backend torch
 	$(PY) benchmarks/funnel.py --backend jax
 	$(PY) benchmarks/nan_sweep.py --backend both
+
+# The API reference site (mkdocs.yml, docs/) into build/site/; --strict fails on any warning
+# (a broken cross-reference, a malformed docstring). tests/test_docs.py runs the same build.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -30,8 +30,14 @@ def main():
     from pyroflows.jax.demo import logistic_regression
 
     x, y = breast_cancer()
-    mcmc = MCMC(NUTS(logistic_regression), num_warmup=1000, num_samples=2000, num_chains=4,
-                chain_method="sequential", progress_bar=False)
+    mcmc = MCMC(
+        NUTS(logistic_regression),
+        num_warmup=1000,
+        num_samples=2000,
+        num_chains=4,
+        chain_method="sequential",
+        progress_bar=False,
+    )
     mcmc.run(jax.random.key(2026), jnp.asarray(x), jnp.asarray(y))
     s = mcmc.get_samples(group_by_chain=True)
     latent = np.concatenate([np.asarray(s["alpha"])[..., None], np.asarray(s["beta"])], -1)  # (4, 2000, 31)
@@ -39,8 +45,15 @@ def main():
     ess = float(np.min(effective_sample_size(latent)))
     flat = latent.reshape(-1, latent.shape[-1])
     OUT.parent.mkdir(exist_ok=True)
-    np.savez_compressed(OUT, draws=latent[:, ::10].reshape(-1, latent.shape[-1]), mean=flat.mean(0),
-                        sd=flat.std(0), rhat=rhat, ess=ess, names=np.array(["alpha"] + [f"beta[{i}]" for i in range(30)]))
+    np.savez_compressed(
+        OUT,
+        draws=latent[:, ::10].reshape(-1, latent.shape[-1]),
+        mean=flat.mean(0),
+        sd=flat.std(0),
+        rhat=rhat,
+        ess=ess,
+        names=np.array(["alpha"] + [f"beta[{i}]" for i in range(30)]),
+    )
     print(f"wrote {OUT}: max split R-hat {rhat:.4f}, min ESS {ess:.0f}")
 
 

@@ -44,8 +44,8 @@ def ours():
 
 def pyro_maf():
     import pyro.distributions as dist
-    from pyro.distributions.transforms import Permute, affine_autoregressive
     from pyro.distributions.torch_transform import ComposeTransformModule
+    from pyro.distributions.transforms import Permute, affine_autoregressive
 
     parts = []
     for i in range(LAYERS):
@@ -176,7 +176,7 @@ def main():
         "| backend | flow | ms / step | samples / s | ratio to pyroflows |",
         "| --- | --- | ---: | ---: | ---: |",
     ]
-    for backend in (["torch", "jax"] if args.backend == "both" else [args.backend]):
+    for backend in ["torch", "jax"] if args.backend == "both" else [args.backend]:
         if backend == "torch":
             x = torch.as_tensor(x_np, device=device)
         else:

@@ -35,7 +35,9 @@ def draws_torch(seed):
     with torch.no_grad(), pyro.plate("draws", NUM_DRAWS, dim=-2):
         trace = poutine.trace(guide).get_trace(x, y)
     s = {k: trace.nodes[k]["value"] for k in ("alpha", "beta")}
-    return np.concatenate([s["alpha"].reshape(NUM_DRAWS, 1).numpy(), s["beta"].reshape(NUM_DRAWS, -1).numpy()], -1), report
+    return np.concatenate(
+        [s["alpha"].reshape(NUM_DRAWS, 1).numpy(), s["beta"].reshape(NUM_DRAWS, -1).numpy()], -1
+    ), report
 
 
 def draws_jax(seed):
@@ -59,29 +61,36 @@ def main():
     os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
     ref = reference()
     rows = []
-    for backend in (["torch", "jax"] if args.backend == "both" else [args.backend]):
+    for backend in ["torch", "jax"] if args.backend == "both" else [args.backend]:
         draws, report = (draws_torch if backend == "torch" else draws_jax)(args.seed)
         error = np.abs(draws.mean(0) - ref["mean"]) / ref["sd"]
         ratio = draws.std(0) / ref["sd"]
-        row = (f"| {backend} | {error.mean():.3f} | {error.max():.3f} | {np.median(ratio):.3f} | "
-               f"{ratio.min():.2f} - {ratio.max():.2f} | {report['khat']:.2f} | {report['elbo']:.2f} | "
-               f"{report['num_steps']} ({report['stopped']}) | {report['seconds']:.0f} |")
+        row = (
+            f"| {backend} | {error.mean():.3f} | {error.max():.3f} | {np.median(ratio):.3f} | "
+            f"{ratio.min():.2f} - {ratio.max():.2f} | {report['khat']:.2f} | {report['elbo']:.2f} | "
+            f"{report['num_steps']} ({report['stopped']}) | {report['seconds']:.0f} |"
+        )
         print(row, flush=True)
         rows.append(row)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "fit_posterior_defaults.md"
-    out.write_text("\n".join([
-        "# fit_posterior at its defaults: Bayesian logistic regression, breast cancer (31 latents)",
-        "",
-        f"`fit_posterior(logistic_regression, x, y)` with no options (float32, seed {args.seed}); {NUM_DRAWS} guide",
-        "draws against the NUTS reference. Errors: |mean_q - mean_NUTS| / sd_NUTS over the 31 coordinates.",
-        "Goal: mean error < 0.1, median sd ratio within 10%, k-hat < 0.7. Seconds: wall clock on a shared",
-        "2-core machine (not comparable across rows).",
-        "",
-        "| backend | mean error | max error | median sd ratio | sd ratio range | k-hat | ELBO | steps | seconds |",
-        "| --- | ---: | ---: | ---: | --- | ---: | ---: | --- | ---: |",
-        *rows,
-    ]) + "\n")
+    out.write_text(
+        "\n".join(
+            [
+                "# fit_posterior at its defaults: Bayesian logistic regression, breast cancer (31 latents)",
+                "",
+                f"`fit_posterior(logistic_regression, x, y)` with no options (float32, seed {args.seed}); {NUM_DRAWS} guide",
+                "draws against the NUTS reference. Errors: |mean_q - mean_NUTS| / sd_NUTS over the 31 coordinates.",
+                "Goal: mean error < 0.1, median sd ratio within 10%, k-hat < 0.7. Seconds: wall clock on a shared",
+                "2-core machine (not comparable across rows).",
+                "",
+                "| backend | mean error | max error | median sd ratio | sd ratio range | k-hat | ELBO | steps | seconds |",
+                "| --- | ---: | ---: | ---: | --- | ---: | ---: | --- | ---: |",
+                *rows,
+            ]
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
 
 

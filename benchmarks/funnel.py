@@ -55,8 +55,10 @@ def main():
     parser.add_argument("--backend", choices=["torch", "jax"], default="jax")
     args = parser.parse_args()
     v, report = sd_of_v(args.backend)
-    print(f"| {args.backend} | {v.std():.3f} | {v.mean():.3f} | {report['khat']:.2f} | {report['elbo']:.3f} | "
-          f"{report['num_steps']} ({report['stopped']}) | {report['start'].split(';')[0][:60]} |")
+    print(
+        f"| {args.backend} | {v.std():.3f} | {v.mean():.3f} | {report['khat']:.2f} | {report['elbo']:.3f} | "
+        f"{report['num_steps']} ({report['stopped']}) | {report['start'].split(';')[0][:60]} |"
+    )
 
 
 if __name__ == "__main__":

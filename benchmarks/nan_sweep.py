@@ -69,11 +69,26 @@ def fit_torch(name, task, steps, lr, seed):
     torch.manual_seed(seed)
     flow = pf.build_flow(name, 2, **architecture(name))
     if task == "reverse_kl":
-        return pf.fit_reverse_kl(flow, toys.log_density("banana", "torch"), num_steps=steps,
-                                 num_samples=NUM_SAMPLES, lr=lr, seed=seed, progress=False)[1]
+        return pf.fit_reverse_kl(
+            flow,
+            toys.log_density("banana", "torch"),
+            num_steps=steps,
+            num_samples=NUM_SAMPLES,
+            lr=lr,
+            seed=seed,
+            progress=False,
+        )[1]
     data = toys.sample_dataset("8gaussians", NUM_DATA, seed=seed)
-    return pf.fit_mle(flow, data, num_steps=steps, batch_size=BATCH, lr=lr, eval_every=min(EVAL_EVERY, steps),
-                      seed=seed, progress=False)[1]
+    return pf.fit_mle(
+        flow,
+        data,
+        num_steps=steps,
+        batch_size=BATCH,
+        lr=lr,
+        eval_every=min(EVAL_EVERY, steps),
+        seed=seed,
+        progress=False,
+    )[1]
 
 
 def fit_jax(name, task, steps, lr, seed):
@@ -83,11 +98,26 @@ def fit_jax(name, task, steps, lr, seed):
 
     flow = pf.build_flow(name, 2, key=jax.random.key(seed), **architecture(name))
     if task == "reverse_kl":
-        return pf.fit_reverse_kl(flow, toys.log_density("banana", "jax"), num_steps=steps,
-                                 num_samples=NUM_SAMPLES, lr=lr, seed=seed, progress=False)[1]
+        return pf.fit_reverse_kl(
+            flow,
+            toys.log_density("banana", "jax"),
+            num_steps=steps,
+            num_samples=NUM_SAMPLES,
+            lr=lr,
+            seed=seed,
+            progress=False,
+        )[1]
     data = toys.sample_dataset("8gaussians", NUM_DATA, seed=seed)
-    return pf.fit_mle(flow, data, num_steps=steps, batch_size=BATCH, lr=lr, eval_every=min(EVAL_EVERY, steps),
-                      seed=seed, progress=False)[1]
+    return pf.fit_mle(
+        flow,
+        data,
+        num_steps=steps,
+        batch_size=BATCH,
+        lr=lr,
+        eval_every=min(EVAL_EVERY, steps),
+        seed=seed,
+        progress=False,
+    )[1]
 
 
 FITS = {"torch": fit_torch, "jax": fit_jax}
@@ -104,8 +134,11 @@ def run_one(backend, name, task, steps, lr, seed) -> dict:
     seconds = time.perf_counter() - start
     losses = list(history.loss) + list(history.validation_loss)
     row.update(
-        seconds=seconds, status="ok", finite=bool(np.all(np.isfinite(losses))) if losses else False,
-        skipped=history.skipped_steps, recorded=len(history.loss),
+        seconds=seconds,
+        status="ok",
+        finite=bool(np.all(np.isfinite(losses))) if losses else False,
+        skipped=history.skipped_steps,
+        recorded=len(history.loss),
     )
     if task == "reverse_kl":
         final = float(np.mean(history.loss[-100:])) if history.loss else math.nan
@@ -194,8 +227,11 @@ def main(argv=None):
                 row = run_one(backend, name, task, args.steps, args.lr, args.seed)
                 rows.append(row)
                 write_report(rows, args, args.out)
-                print(f"{backend:5s} {name:15s} {task:10s} {row['seconds']:8.1f} s  finite={row.get('finite')} "
-                      f"skipped={row.get('skipped')} final={fmt(row.get('final'))}  {row['status'][:100]}", flush=True)
+                print(
+                    f"{backend:5s} {name:15s} {task:10s} {row['seconds']:8.1f} s  finite={row.get('finite')} "
+                    f"skipped={row.get('skipped')} final={fmt(row.get('final'))}  {row['status'][:100]}",
+                    flush=True,
+                )
     print(f"wrote {args.out}")
 
 

@@ -41,8 +41,15 @@ RESULTS = Path(__file__).parent / "results"
 # ``lr`` to it over the run.
 RECIPE = {
     "gaussian": {"num_steps": 20_000, "lr": 1e-2, "lr_final": 1e-4, "num_particles": 8},
-    "flow": {"num_steps": 20_000, "lr": 2e-3, "lr_final": 1e-4, "num_particles": 8, "hidden": (64, 64), "layers": 3,
-             "init_scale": "laplace"},
+    "flow": {
+        "num_steps": 20_000,
+        "lr": 2e-3,
+        "lr_final": 1e-4,
+        "num_particles": 8,
+        "hidden": (64, 64),
+        "layers": 3,
+        "init_scale": "laplace",
+    },
 }
 RECIPE["recipe"] = {**RECIPE["flow"], "num_steps": 40_000, "flow": "iaf"}
 NUM_DRAWS = 4000
@@ -61,14 +68,20 @@ def guide_makers(backend, recipe):
 
         return {
             "AutoNormal": ("gaussian", AutoNormal),
-            "Pyro AutoIAFNormal": ("flow", lambda m: AutoIAFNormal(m, hidden_dim=list(r["hidden"]), num_transforms=r["layers"])),
+            "Pyro AutoIAFNormal": (
+                "flow",
+                lambda m: AutoIAFNormal(m, hidden_dim=list(r["hidden"]), num_transforms=r["layers"]),
+            ),
             **flows,
         }
     from numpyro.infer.autoguide import AutoBNAFNormal, AutoIAFNormal, AutoNormal
 
     return {
         "AutoNormal": ("gaussian", AutoNormal),
-        "NumPyro AutoIAFNormal": ("flow", lambda m: AutoIAFNormal(m, num_flows=r["layers"], hidden_dims=list(r["hidden"]))),
+        "NumPyro AutoIAFNormal": (
+            "flow",
+            lambda m: AutoIAFNormal(m, num_flows=r["layers"], hidden_dims=list(r["hidden"])),
+        ),
         "NumPyro AutoBNAFNormal": ("flow", lambda m: AutoBNAFNormal(m, num_flows=r["layers"], hidden_factors=[8, 8])),
         **flows,
     }
@@ -80,8 +93,14 @@ def _autoflow(backend, model, flow, r):
     else:
         import pyroflows.jax as pf
     hidden = None if flow == "bnaf" else r["hidden"]
-    return pf.AutoFlow(model, flow=flow, num_layers=r["layers"], hidden_dims=hidden, init_scale=r.get("init_scale", 0.1),
-                       stick_the_landing=r.get("stick_the_landing", False))
+    return pf.AutoFlow(
+        model,
+        flow=flow,
+        num_layers=r["layers"],
+        hidden_dims=hidden,
+        init_scale=r.get("init_scale", 0.1),
+        stick_the_landing=r.get("stick_the_landing", False),
+    )
 
 
 def fit_torch(model, guide, settings, seed, progress, sites):
@@ -96,8 +115,12 @@ def fit_torch(model, guide, settings, seed, progress, sites):
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     decay = (settings.get("lr_final", settings["lr"]) / settings["lr"]) ** (1 / settings["num_steps"])
-    svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": settings["lr"], "lrd": decay, "clip_norm": 1e6}),
-              Trace_ELBO(num_particles=settings["num_particles"], vectorize_particles=True))
+    svi = SVI(
+        model,
+        guide,
+        pyro.optim.ClippedAdam({"lr": settings["lr"], "lrd": decay, "clip_norm": 1e6}),
+        Trace_ELBO(num_particles=settings["num_particles"], vectorize_particles=True),
+    )
     for _ in tqdm(range(settings["num_steps"]), disable=not progress, leave=False):
         svi.step()
     with torch.no_grad():
@@ -122,8 +145,10 @@ def _continuous_guide_draws(model, guide, sites):
 
     latent = guide.get_posterior().sample((NUM_DRAWS,))
     single = poutine.trace(poutine.condition(model, constrained(latent[0]))).get_trace()
-    nesting = max([-f.dim for s in single.nodes.values() if s["type"] == "sample"
-                   for f in s["cond_indep_stack"] if f.vectorized], default=0)
+    nesting = max(
+        [-f.dim for s in single.nodes.values() if s["type"] == "sample" for f in s["cond_indep_stack"] if f.vectorized],
+        default=0,
+    )
     latent = latent.reshape((NUM_DRAWS,) + (1,) * nesting + latent.shape[-1:])
     with pyro.plate("_draws", NUM_DRAWS, dim=-(nesting + 1)):
         trace = poutine.trace(poutine.condition(model, constrained(latent))).get_trace()
@@ -137,7 +162,9 @@ def fit_jax(model, guide, settings, seed, progress, sites):
 
     import pyroflows.jax as pf
 
-    lr = optax.exponential_decay(settings["lr"], settings["num_steps"], settings.get("lr_final", settings["lr"]) / settings["lr"])
+    lr = optax.exponential_decay(
+        settings["lr"], settings["num_steps"], settings.get("lr_final", settings["lr"]) / settings["lr"]
+    )
     svi = SVI(model, guide, optax.adam(lr), Trace_ELBO(num_particles=settings["num_particles"]))
     result = svi.run(jax.random.key(seed), settings["num_steps"], progress_bar=progress)
     draws = Predictive(model, guide=guide, params=result.params, num_samples=NUM_DRAWS, return_sites=sites)(
@@ -155,8 +182,9 @@ def fit_defaults(backend, model, seed, progress, sites, max_steps=None, override
     if max_steps is not None:
         options["max_steps"] = max_steps
     if backend == "torch":
-        import pyroflows.torch as pf
         import torch
+
+        import pyroflows.torch as pf
 
         guide, report = pf.fit_posterior(model, progress=progress, seed=seed, **options)
         with torch.no_grad():
@@ -173,8 +201,10 @@ def fit_defaults(backend, model, seed, progress, sites, max_steps=None, override
             jax.random.key(seed + 1)
         )
         draws = {k: np.asarray(v, dtype=float) for k, v in draws.items()}
-    print(f"  fit_posterior: {report['num_steps']} steps, stopped: {report['stopped']}, {report['start'][:100]}",
-          flush=True)
+    print(
+        f"  fit_posterior: {report['num_steps']} steps, stopped: {report['stopped']}, {report['start'][:100]}",
+        flush=True,
+    )
     return draws, report
 
 
@@ -187,8 +217,12 @@ def compare(name, draws, diag):
         log_ratios.append(np.log(q.std(0) / r.std(0)))
     errors, log_ratios = np.concatenate(errors), np.concatenate(log_ratios)
     worst = log_ratios[np.argmax(np.abs(log_ratios))]
-    out = {"mean_error": float(errors.max()), "sd_ratio": float(np.exp(worst)), "khat": diag["khat"],
-           "elbo": diag["elbo"]}
+    out = {
+        "mean_error": float(errors.max()),
+        "sd_ratio": float(np.exp(worst)),
+        "khat": diag["khat"],
+        "elbo": diag["elbo"],
+    }
     out["pass"] = out["mean_error"] < 0.1 and abs(out["sd_ratio"] - 1) <= 0.1 and out["khat"] < 0.7
     return out
 
@@ -199,24 +233,46 @@ def main():
     parser.add_argument("--posteriors", nargs="*", default=pdb.NAMES)
     parser.add_argument("--guides", nargs="*", default=None, help="guide names (default: all)")
     parser.add_argument("--steps", type=int, default=None, help="override the recipes' step counts")
-    parser.add_argument("--flow-lr", type=float, nargs="+", default=None, metavar=("LR", "LR_FINAL"),
-                        help="override the flow recipe's learning rate (and its final value, decaying exponentially)")
-    parser.add_argument("--init-scale", default=None, help="override the flow recipe's init_scale (a float or 'laplace')")
-    parser.add_argument("--stl", choices=["yes", "no"], default=None,
-                        help="override the flow recipe's sticking-the-landing estimator")
+    parser.add_argument(
+        "--flow-lr",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar=("LR", "LR_FINAL"),
+        help="override the flow recipe's learning rate (and its final value, decaying exponentially)",
+    )
+    parser.add_argument(
+        "--init-scale", default=None, help="override the flow recipe's init_scale (a float or 'laplace')"
+    )
+    parser.add_argument(
+        "--stl", choices=["yes", "no"], default=None, help="override the flow recipe's sticking-the-landing estimator"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
-                        help="a fit_posterior option for the defaults guide (a trial of a new default)")
-    parser.add_argument("--max-steps", type=int, default=None,
-                        help="fit_posterior's step budget (default: its own, 40,000)")
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a fit_posterior option for the defaults guide (a trial of a new default)",
+    )
+    parser.add_argument(
+        "--max-steps", type=int, default=None, help="fit_posterior's step budget (default: its own, 40,000)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--out", default=None, help="output markdown (default results/posteriordb.md, torch: posteriordb_torch.md)")
-    parser.add_argument("--update", action="store_true",
-                        help="keep the rows of an existing output and replace only the (posterior, guide) pairs run now")
+    parser.add_argument(
+        "--out", default=None, help="output markdown (default results/posteriordb.md, torch: posteriordb_torch.md)"
+    )
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the rows of an existing output and replace only the (posterior, guide) pairs run now",
+    )
     args = parser.parse_args()
 
-    os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={args.threads}")
+    os.environ.setdefault(
+        "XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={args.threads}"
+    )
     recipe = {k: dict(v) for k, v in RECIPE.items()}
     if args.steps:
         for v in recipe.values():
@@ -250,8 +306,15 @@ def main():
             try:
                 sites = list(pdb.metadata(name)["dimensions"])
                 if kind == "defaults":
-                    draws, diag = fit_defaults(args.backend, model, args.seed, not args.no_progress, sites, args.max_steps,
-                                               dict(_parse_option(o) for o in args.option))
+                    draws, diag = fit_defaults(
+                        args.backend,
+                        model,
+                        args.seed,
+                        not args.no_progress,
+                        sites,
+                        args.max_steps,
+                        dict(_parse_option(o) for o in args.option),
+                    )
                 else:
                     draws, diag = fit(model, make(model), recipe[kind], args.seed, not args.no_progress, sites)
                 row = compare(name, draws, diag)
@@ -275,7 +338,11 @@ def _parse_option(text):
 
 
 def output_path(args):
-    return Path(args.out) if args.out else RESULTS / ("posteriordb.md" if args.backend == "jax" else "posteriordb_torch.md")
+    return (
+        Path(args.out)
+        if args.out
+        else RESULTS / ("posteriordb.md" if args.backend == "jax" else "posteriordb_torch.md")
+    )
 
 
 def read_rows(path):
@@ -289,10 +356,11 @@ def read_rows(path):
             continue
         row = {"posterior": cells[0], "guide": cells[1]}
         if cells[2].startswith("error: "):
-            row["error"] = cells[2][len("error: "):]
+            row["error"] = cells[2][len("error: ") :]
         else:
-            row.update(mean_error=float(cells[2]), sd_ratio=float(cells[3]), khat=float(cells[4]),
-                       seconds=float(cells[6]))
+            row.update(
+                mean_error=float(cells[2]), sd_ratio=float(cells[3]), khat=float(cells[4]), seconds=float(cells[6])
+            )
             row["pass"] = cells[5] == "yes"
         rows.append(row)
     return rows
@@ -308,8 +376,10 @@ def merge_rows(old, new):
 def _format_row(r):
     if "error" in r:
         return f"| {r['posterior']} | {r['guide']} | error: {r['error']} | | | | |"
-    return (f"| {r['posterior']} | {r['guide']} | {r['mean_error']:.3f} | {r['sd_ratio']:.3f} | "
-            f"{r['khat']:.2f} | {'yes' if r['pass'] else 'no'} | {r['seconds']:.0f} |")
+    return (
+        f"| {r['posterior']} | {r['guide']} | {r['mean_error']:.3f} | {r['sd_ratio']:.3f} | "
+        f"{r['khat']:.2f} | {'yes' if r['pass'] else 'no'} | {r['seconds']:.0f} |"
+    )
 
 
 def write_table(rows, args, recipe):

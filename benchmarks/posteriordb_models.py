@@ -18,16 +18,23 @@ import io
 import json
 import types
 import zipfile
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "posteriordb"
 NAMES = [
-    "eight_schools-eight_schools_noncentered", "arK-arK", "garch-garch11", "kidiq-kidscore_momiq",
-    "sblrc-blr", "low_dim_gauss_mix-low_dim_gauss_mix", "mesquite-logmesquite",
-    "earnings-logearn_interaction", "nes1972-nes", "gp_pois_regr-gp_pois_regr",
+    "eight_schools-eight_schools_noncentered",
+    "arK-arK",
+    "garch-garch11",
+    "kidiq-kidscore_momiq",
+    "sblrc-blr",
+    "low_dim_gauss_mix-low_dim_gauss_mix",
+    "mesquite-logmesquite",
+    "earnings-logearn_interaction",
+    "nes1972-nes",
+    "gp_pois_regr-gp_pois_regr",
 ]
 
 
@@ -36,19 +43,19 @@ def _read_zip_json(path: Path):
         return json.load(io.TextIOWrapper(z.open(z.namelist()[0]), encoding="utf-8"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def metadata(name: str) -> dict:
     return json.loads((ROOT / "posteriors" / f"{name}.json").read_text())
 
 
-@lru_cache(maxsize=None)
+@cache
 def data(name: str) -> dict:
     """The data set as numpy arrays (float64; integers where the model needs counts)."""
     raw = _read_zip_json(ROOT / "data" / f"{metadata(name)['data_name']}.json.zip")
     return {k: np.asarray(v, dtype=float) for k, v in raw.items()}
 
 
-@lru_cache(maxsize=None)
+@cache
 def reference(name: str) -> dict:
     """Reference draws per parameter (as named in the metadata): arrays ``(draws, size)``."""
     chains = _read_zip_json(ROOT / "reference_draws" / f"{name}.json.zip")
@@ -147,8 +154,17 @@ def earnings(B, d):
 
 def nes(B, d):
     age = d["age_discrete"]
-    cols = [np.ones_like(age), d["real_ideo"], d["race_adj"], (age == 2) * 1.0, (age == 3) * 1.0,
-            (age == 4) * 1.0, d["educ1"], d["gender"], d["income"]]
+    cols = [
+        np.ones_like(age),
+        d["real_ideo"],
+        d["race_adj"],
+        (age == 2) * 1.0,
+        (age == 3) * 1.0,
+        (age == 4) * 1.0,
+        d["educ1"],
+        d["gender"],
+        d["income"],
+    ]
     _linear_regression(B, d["partyid7"], cols)
 
 
@@ -165,15 +181,21 @@ def gp_pois_regr(B, d):
 
 
 MODELS = {
-    "eight_schools-eight_schools_noncentered": eight_schools, "arK-arK": ark, "garch-garch11": garch,
-    "kidiq-kidscore_momiq": kidiq, "sblrc-blr": sblrc, "low_dim_gauss_mix-low_dim_gauss_mix": low_dim_gauss_mix,
-    "mesquite-logmesquite": mesquite, "earnings-logearn_interaction": earnings, "nes1972-nes": nes,
+    "eight_schools-eight_schools_noncentered": eight_schools,
+    "arK-arK": ark,
+    "garch-garch11": garch,
+    "kidiq-kidscore_momiq": kidiq,
+    "sblrc-blr": sblrc,
+    "low_dim_gauss_mix-low_dim_gauss_mix": low_dim_gauss_mix,
+    "mesquite-logmesquite": mesquite,
+    "earnings-logearn_interaction": earnings,
+    "nes1972-nes": nes,
     "gp_pois_regr-gp_pois_regr": gp_pois_regr,
 }
 
 
 # --------------------------------------------------------------------------- backends
-@lru_cache(maxsize=None)
+@cache
 def backend(name: str) -> types.SimpleNamespace:
     """The namespace the models are written against, for ``"torch"`` (Pyro) or ``"jax"`` (NumPyro)."""
     if name == "torch":
@@ -186,10 +208,21 @@ def backend(name: str) -> types.SimpleNamespace:
             return torch.as_tensor(np.asarray(a), dtype=torch.get_default_dtype())
 
         return types.SimpleNamespace(
-            sample=pyro.sample, deterministic=pyro.deterministic, factor=pyro.factor, dist=dist,
-            constraints=constraints, array=array, zeros=lambda n: torch.zeros(n),
-            eye=lambda n: torch.eye(n), exp=torch.exp, log=torch.log, log1p=torch.log1p, sqrt=torch.sqrt,
-            stack=torch.stack, logsumexp=torch.logsumexp, cholesky=torch.linalg.cholesky,
+            sample=pyro.sample,
+            deterministic=pyro.deterministic,
+            factor=pyro.factor,
+            dist=dist,
+            constraints=constraints,
+            array=array,
+            zeros=lambda n: torch.zeros(n),
+            eye=lambda n: torch.eye(n),
+            exp=torch.exp,
+            log=torch.log,
+            log1p=torch.log1p,
+            sqrt=torch.sqrt,
+            stack=torch.stack,
+            logsumexp=torch.logsumexp,
+            cholesky=torch.linalg.cholesky,
             matvec=lambda m, v: (m @ v.unsqueeze(-1)).squeeze(-1),
             improper=lambda support, shape=(): dist.ImproperUniform(support, (), tuple(shape)),
         )
@@ -201,11 +234,22 @@ def backend(name: str) -> types.SimpleNamespace:
         from numpyro.distributions import constraints
 
         return types.SimpleNamespace(
-            sample=numpyro.sample, deterministic=numpyro.deterministic, factor=numpyro.factor, dist=dist,
-            constraints=constraints, array=lambda a: jnp.asarray(np.asarray(a), dtype=float),
-            zeros=lambda n: jnp.zeros(n), eye=lambda n: jnp.eye(n), exp=jnp.exp, log=jnp.log,
-            log1p=jnp.log1p, sqrt=jnp.sqrt, stack=jnp.stack, logsumexp=lambda a, axis: logsumexp(a, axis=axis),
-            cholesky=jnp.linalg.cholesky, matvec=lambda m, v: (m @ v[..., None])[..., 0],
+            sample=numpyro.sample,
+            deterministic=numpyro.deterministic,
+            factor=numpyro.factor,
+            dist=dist,
+            constraints=constraints,
+            array=lambda a: jnp.asarray(np.asarray(a), dtype=float),
+            zeros=lambda n: jnp.zeros(n),
+            eye=lambda n: jnp.eye(n),
+            exp=jnp.exp,
+            log=jnp.log,
+            log1p=jnp.log1p,
+            sqrt=jnp.sqrt,
+            stack=jnp.stack,
+            logsumexp=lambda a, axis: logsumexp(a, axis=axis),
+            cholesky=jnp.linalg.cholesky,
+            matvec=lambda m, v: (m @ v[..., None])[..., 0],
             improper=lambda support, shape=(): dist.ImproperUniform(support, (), tuple(shape)),
         )
     raise ValueError(f"unknown backend {name!r}; use 'torch' or 'jax'")

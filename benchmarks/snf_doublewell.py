@@ -139,8 +139,17 @@ def double_well_runs(seeds, ml_steps, kl_steps, repeats, samples, progress, sche
                     layers.append(snf.MetropolisHastings(0.25, num_steps=20))
             flow = snf.StochasticFlow(layers, 2, target, schedule=schedule)
             data = exact_samples(20000, np.random.default_rng(seed))
-            flow, _ = pj.fit_mle(flow, data, num_steps=ml_steps, batch_size=256, lr=1e-3, validation_fraction=0.0,
-                                 eval_every=100, seed=seed, progress=progress)
+            flow, _ = pj.fit_mle(
+                flow,
+                data,
+                num_steps=ml_steps,
+                batch_size=256,
+                lr=1e-3,
+                validation_fraction=0.0,
+                eval_every=100,
+                seed=seed,
+                progress=progress,
+            )
             flow = combined_fit(flow, data, kl_steps, seed, progress=progress)
             plain, weighted, ess_n, kl, left, left_w = [], [], [], [], [], []
             for r in range(repeats):
@@ -156,10 +165,24 @@ def double_well_runs(seeds, ml_steps, kl_steps, repeats, samples, progress, sche
                 kl.append(toys.DOUBLE_WELL_LOG_Z - log_w.mean())
             bias, rmse, std, nbins = profile_errors(plain, centers)
             wbias, wrmse, wstd, wbins = profile_errors(weighted, centers)
-            rows.append(dict(model=name, seed=seed, bias=bias, rmse=rmse, std=std, wbias=wbias, wrmse=wrmse,
-                             wstd=wstd, ess=float(np.mean(ess_n)), kl=float(np.mean(kl)), bins=min(nbins, wbins),
-                             left=float(np.mean(left)), left_w=float(np.mean(left_w)),
-                             seconds=time.perf_counter() - t0))
+            rows.append(
+                dict(
+                    model=name,
+                    seed=seed,
+                    bias=bias,
+                    rmse=rmse,
+                    std=std,
+                    wbias=wbias,
+                    wrmse=wrmse,
+                    wstd=wstd,
+                    ess=float(np.mean(ess_n)),
+                    kl=float(np.mean(kl)),
+                    bins=min(nbins, wbins),
+                    left=float(np.mean(left)),
+                    left_w=float(np.mean(left_w)),
+                    seconds=time.perf_counter() - t0,
+                )
+            )
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
     return rows
 
@@ -202,11 +225,17 @@ def bimodal_runs(seeds, steps, samples, progress):
     args = (jnp.asarray(Y1), jnp.asarray(Y2))
     rows = []
     guides = {
-        "AutoFlow realnvp": lambda: pj.AutoFlow(bimodal_model, flow="realnvp", num_layers=4, hidden_dims=(32, 32),
-                                                init_scale=1.0),
-        "AutoSNF realnvp + 4 MALA": lambda: pj.AutoSNF(bimodal_model, flow="realnvp", num_layers=4,
-                                                       hidden_dims=(32, 32), init_scale=1.0,
-                                                       stochastic=[pj.snf.MALA(0.02, num_steps=2) for _ in range(4)]),
+        "AutoFlow realnvp": lambda: pj.AutoFlow(
+            bimodal_model, flow="realnvp", num_layers=4, hidden_dims=(32, 32), init_scale=1.0
+        ),
+        "AutoSNF realnvp + 4 MALA": lambda: pj.AutoSNF(
+            bimodal_model,
+            flow="realnvp",
+            num_layers=4,
+            hidden_dims=(32, 32),
+            init_scale=1.0,
+            stochastic=[pj.snf.MALA(0.02, num_steps=2) for _ in range(4)],
+        ),
     }
     for name, make in guides.items():
         for seed in seeds:
@@ -230,10 +259,20 @@ def bimodal_runs(seeds, steps, samples, progress):
             summary = summarize_weights(log_w)
             w = np.exp(log_w - log_w.max())
             left = theta[:, 0] < 0
-            rows.append(dict(guide=name, seed=seed, elbo=summary["elbo"], iwelbo=summary["iwelbo"],
-                             khat=summary["khat"], ess=summary["ess_fraction"], left=float(left.mean()),
-                             left_w=float((w * left).sum() / w.sum()), log_z=log_z,
-                             seconds=time.perf_counter() - t0))
+            rows.append(
+                dict(
+                    guide=name,
+                    seed=seed,
+                    elbo=summary["elbo"],
+                    iwelbo=summary["iwelbo"],
+                    khat=summary["khat"],
+                    ess=summary["ess_fraction"],
+                    left=float(left.mean()),
+                    left_w=float((w * left).sum() / w.sum()),
+                    log_z=log_z,
+                    seconds=time.perf_counter() - t0,
+                )
+            )
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
     return rows, log_z, p_left
 
@@ -249,7 +288,8 @@ def write_report(dw, svi, log_z, p_left, settings, path):
         "# Stochastic normalizing flows: the double well and a bimodal posterior",
         "",
         "`python benchmarks/snf_doublewell.py` (JAX backend, float32 weights, one process). Settings: "
-        + ", ".join(f"{k}={v}" for k, v in settings.items()) + f". Machine: {platform.processor() or platform.machine()}, "
+        + ", ".join(f"{k}={v}" for k, v in settings.items())
+        + f". Machine: {platform.processor() or platform.machine()}, "
         + f"{platform.system()}.",
         "",
         "## Double well, u(x) = x1^4 - 6 x1^2 - 0.5 x1 + x2^2/2",
@@ -275,11 +315,18 @@ def write_report(dw, svi, log_z, p_left, settings, path):
             f"{mean_sd([x['ess'] for x in r])} | {mean_sd([x['kl'] for x in r])} | "
             f"{mean_sd([x['left'] for x in r], 3)} / {mean_sd([x['left_w'] for x in r], 3)} | about {PAPER[model]} |"
         )
-    lines += ["", "Per seed:", "", "| model | seed | bias | bias, rw | rmse | rmse, rw | ESS/N | KL | bins | seconds |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "Per seed:",
+        "",
+        "| model | seed | bias | bias, rw | rmse | rmse, rw | ESS/N | KL | bins | seconds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for x in dw:
-        lines.append(f"| {x['model']} | {x['seed']} | {x['bias']:.3f} | {x['wbias']:.3f} | {x['rmse']:.3f} | "
-                     f"{x['wrmse']:.3f} | {x['ess']:.3f} | {x['kl']:.3f} | {x['bins']} | {x['seconds']:.0f} |")
+        lines.append(
+            f"| {x['model']} | {x['seed']} | {x['bias']:.3f} | {x['wbias']:.3f} | {x['rmse']:.3f} | "
+            f"{x['wrmse']:.3f} | {x['ess']:.3f} | {x['kl']:.3f} | {x['bins']} | {x['seconds']:.0f} |"
+        )
     lines += [
         "",
         "## SVI on a bimodal posterior: AutoFlow against AutoSNF",
@@ -321,8 +368,14 @@ def main():
 
     jax.config.update("jax_enable_x64", False)
     seeds = list(range(a.seeds))
-    settings = dict(seeds=a.seeds, ml_steps=a.ml_steps, kl_steps=a.kl_steps, repeats=a.repeats,
-                    samples=a.samples, svi_steps=a.svi_steps)
+    settings = dict(
+        seeds=a.seeds,
+        ml_steps=a.ml_steps,
+        kl_steps=a.kl_steps,
+        repeats=a.repeats,
+        samples=a.samples,
+        svi_steps=a.svi_steps,
+    )
     t0 = time.perf_counter()
     dw = double_well_runs(seeds, a.ml_steps, a.kl_steps, a.repeats, a.samples, not a.no_progress)
     svi, log_z, p_left = bimodal_runs(seeds, a.svi_steps, a.samples, not a.no_progress)

@@ -120,7 +120,9 @@ def jax_contenders(x_np, y_np):
         "NumPyro AutoIAFNormal": make(lambda: AutoIAFNormal(m, num_flows=LAYERS, hidden_dims=list(HIDDEN))),
         "NumPyro AutoBNAFNormal": make(lambda: AutoBNAFNormal(m, num_flows=LAYERS, hidden_factors=list(BNAF_FACTORS))),
         "pyroflows AutoFlow iaf": make(lambda: pf.AutoFlow(m, flow="iaf", num_layers=LAYERS, hidden_dims=HIDDEN)),
-        "pyroflows AutoFlow bnaf": make(lambda: pf.AutoFlow(m, flow="bnaf", num_layers=LAYERS, hidden_factors=BNAF_FACTORS)),
+        "pyroflows AutoFlow bnaf": make(
+            lambda: pf.AutoFlow(m, flow="bnaf", num_layers=LAYERS, hidden_factors=BNAF_FACTORS)
+        ),
     }
 
 
@@ -184,7 +186,9 @@ def main():
         contenders = torch_contenders(x_np, y_np)
         results = measure(contenders, args.steps, args.rounds)
         svi = table("torch", {k: v for k, v in results.items() if LOOP not in k}, ["Pyro AutoIAFNormal, Trace_ELBO"])
-        loop = table("torch", {k: v for k, v in results.items() if LOOP in k}, [f"Pyro AutoIAFNormal, Trace_ELBO, {LOOP}"])
+        loop = table(
+            "torch", {k: v for k, v in results.items() if LOOP in k}, [f"Pyro AutoIAFNormal, Trace_ELBO, {LOOP}"]
+        )
         lines += svi + loop
     if args.backend in ("jax", "both"):
         contenders = jax_contenders(x_np, y_np)

@@ -108,8 +108,11 @@ def estimator_stats(flow, name, options, test, draws=64):
     # a fresh tensor per draw: the layers' cache would hand back the previous estimate
     estimates = torch.stack([_density(noisy)(test.clone()) for _ in range(draws)])  # (draws, points)
     per_point_bias = estimates.mean(0) - exact
-    return (float(per_point_bias.mean()), float(per_point_bias.std() / math.sqrt(len(test))),
-            float(estimates.std(0).mean()))
+    return (
+        float(per_point_bias.mean()),
+        float(per_point_bias.std() / math.sqrt(len(test))),
+        float(estimates.std(0).mean()),
+    )
 
 
 def main():

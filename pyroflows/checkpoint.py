@@ -12,6 +12,13 @@ without pickling, and non-finite (NaN or inf) floating weights each raise a
 ``FlowFileError`` (a ``ValueError``) that names the file, the problem and what to do about it. A missing
 file raises ``FileNotFoundError``. Nothing here knows about particular flows: the
 config is whatever ``build_flow`` recorded, the arrays whatever the flow holds.
+
+Why ``.npz`` and not safetensors: ``benchmarks/libraries.py`` compares the two on the same
+flows (``benchmarks/results/libraries.md``). safetensors reads and writes faster (a few to
+twenty times, tens of milliseconds at a million parameters) at the same file size, and
+refuses truncated and foreign files as this reader does; but it keeps no checksum, so a
+changed byte inside a weight loads silently, where the zip's CRC-32 of every array makes
+this reader refuse the file. The npz needs numpy alone, and every file saved so far is one.
 """
 
 from __future__ import annotations
@@ -24,10 +31,21 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["write", "read", "rebuild_arguments", "is_standardized", "match_arrays", "float_dtype", "build_error", "FlowFileError",
-           "FORMAT"]
+__all__ = [
+    "write",
+    "read",
+    "rebuild_arguments",
+    "is_standardized",
+    "match_arrays",
+    "float_dtype",
+    "build_error",
+    "FlowFileError",
+    "FORMAT",
+]
 
-FORMAT = "pyroflows-flow-v1"
+FORMAT = "pyroflows-flow-v2"
+#: Older formats this version still reads, upgrading their arrays (``_upgrade``).
+_READS = ("pyroflows-flow-v1", FORMAT)
 _META = "__pyroflows__"
 _META_KEYS = ("format", "backend", "config")
 _CONFIG_KEYS = ("name", "dim")
@@ -46,7 +64,7 @@ def _not_a_flow_file(path, problem: str, fix: str = "pass the path of a file wri
     return FlowFileError(f"{path} is not a pyroflows flow file (.npz written by save_flow): {problem}; {fix}")
 
 
-def write(path, config: dict, arrays: dict, backend: str) -> None:
+def write(path: str | os.PathLike, config: dict, arrays: dict, backend: str) -> None:
     """Write ``config`` (JSON-serialisable) and the named ``arrays`` to ``path`` as one ``.npz`` file.
 
     Args:
@@ -54,6 +72,18 @@ def write(path, config: dict, arrays: dict, backend: str) -> None:
         config: what rebuilds the flow: ``name``, ``dim`` and ``build_flow``'s other arguments.
         arrays: the flow's weights and constants by torch ``state_dict`` name.
         backend: ``"torch"`` or ``"jax"``, recorded for information.
+
+    Raises:
+        TypeError: ``config`` is not JSON-serialisable.
+        OSError: ``path`` cannot be written.
+
+    Example:
+        >>> import os, tempfile
+        >>> import numpy as np
+        >>> path = os.path.join(tempfile.mkdtemp(), "flow.npz")
+        >>> write(path, {"name": "maf", "dim": 2}, {"0.weight": np.eye(2, dtype=np.float32)}, backend="torch")
+        >>> read(path)[0]
+        {'name': 'maf', 'dim': 2}
     """
     meta = {"format": FORMAT, "backend": backend, "config": config}
     with open(path, "wb") as f:
@@ -70,7 +100,8 @@ def _check_file(path) -> None:
         head = f.read(6)
     if head.startswith(_NPY_MAGIC):
         raise _not_a_flow_file(
-            path, "it holds a single numpy array (.npy, as numpy.save writes)",
+            path,
+            "it holds a single numpy array (.npy, as numpy.save writes)",
             "load it with numpy.load, or write the flow with save_flow",
         )
     if not head.startswith(_ZIP_MAGIC):
@@ -90,9 +121,9 @@ def _read_meta(path, raw) -> dict:
             f"{path}: its {_META} metadata lacks the key(s) {missing} (it has {sorted(meta)}); "
             f"the file was edited or written by something other than save_flow: {_RESAVE}"
         )
-    if meta["format"] != FORMAT:
+    if meta["format"] not in _READS:
         raise FlowFileError(
-            f"{path} has format {meta['format']!r}; this version of pyroflows reads {FORMAT!r}: "
+            f"{path} has format {meta['format']!r}; this version of pyroflows reads {list(_READS)}: "
             "load it with the pyroflows version that wrote it and save it with this one"
         )
     config = meta["config"]
@@ -101,8 +132,7 @@ def _read_meta(path, raw) -> dict:
     missing = [k for k in _CONFIG_KEYS if k not in config]
     if missing:
         raise FlowFileError(
-            f"{path}: its config lacks the key(s) {missing} that build_flow needs (it has {sorted(config)}); "
-            f"{_RESAVE}"
+            f"{path}: its config lacks the key(s) {missing} that build_flow needs (it has {sorted(config)}); {_RESAVE}"
         )
     return meta
 
@@ -120,8 +150,11 @@ def _check_finite(path, arrays: dict) -> None:
         )
 
 
-def read(path) -> tuple[dict, dict, str]:
+def read(path: str | os.PathLike) -> tuple[dict, dict, str]:
     """Read a flow file written by ``write``.
+
+    Nothing is unpickled; a damaged file (a truncated archive, or an array whose bytes no
+    longer match their CRC-32) is refused.
 
     Args:
         path: the file ``save_flow`` wrote.
@@ -134,10 +167,27 @@ def read(path) -> tuple[dict, dict, str]:
         FileNotFoundError: ``path`` does not exist.
         FlowFileError: (a ``ValueError``) ``path`` is not a readable pyroflows flow file;
             the message says why and what to do.
+
+    Example:
+        >>> import os, tempfile
+        >>> import numpy as np
+        >>> path = os.path.join(tempfile.mkdtemp(), "flow.npz")
+        >>> write(path, {"name": "maf", "dim": 2}, {"0.weight": np.eye(2, dtype=np.float32)}, backend="jax")
+        >>> config, arrays, backend = read(path)
+        >>> config["name"], arrays["0.weight"].dtype, backend
+        ('maf', dtype('float32'), 'jax')
+        >>> with open(path, "w") as f:
+        ...     _ = f.write("not a flow")
+        >>> read(path)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        pyroflows.checkpoint.FlowFileError: ...flow.npz is not a pyroflows flow file (.npz written by save_flow): ...
     """
     _check_file(path)
     try:
-        with np.load(path, allow_pickle=False) as f:
+        # Opened here, not by numpy: np.load leaves a file it opened itself open when the
+        # archive turns out damaged (a ResourceWarning per failed load).
+        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as f:
             names = list(f.files)
             if _META not in names:
                 raise _not_a_flow_file(
@@ -170,7 +220,34 @@ def read(path) -> tuple[dict, dict, str]:
             f"{_RESAVE}, or copy the file again in full"
         ) from None
     _check_finite(path, arrays)
-    return meta["config"], arrays, meta["backend"]
+    return meta["config"], _upgrade(meta, arrays), meta["backend"]
+
+
+def _upgrade(meta: dict, arrays: dict) -> dict:
+    """Arrays of an older format in today's layout.
+
+    v1 -> v2: a spline coupling's MLP output was coordinate-major (``dim - dim // 2``
+    blocks of ``3K - 1`` spline parameters); every coupling is now parameter-major, so the
+    rows of the last layer of each ``nsf`` coupling conditioner are reordered.
+    """
+    config = meta["config"]
+    if meta["format"] != "pyroflows-flow-v1" or config.get("name") != "nsf":
+        return arrays
+    if config.get("conditioner", "coupling") != "coupling":
+        return arrays
+    n = int(config["dim"]) - int(config["dim"]) // 2
+    p = 3 * int(config.get("count_bins", 8)) - 1
+    last: dict[str, int] = {}
+    for key in arrays:
+        head, sep, tail = key.rpartition("conditioner.net.")
+        if sep and tail.split(".")[0].isdigit():
+            last[head + sep] = max(last.get(head + sep, -1), int(tail.split(".")[0]))
+    out = dict(arrays)
+    for prefix, index in last.items():
+        for kind in ("weight", "bias"):
+            a = out[f"{prefix}{index}.{kind}"]
+            out[f"{prefix}{index}.{kind}"] = a.reshape(n, p, *a.shape[1:]).swapaxes(0, 1).reshape(a.shape)
+    return out
 
 
 # Config keys that record what was done to the built flow, not arguments of ``build_flow``:
@@ -182,7 +259,16 @@ _NOT_BUILD_KEYS = ("name", "dim", "standardize")
 def rebuild_arguments(config: dict) -> tuple[str, int, dict[str, Any]]:
     """``(name, dim, keyword arguments)`` that rebuild the saved flow with ``build_flow``.
 
-    The keyword arguments leave out ``standardize``; see ``is_standardized``.
+    Args:
+        config: the config ``read`` returned (it has ``name`` and ``dim``).
+
+    Returns:
+        The family name, the dimension, and the other keyword arguments, without
+        ``standardize`` (see ``is_standardized``).
+
+    Example:
+        >>> rebuild_arguments({"name": "maf", "dim": 3, "num_layers": 2, "standardize": True})
+        ('maf', 3, {'num_layers': 2})
     """
     kwargs = {k: v for k, v in config.items() if k not in _NOT_BUILD_KEYS}
     return config["name"], config["dim"], kwargs
@@ -193,27 +279,63 @@ def is_standardized(config: dict) -> bool:
 
     ``load_flow`` then appends ``Standardize(zeros(dim), ones(dim))`` to what ``build_flow``
     makes; the saved ``<index>.loc`` and ``<index>.scale`` arrays fill it.
+
+    Args:
+        config: the config ``read`` returned.
+
+    Returns:
+        ``True`` when the config records ``standardize=True``.
+
+    Example:
+        >>> is_standardized({"name": "maf", "dim": 2}), is_standardized({"name": "maf", "dim": 2, "standardize": True})
+        (False, True)
     """
     return bool(config.get("standardize", False))
 
 
 def float_dtype(arrays: dict) -> np.dtype:
-    """The floating dtype of the saved weights (float32 when there are none)."""
+    """The floating dtype of the saved weights.
+
+    Args:
+        arrays: the arrays ``read`` returned.
+
+    Returns:
+        The dtype of the first floating array; float32 when there is none.
+
+    Example:
+        >>> import numpy as np
+        >>> float_dtype({"mask": np.ones(2, bool), "weight": np.zeros(2)})
+        dtype('float64')
+    """
     for a in arrays.values():
         if np.issubdtype(a.dtype, np.floating):
             return a.dtype
     return np.dtype(np.float32)
 
 
-def build_error(path, config: dict, backend: str, error: Exception) -> ValueError:
-    """The error for a config that ``build_flow`` of ``backend`` rejects (``error``)."""
+def build_error(path: str | os.PathLike, config: dict, backend: str, error: Exception) -> ValueError:
+    """The error for a config that ``build_flow`` of ``backend`` rejects.
+
+    Args:
+        path: the file, for the message.
+        config: its config.
+        backend: ``"torch"`` or ``"jax"``.
+        error: what ``build_flow`` raised.
+
+    Returns:
+        A ``FlowFileError`` to raise: it names the file, the config and the fix.
+
+    Example:
+        >>> build_error("f.npz", {"name": "mine", "dim": 2}, "torch", KeyError("mine"))  # doctest: +ELLIPSIS
+        FlowFileError("f.npz: its config {'name': 'mine', 'dim': 2} does not build a flow on the torch backend ...")
+    """
     return FlowFileError(
         f"{path}: its config {config} does not build a flow on the {backend} backend ({error}); "
         "if the flow is a user-registered family, register it (register_flow) before load_flow"
     )
 
 
-def match_arrays(expected: dict, arrays: dict, path) -> dict:
+def match_arrays(expected: dict, arrays: dict, path: str | os.PathLike) -> dict:
     """Check the file holds exactly the arrays the rebuilt flow has, with the same shapes.
 
     Args:
@@ -229,6 +351,13 @@ def match_arrays(expected: dict, arrays: dict, path) -> dict:
     Raises:
         FlowFileError: (a ``ValueError``) an array is missing, unexpected, of the wrong shape, or
             not numeric.
+
+    Example:
+        >>> import numpy as np
+        >>> expected = {"mask": ((2,), np.dtype(np.float32)), "weight": ((2,), np.dtype(np.float32))}
+        >>> out = match_arrays(expected, {"mask": np.ones(2, bool), "weight": np.zeros(2)}, "f.npz")
+        >>> out["mask"].dtype, out["weight"].dtype  # the constant is cast, the weight keeps float64
+        (dtype('float32'), dtype('float64'))
     """
     mismatch = (
         "the file does not match the flow its own config builds (was it edited, or written by another "

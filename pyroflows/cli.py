@@ -1,9 +1,16 @@
-"""The ``pyroflows`` command: ``pyroflows demo`` (what ``make demo`` runs) and ``pyroflows flows``."""
+"""The ``pyroflows`` command: ``pyroflows demo`` (what ``make demo`` runs) and ``pyroflows flows``.
+
+Example:
+    >>> from pyroflows.cli import main
+    >>> main(["flows", "--backend", "torch"])  # every family, one paragraph each
+    bnaf (autoregressive): masked block-triangular monotone networks with a gated residual. ...
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 
 
 def _backend_module(backend):
@@ -23,8 +30,13 @@ def _demo(args):
         raise SystemExit(f"unknown flow {args.flow!r}; available: {', '.join(pf.available_flows())}")
     from .demo import run
 
-    run(backend=args.backend, flow=args.flow, steps=args.steps, progress=not args.no_progress,
-        out=None if args.no_plot else args.out)
+    run(
+        backend=args.backend,
+        flow=args.flow,
+        steps=args.steps,
+        progress=not args.no_progress,
+        out=None if args.no_plot else args.out,
+    )
 
 
 def _flows(args):
@@ -36,11 +48,31 @@ def _flows(args):
         print()
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the ``pyroflows`` command line.
+
+    ``pyroflows demo [--backend torch|jax] [--flow NAME] [--steps N] [--out PNG]
+    [--no-plot] [--no-progress]`` fits ``AutoFlow`` and ``AutoNormal`` to Bayesian
+    logistic regression and compares them with NUTS (``pyroflows.demo.run``);
+    ``pyroflows flows [--backend torch|jax]`` describes every registered flow.
+
+    Args:
+        argv: the arguments after the program name; ``None`` reads ``sys.argv``.
+
+    Raises:
+        SystemExit: bad arguments, an unknown flow, or a backend that is not installed
+            (the message says what to install).
+
+    Example:
+        >>> main(["demo", "--flow", "no-such-flow"])
+        Traceback (most recent call last):
+        SystemExit: unknown flow 'no-such-flow'; available: ...
+    """
     parser = argparse.ArgumentParser(prog="pyroflows", description="Normalizing flows for Pyro and NumPyro.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser(
-        "demo", help="fit AutoFlow and AutoNormal to Bayesian logistic regression; compare with NUTS",
+        "demo",
+        help="fit AutoFlow and AutoNormal to Bayesian logistic regression; compare with NUTS",
         description="Fits AutoNormal and AutoFlow(FLOW) with SVI to Bayesian logistic regression on the "
         "breast-cancer data (shipped with the package), prints ELBO, k-hat and posterior-mean errors "
         "against a NUTS reference, and writes a PNG of the posterior (needs matplotlib; without it the "

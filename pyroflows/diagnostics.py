@@ -32,6 +32,13 @@ Degenerate weights, and what each function returns for them:
   excess weight.
 - ``NaN`` or ``+inf`` log-weights raise a ``ValueError``: ``log p`` or ``log q`` was not
   finite where it has to be.
+
+Why our own and not a library's: ``benchmarks/libraries.py`` compares ``psis_khat`` with
+arviz-stats' PSIS on the same draws (``benchmarks/results/libraries.md``). The two give the
+same k-hat (the same estimator and prior; the tail sizes round differently at some ``n``),
+ours is several times faster, and arviz-stats has no contract for the degenerate cases above
+(it raises on tied weights, scores a single finite weight 0.048, returns NaN for NaN input)
+and needs scipy.
 """
 
 from __future__ import annotations
@@ -39,11 +46,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = ["psis_khat", "ess", "log_mean_exp", "summarize_weights", "gpd_fit"]
 
 
-def _as_log_weights(log_weights) -> np.ndarray:
+def _as_log_weights(log_weights: ArrayLike) -> np.ndarray:
     lw = np.asarray(log_weights, dtype=float).reshape(-1)
     if lw.size < 2:
         raise ValueError(f"need at least 2 log-weights, got {lw.size}")
@@ -63,17 +71,52 @@ def _logsumexp(a: np.ndarray) -> float:
     return float(m + np.log(np.sum(np.exp(a - m))))
 
 
-def log_mean_exp(log_weights) -> float:
-    """``log(mean(exp(log_weights)))``, without overflow."""
+def log_mean_exp(log_weights: ArrayLike) -> float:
+    """``log(mean(exp(log_weights)))``, without overflow: the importance-weighted bound.
+
+    Args:
+        log_weights: ``log p(x, z) - log q(z)`` for ``n >= 2`` draws; ``-inf`` entries allowed.
+
+    Returns:
+        The log of the mean weight; ``-inf`` when every log-weight is ``-inf``.
+
+    Raises:
+        ValueError: fewer than 2 log-weights, or a ``NaN`` or ``+inf`` among them.
+
+    Example:
+        >>> import numpy as np
+        >>> round(log_mean_exp([0.0, np.log(3.0)]), 6)  # log((1 + 3) / 2)
+        0.693147
+        >>> log_mean_exp([1000.0, 1000.0])  # exp(1000) would overflow
+        1000.0
+    """
     lw = _as_log_weights(log_weights)
     return _logsumexp(lw) - math.log(lw.size)
 
 
-def ess(log_weights) -> float:
+def ess(log_weights: ArrayLike) -> float:
     """Kish's effective sample size ``(sum w)^2 / sum w^2`` of the self-normalised weights.
 
-    Between 1 and ``n`` when some weight is positive; ``0.0`` when every log-weight is
-    ``-inf`` (no draw has weight).
+    Computed on the raw weights (not on Pareto-smoothed ones), on the log scale so that
+    large log-weights do not overflow.
+
+    Args:
+        log_weights: ``log p(x, z) - log q(z)`` for ``n >= 2`` draws; ``-inf`` entries (zero
+            weights) allowed.
+
+    Returns:
+        Between 1 and ``n`` when some weight is positive; ``0.0`` when every log-weight is
+        ``-inf`` (no draw has weight).
+
+    Raises:
+        ValueError: fewer than 2 log-weights, or a ``NaN`` or ``+inf`` among them.
+
+    Example:
+        >>> import numpy as np
+        >>> ess([0.0, 0.0, 0.0, 0.0])  # equal weights: every draw counts
+        4.0
+        >>> ess([0.0, -np.inf]), ess([-np.inf, -np.inf])
+        (1.0, 0.0)
     """
     lw = _as_log_weights(log_weights)
     if np.isneginf(lw).all():
@@ -81,12 +124,30 @@ def ess(log_weights) -> float:
     return float(np.exp(2 * _logsumexp(lw) - _logsumexp(2 * lw)))
 
 
-def gpd_fit(exceedances) -> tuple[float, float]:
+def gpd_fit(exceedances: ArrayLike) -> tuple[float, float]:
     """Shape ``k`` and scale ``sigma`` of a generalised Pareto fit to positive exceedances.
 
-    Zhang & Stephens (2009): a posterior mean of ``b = -k / sigma`` over a grid of
-    profile-likelihood values, then ``k = mean(log(1 - b x))``; the shape is shrunk
-    towards 0.5 by a prior worth 10 observations, as in PSIS.
+    Zhang & Stephens' empirical-Bayes estimator: a posterior mean of ``b = -k / sigma``
+    over a grid of profile-likelihood values, then ``k = mean(log(1 - b x))``; the shape
+    is shrunk towards 0.5 by a prior worth 10 observations, as in PSIS.
+
+    Args:
+        exceedances: positive values (the excess of the largest weights over a cutoff),
+            at least 5 of them; any order.
+
+    Returns:
+        ``(k, sigma)``: the shape (after the prior) and the scale.
+
+    References:
+        Zhang, J. & Stephens, M. A. (2009). A new and efficient estimation method for the
+        generalized Pareto distribution. Technometrics 51(3).
+
+    Example:
+        >>> import numpy as np
+        >>> p = (np.arange(1000) + 0.5) / 1000
+        >>> x = ((1 - p) ** -0.5 - 1) / 0.5  # quantiles of the GPD with k = 0.5, sigma = 1
+        >>> [round(v, 2) for v in gpd_fit(x)]
+        [0.5, 1.0]
     """
     x = np.sort(np.asarray(exceedances, dtype=float))
     n = x.size
@@ -112,7 +173,7 @@ def gpd_fit(exceedances) -> tuple[float, float]:
 _TIE_RTOL = 1e-6
 
 
-def psis_khat(log_weights) -> float:
+def psis_khat(log_weights: ArrayLike) -> float:
     """Pareto k-hat of importance weights given on the log scale (PSIS diagnostic).
 
     The tail is the ``M = ceil(min(n / 5, 3 sqrt(n)))`` largest weights; their
@@ -132,6 +193,19 @@ def psis_khat(log_weights) -> float:
     Raises:
         ValueError: fewer than 25 log-weights (some of them finite), or a ``NaN`` or
             ``+inf`` among them.
+
+    References:
+        Vehtari, A., Simpson, D., Gelman, A., Yao, Y. & Gabry, J. Pareto smoothed importance
+        sampling. arXiv:1507.02646. The comparison with arviz-stats:
+        ``benchmarks/results/libraries.md``.
+
+    Example:
+        >>> import numpy as np
+        >>> p = (np.arange(1000) + 0.5) / 1000
+        >>> round(psis_khat(np.log((1 - p) ** -0.5)), 1)  # Pareto weights with tail shape 0.5
+        0.5
+        >>> psis_khat(np.full(100, -2.0)), psis_khat(np.full(100, -np.inf))  # exact guide; no weight
+        (-inf, inf)
     """
     lw = _as_log_weights(log_weights)
     top = lw.max()
@@ -139,7 +213,7 @@ def psis_khat(log_weights) -> float:
         return math.inf  # no draw has weight: q puts its mass where p has none
     n = lw.size
     tail = int(math.ceil(min(0.2 * n, 3 * math.sqrt(n))))
-    if tail < 5:
+    if n < 25:  # 21 to 24 draws would give a tail of 5, but from fewer than 5 draws above a cutoff each
         raise ValueError(
             f"psis_khat needs at least 25 log-weights to fit a tail, got {n}; draw more samples "
             "(k-hat is reliable from a few hundred)"
@@ -155,7 +229,7 @@ def psis_khat(log_weights) -> float:
     return gpd_fit(exceed)[0]
 
 
-def summarize_weights(log_weights) -> dict:
+def summarize_weights(log_weights: ArrayLike) -> dict[str, float]:
     """ELBO, importance-weighted ELBO, k-hat, ESS and ESS / n from one set of log-weights.
 
     Args:
@@ -167,6 +241,15 @@ def summarize_weights(log_weights) -> dict:
         log-weight is ``-inf`` (then ``khat`` is ``inf`` and both bounds ``-inf``).
         ``khat`` is NaN for fewer than 25 draws (too few to fit a tail) unless no
         draw has weight.
+
+    Raises:
+        ValueError: fewer than 2 log-weights, or a ``NaN`` or ``+inf`` among them.
+
+    Example:
+        >>> import numpy as np
+        >>> out = summarize_weights(np.full(100, -1.5))  # an exact guide, log Z = -1.5
+        >>> out["elbo"], out["iwelbo"], round(out["ess_fraction"], 6), out["khat"]
+        (-1.5, -1.5, 1.0, -inf)
     """
     lw = _as_log_weights(log_weights)
     n = lw.size

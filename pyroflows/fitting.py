@@ -3,6 +3,12 @@ early stopping, the loss history, progress bars and the errors users see.
 
 Both ``pyroflows.torch.train`` / ``autoguide`` and their JAX twins call these, so an
 option means the same thing and a mistake reads the same on either backend.
+
+Example:
+    >>> from pyroflows.fitting import check_fit_options
+    >>> check_fit_options("fit_mle", lr=-1.0)
+    Traceback (most recent call last):
+    ValueError: fit_mle: lr=-1.0 must be a positive number (finite and above 0)
 """
 
 from __future__ import annotations
@@ -10,33 +16,72 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
 from . import validation
 
 __all__ = [
-    "check_data", "split_indices", "batch_indices", "EarlyStopping", "History", "progress_bar",
-    "check_fit_options", "anneal_factor", "check_finite_loss", "check_latent_sites",
-    "check_log_density", "check_log_density_shape", "check_quantiles", "AUTOFLOW_LOG_SCALE_BOUND",
-    "MAX_BAD_STEPS", "NonFiniteGuard", "check_first_log_density", "standardization", "SD_FLOOR",
+    "check_data",
+    "split_indices",
+    "batch_indices",
+    "EarlyStopping",
+    "History",
+    "progress_bar",
+    "check_fit_options",
+    "anneal_factor",
+    "check_finite_loss",
+    "check_latent_sites",
+    "check_log_density",
+    "check_log_density_shape",
+    "check_quantiles",
+    "AUTOFLOW_LOG_SCALE_BOUND",
+    "MAX_BAD_STEPS",
+    "NonFiniteGuard",
+    "check_first_log_density",
+    "standardization",
+    "SD_FLOOR",
 ]
 
-#: A fit raises after this many consecutive steps whose loss or gradient was NaN or inf
-#: (each of them skipped: no update); the ``max_bad_steps`` option of the fits overrides it.
-MAX_BAD_STEPS = 20
+MAX_BAD_STEPS: int = 20
+"""A fit raises after this many consecutive steps whose loss or gradient was NaN or inf
+(each of them skipped: no update); the ``max_bad_steps`` option of the fits overrides it."""
 
-#: ``standardization``: a column whose sd is below ``SD_FLOOR * max(1, |mean|)`` counts as constant.
-SD_FLOOR = 1e-8
+SD_FLOOR: float = 1e-8
+"""``standardization``: a column whose sd is below ``SD_FLOOR * max(1, |mean|)`` counts as constant."""
 
 
-def check_data(data, dim: int | None = None, caller: str = "fit_mle") -> np.ndarray:
+def check_data(data: Any, dim: int | None = None, caller: str = "fit_mle") -> np.ndarray:
     """``data`` as a float64 array of shape ``(n, dim)``, ``n >= 2``, every entry finite.
 
     Accepts numpy, torch (detached and moved to the CPU here) and JAX arrays and nested
     lists of integers or floats. Boolean, complex, string and other non-numeric data are
     refused: a flow is a density on real vectors, and casting them silently would fit
-    something else than the user meant. A ValueError names the problem and the fix.
+    something else than the user meant.
+
+    Args:
+        data: the data, one row per point.
+        dim: the flow's event size; ``None`` accepts any number of columns. With
+            ``dim=1`` a one-dimensional array is taken as one column.
+        caller: the name the messages start with.
+
+    Returns:
+        The data as a float64 array of shape ``(n, dim)``.
+
+    Raises:
+        ValueError: the data are not numeric, not real, of the wrong shape, fewer than two
+            rows, or hold NaN or inf (the message names the problem and the fix).
+
+    Example:
+        >>> check_data([[1, 2], [3, 4]]).dtype.name
+        'float64'
+        >>> check_data([1.0, 2.0, 3.0], dim=1).shape
+        (3, 1)
+        >>> check_data([[1.0, float("nan")], [0.0, 1.0]])
+        Traceback (most recent call last):
+        ValueError: fit_mle: data contains NaN or inf in 1 row(s) (rows 0); drop or impute them before fitting
     """
     if hasattr(data, "detach"):  # a torch tensor, possibly on a GPU or with a graph
         data = data.detach().cpu()
@@ -99,7 +144,7 @@ def check_data(data, dim: int | None = None, caller: str = "fit_mle") -> np.ndar
     return array
 
 
-def standardization(train: np.ndarray, caller: str = "fit_mle") -> tuple[np.ndarray, np.ndarray]:
+def standardization(train: Any, caller: str = "fit_mle") -> tuple[np.ndarray, np.ndarray]:
     """Per-column mean and standard deviation (``ddof=0``) of the training rows, for the fixed
     affine layer of ``fit_mle(standardize=True)``: ``z = (x - loc) / scale``.
 
@@ -113,6 +158,14 @@ def standardization(train: np.ndarray, caller: str = "fit_mle") -> tuple[np.ndar
 
     Returns:
         ``(loc, scale)``, float64 arrays of shape ``(dim,)``, ``scale > 0``.
+
+    Raises:
+        ValueError: the mean or sd overflows float64.
+
+    Example:
+        >>> loc, scale = standardization([[0.0, 1.0], [2.0, 5.0]])
+        >>> loc.tolist(), scale.tolist()
+        ([1.0, 3.0], [1.0, 2.0])
     """
     train = np.asarray(train, dtype=float)
     with np.errstate(over="ignore", invalid="ignore"):
@@ -136,8 +189,24 @@ def standardization(train: np.ndarray, caller: str = "fit_mle") -> tuple[np.ndar
     return loc, scale
 
 
-def split_indices(n: int, validation_fraction: float, seed: int = 0):
-    """A random ``(train, validation)`` split of ``range(n)``; validation is empty for 0."""
+def split_indices(n: int, validation_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A random ``(train, validation)`` split of ``range(n)``; validation is empty for 0.
+
+    A positive fraction keeps at least one row on each side.
+
+    Args:
+        n: the number of rows.
+        validation_fraction: the share of rows held out, in ``[0, 1)``.
+        seed: the seed of the shuffle.
+
+    Returns:
+        ``(train, validation)``: sorted integer index arrays that partition ``range(n)``.
+
+    Example:
+        >>> train, val = split_indices(10, 0.2, seed=0)
+        >>> len(train), len(val), sorted(train.tolist() + val.tolist()) == list(range(10))
+        (8, 2, True)
+    """
     order = np.random.default_rng(seed).permutation(n)
     n_val = int(round(validation_fraction * n))
     if validation_fraction > 0:
@@ -146,7 +215,21 @@ def split_indices(n: int, validation_fraction: float, seed: int = 0):
 
 
 def batch_indices(train_idx: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
-    """One minibatch of row indices, without replacement (the whole set when it is smaller)."""
+    """One minibatch of row indices, without replacement (the whole set when it is smaller).
+
+    Args:
+        train_idx: the training rows.
+        batch_size: the minibatch size.
+        rng: the numpy generator that draws it.
+
+    Returns:
+        ``batch_size`` distinct entries of ``train_idx``, or ``train_idx`` itself.
+
+    Example:
+        >>> batch = batch_indices(np.arange(100), 8, np.random.default_rng(0))
+        >>> len(set(batch.tolist()))
+        8
+    """
     if batch_size >= train_idx.size:
         return train_idx
     return rng.choice(train_idx, size=batch_size, replace=False)
@@ -154,14 +237,38 @@ def batch_indices(train_idx: np.ndarray, batch_size: int, rng: np.random.Generat
 
 class EarlyStopping:
     """Tracks the best validation loss; ``should_stop`` after ``patience`` evaluations without
-    an improvement larger than ``min_delta`` (never when ``patience`` is None)."""
+    an improvement larger than ``min_delta`` (never when ``patience`` is None).
+
+    Args:
+        patience: evaluations without improvement before stopping; ``None`` never stops.
+        min_delta: how much a loss must beat the best one to count as an improvement.
+
+    Example:
+        >>> stop = EarlyStopping(patience=2)
+        >>> [stop.update(v, step) for step, v in enumerate([3.0, 2.0, 2.5, 2.1])]
+        [True, True, False, False]
+        >>> stop.should_stop, stop.best, stop.best_step
+        (True, 2.0, 1)
+    """
 
     def __init__(self, patience: int | None = None, min_delta: float = 0.0):
         self.patience, self.min_delta = patience, float(min_delta)
         self.best, self.best_step, self._since = math.inf, None, 0
 
     def update(self, value: float, step: int | None = None) -> bool:
-        """Record one evaluation; True when it is a new best."""
+        """Record one evaluation; True when it is a new best.
+
+        Args:
+            value: the validation loss.
+            step: the step it was computed at (kept as ``best_step`` for a new best).
+
+        Returns:
+            Whether ``value`` beat the best loss by more than ``min_delta``.
+
+        Example:
+            >>> EarlyStopping().update(1.0)
+            True
+        """
         if value < self.best - self.min_delta:
             self.best, self.best_step, self._since = float(value), step, 0
             return True
@@ -170,6 +277,7 @@ class EarlyStopping:
 
     @property
     def should_stop(self) -> bool:
+        """Whether ``patience`` evaluations in a row brought no improvement."""
         return self.patience is not None and self._since >= self.patience
 
 
@@ -177,7 +285,24 @@ class EarlyStopping:
 class History:
     """What a fit returns: the training loss at each evaluation, the validation loss where
     there is one, the step of the weights that were kept, whether it stopped early, and how
-    many steps were skipped because their loss or gradient was not finite."""
+    many steps were skipped because their loss or gradient was not finite.
+
+    Attributes:
+        step: the step of each evaluation.
+        loss: the training loss at each evaluation.
+        validation_loss: the validation loss at each evaluation (empty without a
+            validation split).
+        best_step: the step whose weights the fit returned.
+        stopped_early: whether early stopping ended the fit.
+        skipped_steps: steps whose loss or gradient was NaN or inf: no update, and no
+            entry in ``loss``.
+
+    Example:
+        >>> history = History()
+        >>> history.record(100, 1.5, validation_loss=1.7)
+        >>> history.as_dict()["loss"], history.validation_loss
+        ([1.5], [1.7])
+    """
 
     step: list = dataclasses.field(default_factory=list)
     loss: list = dataclasses.field(default_factory=list)
@@ -188,25 +313,79 @@ class History:
     skipped_steps: int = 0
 
     def record(self, step: int, loss: float, validation_loss: float | None = None) -> None:
+        """Append one evaluation.
+
+        Args:
+            step: the step number.
+            loss: the training loss.
+            validation_loss: the validation loss, if there is a validation split.
+
+        Example:
+            >>> h = History()
+            >>> h.record(1, 2.0)
+            >>> h.step, h.loss
+            ([1], [2.0])
+        """
         self.step.append(int(step))
         self.loss.append(float(loss))
         if validation_loss is not None:
             self.validation_loss.append(float(validation_loss))
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (lists copied).
+
+        Example:
+            >>> sorted(History().as_dict())
+            ['best_step', 'loss', 'skipped_steps', 'step', 'stopped_early', 'validation_loss']
+        """
         return dataclasses.asdict(self)
 
 
-def progress_bar(total: int, desc: str, progress: bool = True):
-    """A tqdm bar over ``total`` steps; silent when ``progress`` is False."""
+def progress_bar(total: int, desc: str, progress: bool = True) -> Any:
+    """A tqdm bar over ``total`` steps; silent when ``progress`` is False.
+
+    Args:
+        total: the number of steps.
+        desc: the bar's label.
+        progress: show the bar.
+
+    Returns:
+        A ``tqdm.auto.tqdm`` bar (close it, or use it as a context manager).
+
+    Example:
+        >>> with progress_bar(10, "fit_mle", progress=False) as bar:
+        ...     for _ in range(10):
+        ...         _ = bar.update(1)
+        >>> bar.total, bar.disable
+        (10, True)
+    """
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
 
 
-def check_fit_options(caller: str = "fit", **options) -> None:
-    """Validate the keyword arguments shared by the fitting functions and guides, by name
-    (with the checkers of ``pyroflows.validation``, so a bad value reads the same everywhere)."""
+def check_fit_options(caller: str = "fit", **options: Any) -> None:
+    """Validate the keyword arguments shared by the fitting functions and guides, by name.
+
+    The checkers are those of ``pyroflows.validation``, so a bad value reads the same
+    everywhere: ``num_steps``, ``batch_size``, ``num_samples``, ``eval_every``,
+    ``num_particles`` and ``max_bad_steps`` are positive integers; ``lr`` and
+    ``init_scale`` positive numbers; ``validation_fraction`` in ``[0, 1)``; ``patience`` a
+    positive integer or ``None``; ``standardize`` a bool; ``anneal_steps`` an integer >= 0.
+
+    Args:
+        caller: the name the messages start with.
+        **options: the options to check, by name.
+
+    Raises:
+        ValueError: a bad value, or a name this function does not know.
+
+    Example:
+        >>> check_fit_options("fit_mle", num_steps=100, lr=1e-3, patience=None)
+        >>> check_fit_options("fit_mle", batch_size=0)
+        Traceback (most recent call last):
+        ValueError: fit_mle: batch_size=0 must be a positive integer
+    """
     for name, value in options.items():
         if name in ("num_steps", "batch_size", "num_samples", "eval_every", "num_particles", "max_bad_steps"):
             validation.positive_int(name, value, caller=caller)
@@ -225,16 +404,41 @@ def check_fit_options(caller: str = "fit", **options) -> None:
 
 
 def anneal_factor(step: int, anneal_steps: int) -> float:
-    """Inverse temperature at ``step``: a linear ramp from ``1/anneal_steps`` to 1, then 1."""
+    """Inverse temperature at ``step``: a linear ramp from ``1/anneal_steps`` to 1, then 1.
+
+    Args:
+        step: the step, from 0.
+        anneal_steps: the length of the ramp; 0 means no annealing.
+
+    Returns:
+        The factor of the target log-density at this step, in ``(0, 1]``.
+
+    Example:
+        >>> [anneal_factor(step, 4) for step in range(5)]
+        [0.25, 0.5, 0.75, 1.0, 1.0]
+    """
     if anneal_steps <= 0:
         return 1.0
     return min(1.0, (step + 1) / anneal_steps)
 
 
-def check_finite_loss(value, step: int, what: str, fix: str | None = None) -> None:
+def check_finite_loss(value: float, step: int, what: str, fix: str | None = None) -> None:
     """Raise a ValueError naming the step when a loss (or a log-density) is NaN or inf.
 
-    ``fix`` replaces the default advice after the semicolon.
+    Args:
+        value: the loss (anything ``float`` accepts).
+        step: the step, for the message.
+        what: what the value is, for the message.
+        fix: advice that replaces the default one after the semicolon.
+
+    Raises:
+        ValueError: ``value`` is NaN or inf.
+
+    Example:
+        >>> check_finite_loss(1.0, 3, "the loss")
+        >>> check_finite_loss(float("nan"), 3, "the loss", fix="lower the learning rate")
+        Traceback (most recent call last):
+        ValueError: the loss was NaN at step 3; lower the learning rate
     """
     v = float(value)
     if math.isfinite(v):
@@ -258,6 +462,15 @@ def check_first_log_density(num_bad: int, num_draws: int, has_nan: bool, caller:
         num_draws: how many draws the first step scored.
         has_nan: whether any of them was NaN (else they were inf).
         caller: the name the message starts with.
+
+    Raises:
+        ValueError: ``num_bad > 0``.
+
+    Example:
+        >>> check_first_log_density(0, 64, False)
+        >>> check_first_log_density(3, 64, True)
+        Traceback (most recent call last):
+        ValueError: fit_reverse_kl: the target log-density returned NaN at 3 of 64 draws at its first evaluation ...
     """
     if not num_bad:
         return
@@ -287,6 +500,14 @@ class NonFiniteGuard:
         lr: the learning rate, named in the error.
         history: the fit's ``History``.
         max_bad_steps: how many consecutive bad steps raise.
+
+    Example:
+        >>> guard = NonFiniteGuard("fit_mle", lr=0.1, history=History(), max_bad_steps=2)
+        >>> guard.update(1, loss_finite=True), guard.update(2, loss_finite=True, grads_finite=False)
+        (True, False)
+        >>> guard.update(3, loss_finite=False)
+        Traceback (most recent call last):
+        ValueError: fit_mle: 2 consecutive steps (steps 2 to 3) were skipped because ... Try lr=0.01
     """
 
     def __init__(self, caller: str, lr: float, history: History, max_bad_steps: int = MAX_BAD_STEPS):
@@ -305,6 +526,18 @@ class NonFiniteGuard:
             loss_finite: whether the loss was finite.
             grads_finite: whether every gradient was finite (ignored when the loss was not).
             target_bad: how many draws got a NaN or inf target log-density (reverse KL).
+
+        Returns:
+            Whether to apply this step's update.
+
+        Raises:
+            ValueError: this is the ``max_bad_steps``-th bad step in a row; the message
+                (``message``) names the likely cause.
+
+        Example:
+            >>> guard = NonFiniteGuard("fit_mle", lr=0.1, history=History())
+            >>> guard.update(1, loss_finite=False), guard.history.skipped_steps
+            (False, 1)
         """
         if loss_finite and grads_finite:
             self.any_good = True
@@ -321,10 +554,23 @@ class NonFiniteGuard:
         return False
 
     def message(self, step: int) -> str:
+        """The error for the run of bad steps that ends at ``step``, naming the likely cause.
+
+        Args:
+            step: the last bad step.
+
+        Returns:
+            The message.
+
+        Example:
+            >>> guard = NonFiniteGuard("fit_mle", lr=0.1, history=History())
+            >>> _ = guard.update(1, loss_finite=False)
+            >>> print(guard.message(1))
+            fit_mle: 1 consecutive steps (steps 1 to 1) were skipped ... before any update: ...
+        """
         n, where = self.consecutive, f"steps {self.first_bad} to {int(step)}"
-        what = (
-            f"the loss was NaN or inf at {self.bad_loss} of them"
-            + (f", only the gradient at {n - self.bad_loss}" if n > self.bad_loss else "")
+        what = f"the loss was NaN or inf at {self.bad_loss} of them" + (
+            f", only the gradient at {n - self.bad_loss}" if n > self.bad_loss else ""
         )
         head = f"{self.caller}: {n} consecutive steps ({where}) were skipped because {what}"
         if self.bad_target:
@@ -352,8 +598,23 @@ class NonFiniteGuard:
         )
 
 
-def check_latent_sites(sites, guide_name: str = "AutoFlow") -> None:
-    """``sites``: ``(name, is_discrete, distribution_repr)`` for each latent sample site."""
+def check_latent_sites(sites: Iterable[tuple[str, bool, str]], guide_name: str = "AutoFlow") -> None:
+    """Check that a model has latent sites and that all of them are continuous.
+
+    Args:
+        sites: ``(name, is_discrete, distribution_repr)`` for each latent sample site.
+        guide_name: the guide's name, for the messages.
+
+    Raises:
+        ValueError: no latent sites, or a discrete one (the message says how to
+            marginalise it).
+
+    Example:
+        >>> check_latent_sites([("mu", False, "Normal()")])
+        >>> check_latent_sites([])
+        Traceback (most recent call last):
+        ValueError: the model has no latent sample sites: there is nothing for AutoFlow to fit
+    """
     sites = list(sites)
     if not sites:
         raise ValueError(f"the model has no latent sample sites: there is nothing for {guide_name} to fit")
@@ -366,16 +627,48 @@ def check_latent_sites(sites, guide_name: str = "AutoFlow") -> None:
             )
 
 
-# The guides' final affine layer soft-clamps its log-scale to (-bound, bound).
-AUTOFLOW_LOG_SCALE_BOUND = 5.0
+AUTOFLOW_LOG_SCALE_BOUND: float = 5.0
+"""The guides' final affine layer soft-clamps its log-scale to ``(-bound, bound)``."""
 
 
-def check_log_density(fn, caller: str = "fit_reverse_kl") -> None:
+def check_log_density(fn: Any, caller: str = "fit_reverse_kl") -> None:
+    """Check that ``fn`` is callable (a log-density of an ``(n, dim)`` array).
+
+    Args:
+        fn: what was passed as ``log_density``.
+        caller: the name the message starts with.
+
+    Raises:
+        ValueError: ``fn`` is not callable.
+
+    Example:
+        >>> check_log_density(lambda z: -(z ** 2).sum(-1))
+        >>> check_log_density(3.0)
+        Traceback (most recent call last):
+        ValueError: fit_reverse_kl: log_density must be a function of an (n, dim) array, got 3.0
+    """
     if not callable(fn):
         raise ValueError(f"{caller}: log_density must be a function of an (n, dim) array, got {fn!r}")
 
 
-def check_log_density_shape(shape, n: int, dim: int, caller: str = "fit_reverse_kl") -> None:
+def check_log_density_shape(shape: tuple[int, ...], n: int, dim: int, caller: str = "fit_reverse_kl") -> None:
+    """Check that a log-density returned one value per point, shape ``(n,)``.
+
+    Args:
+        shape: the shape it returned.
+        n: the number of points it was called on.
+        dim: the event size, for the message.
+        caller: the name the message starts with.
+
+    Raises:
+        ValueError: ``shape`` is not ``(n,)``.
+
+    Example:
+        >>> check_log_density_shape((8,), 8, 2)
+        >>> check_log_density_shape((8, 2), 8, 2)
+        Traceback (most recent call last):
+        ValueError: fit_reverse_kl: log_density must map an array of shape (n, 2) to shape (n,); ...
+    """
     if tuple(shape) != (n,):
         raise ValueError(
             f"{caller}: log_density must map an array of shape (n, {dim}) to shape (n,); "
@@ -383,8 +676,26 @@ def check_log_density_shape(shape, n: int, dim: int, caller: str = "fit_reverse_
         )
 
 
-def check_quantiles(q, caller: str = "quantiles") -> np.ndarray:
-    """Quantile levels as a float array, each strictly between 0 and 1."""
+def check_quantiles(q: Any, caller: str = "quantiles") -> np.ndarray:
+    """Quantile levels as a float array, each strictly between 0 and 1.
+
+    Args:
+        q: one level or an array of them.
+        caller: the name the message starts with.
+
+    Returns:
+        ``q`` as a float array.
+
+    Raises:
+        ValueError: a level outside ``(0, 1)``.
+
+    Example:
+        >>> check_quantiles([0.05, 0.5, 0.95]).tolist()
+        [0.05, 0.5, 0.95]
+        >>> check_quantiles([0.0, 0.5])
+        Traceback (most recent call last):
+        ValueError: quantiles: quantiles must lie strictly between 0 and 1, got [0.0, 0.5]
+    """
     q = np.asarray(q, dtype=float)
     if not np.all((q > 0) & (q < 1)):
         raise ValueError(f"{caller}: quantiles must lie strictly between 0 and 1, got {q.reshape(-1).tolist()}")

@@ -10,6 +10,14 @@ values (so every step goes downhill, also from a point where ``U`` is not convex
 Dauphin et al. 2014, arXiv:1406.2572) and an Armijo backtracking line search (Nocedal &
 Wright, *Numerical Optimization*, 2nd ed., ch. 3). It stops when the Newton decrement
 ``g^T H^-1 g / 2``, the predicted distance to the minimum in nats, is below ``tol``.
+
+Why our own and not scipy's trust-region Newton methods: ``benchmarks/libraries.py``
+compares ``find_mode`` with ``scipy.optimize.minimize`` (``trust-exact``, ``trust-krylov``,
+``trust-ncg``) on the same callbacks (``benchmarks/results/libraries.md``). Where a mode
+exists, ours reaches it as precisely in as few Hessians and less time; trust-krylov and
+trust-ncg report failure on logistic regressions whose mode they found; every scipy method
+stops at a trial point where the density is undefined (NaN) or where the model raises, which
+this search backs off from; and scipy would be a new runtime dependency.
 """
 
 from __future__ import annotations
@@ -19,14 +27,22 @@ import logging
 import math
 import numbers
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 __all__ = [
-    "AUTO", "LAPLACE", "MAX_LAPLACE_DIM", "LAPLACE_KHAT_LIMIT", "LAPLACE_LOG_WEIGHT_SD_LIMIT", "LAPLACE_CONDITION_LIMIT",
-    "Start", "check_init_scale", "choose_start",
-    "find_mode", "laplace_scale_tril",
+    "AUTO",
+    "LAPLACE",
+    "MAX_LAPLACE_DIM",
+    "LAPLACE_KHAT_LIMIT",
+    "LAPLACE_LOG_WEIGHT_SD_LIMIT",
+    "LAPLACE_CONDITION_LIMIT",
+    "Start",
+    "check_init_scale",
+    "choose_start",
+    "find_mode",
+    "laplace_scale_tril",
 ]
 
 AUTO = "auto"
@@ -52,7 +68,7 @@ def _finite(value) -> bool:
     return bool(np.all(np.isfinite(value)))
 
 
-def check_init_scale(init_scale, caller: str = "AutoFlow", bound: float = 5.0):
+def check_init_scale(init_scale: str | float, caller: str = "AutoFlow", bound: float = 5.0) -> str | float:
     """``init_scale`` as a float, or one of the strings ``"auto"`` and ``"laplace"``.
 
     Args:
@@ -61,18 +77,27 @@ def check_init_scale(init_scale, caller: str = "AutoFlow", bound: float = 5.0):
         bound: the bound of the guide's soft-clamped log-scale; a float must lie in ``(e^-bound, e^bound)``.
 
     Returns:
-        The validated value.
+        The validated value: the string, or the number as a float.
 
     Raises:
         ValueError: a string other than the two, a non-finite, non-positive or boolean number, or a
             scale the bounded log-scale cannot reach.
+
+    Example:
+        >>> check_init_scale("auto"), check_init_scale(1)
+        ('auto', 1.0)
+        >>> check_init_scale(0.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: AutoFlow: init_scale=0.0 must be 'auto', 'laplace' or a positive float
     """
     if isinstance(init_scale, str):
         if init_scale not in (AUTO, LAPLACE):
             raise ValueError(f"{caller}: init_scale={init_scale!r} must be 'auto', 'laplace' or a positive float")
         return init_scale
     if (
-        isinstance(init_scale, bool) or not isinstance(init_scale, numbers.Real)
+        isinstance(init_scale, bool)
+        or not isinstance(init_scale, numbers.Real)
         or not (math.isfinite(init_scale) and init_scale > 0)
     ):
         raise ValueError(f"{caller}: init_scale={init_scale!r} must be 'auto', 'laplace' or a positive float")
@@ -120,11 +145,11 @@ def _safely(fn: Callable, *args):
 
 
 def choose_start(
-    init_scale,
+    init_scale: str | float,
     potential_and_grad: Callable,
     hessian: Callable,
     potentials: Callable,
-    x0,
+    x0: np.ndarray,
     *,
     eps: float = float(np.finfo(float).eps),
     caller: str = "AutoFlow",
@@ -157,6 +182,23 @@ def choose_start(
 
     Returns:
         A ``Start``.
+
+    Raises:
+        ValueError: ``init_scale="laplace"`` and no mode was found, its Hessian is not
+            positive definite, or the mode looks like the neck of a funnel (the message
+            names which, and the fix); ``"auto"`` falls back instead. An error the model
+            raises at ``x0`` itself is passed on for either.
+
+    Example:
+        >>> import numpy as np
+        >>> fg = lambda x: (float((x[0] - 3.0) ** 2), np.array([2 * (x[0] - 3.0)]))  # N(3, 1/2)
+        >>> hessian = lambda x: np.array([[2.0]])
+        >>> potentials = lambda xs: (xs[:, 0] - 3.0) ** 2
+        >>> start = choose_start("auto", fg, hessian, potentials, np.zeros(1))
+        >>> start.kind, start.loc, start.scale_tril.round(4)
+        ('laplace', array([3.]), array([[0.7071]]))
+        >>> choose_start(0.1, fg, hessian, potentials, np.zeros(1)).kind
+        'isotropic'
     """
     from .diagnostics import psis_khat  # diagnostics imports nothing from here
 
@@ -182,7 +224,8 @@ def choose_start(
         log_p = -np.asarray(potentials(draws), dtype=float)
     log_w = np.where(np.isnan(log_p), -np.inf, log_p) - log_q
     finite = log_w[np.isfinite(log_w)]
-    khat = psis_khat(log_w) if finite.size else math.inf
+    # an infinite density at a draw (U = -inf) is the worst tail there is, not an error
+    khat = psis_khat(log_w) if finite.size and not np.isposinf(log_w).any() else math.inf
     spread = float(finite.std()) if finite.size > 1 else math.inf
     eig = np.linalg.eigvalsh((h + h.T) / 2)
     condition = float(eig.max() / eig.min())
@@ -220,16 +263,61 @@ def _fallback(hessian, x0, why: str, caller: str) -> Start:
     return Start(kind, x0, scale_tril, message, _ISOTROPIC_SCALE)
 
 
-def find_mode(potential_and_grad, hessian, x0, *, max_steps: int = 200, tol: float = 1e-10, caller: str = "AutoFlow"):
+def find_mode(
+    potential_and_grad: Callable,
+    hessian: Callable,
+    x0: np.ndarray,
+    *,
+    max_steps: int = 200,
+    tol: float = 1e-10,
+    caller: str = "AutoFlow",
+) -> tuple[np.ndarray, np.ndarray]:
     """The minimiser of ``U`` started at ``x0``, and the Hessian there: ``(mode, H)``.
 
-    ``potential_and_grad(x) -> (U(x), grad U(x))`` and ``hessian(x) -> H(x)`` take and
-    return float64 numpy arrays (``U`` may be ``inf`` or ``nan`` where the density is 0
-    or undefined: the line search backs off). ``tol`` is relative to ``1 + |U|``.
-    Raises ``ValueError`` naming the problem when ``U`` is not finite at ``x0``, when no
-    minimum is reached in ``max_steps`` Newton steps (an improper posterior, or a funnel
-    whose density grows without bound), or when the Hessian at the minimum is not
-    positive definite.
+    Newton steps on ``|H|`` (the Hessian with its eigenvalues made positive) with an
+    Armijo backtracking line search, until the Newton decrement is below ``tol``; then
+    one more full step.
+
+    Args:
+        potential_and_grad: ``x -> (U(x), grad U(x))``, float64 numpy in and out. ``U`` may
+            be ``inf`` or ``nan``, or the call may raise ``ValueError``/``RuntimeError``,
+            where the density is 0 or undefined: the line search backs off.
+        hessian: ``x -> H(x)``, float64 numpy.
+        x0: the start, shape ``(D,)``.
+        max_steps: the most Newton steps.
+        tol: the stopping tolerance on the Newton decrement, relative to ``1 + |U|``.
+        caller: the name that starts error messages.
+
+    Returns:
+        ``(mode, H)``: the minimiser and the Hessian there, float64.
+
+    Raises:
+        ValueError: ``U`` or its gradient is not finite at ``x0``, the Hessian is not
+            finite at an iterate, or no minimum is reached in ``max_steps`` Newton steps (an
+            improper posterior, or a funnel whose density grows without bound). Each
+            message names the problem and the fix.
+
+    Note:
+        A density that approaches its supremum without reaching it (separable logistic
+        data under a flat prior) is returned as a "mode" once ``U`` is within ``tol`` of
+        that supremum, far out along the ray, as scipy's trust-region methods do too;
+        ``choose_start``'s checks do not reject it either
+        (``benchmarks/results/libraries.md``).
+
+    References:
+        Dauphin, Y. et al. (2014). Identifying and attacking the saddle point problem in
+        high-dimensional non-convex optimization. arXiv:1406.2572. Nocedal, J. & Wright,
+        S. J. (2006). Numerical Optimization, 2nd ed., ch. 3.
+
+    Example:
+        >>> import numpy as np
+        >>> def fg(x):  # U = x - log x, a Gamma(2, 1) density negated: NaN for x <= 0
+        ...     with np.errstate(invalid="ignore"):
+        ...         return float(x[0] - np.log(x[0])), np.array([1 - 1 / x[0]])
+        >>> # the first full Newton step from 10 lands at -80: the line search backs off
+        >>> mode, h = find_mode(fg, lambda x: np.array([[1 / x[0] ** 2]]), np.array([10.0]))
+        >>> mode.round(10), h.round(10)
+        (array([1.]), array([[1.]]))
     """
     x = np.asarray(x0, dtype=float).copy()
     f, g = potential_and_grad(x)  # the model's own errors at its start point are the user's to see
@@ -238,7 +326,7 @@ def find_mode(potential_and_grad, hessian, x0, *, max_steps: int = 200, tol: flo
             f"{caller}(init_scale='laplace'): log p(x, z) or its gradient is not finite at the init_loc_fn point{_FIX}"
         )
     decrement, taken = np.inf, 0
-    for taken in range(1, max_steps + 1):
+    for taken in range(1, max_steps + 1):  # noqa: B007 (read after the loop)
         h = _safely(hessian, x)
         if h is None or not _finite(h):
             raise ValueError(f"{caller}(init_scale='laplace'): the Hessian of log p(x, z) is not finite at {x}{_FIX}")
@@ -275,8 +363,25 @@ def find_mode(potential_and_grad, hessian, x0, *, max_steps: int = 200, tol: flo
     )
 
 
-def laplace_scale_tril(hessian, caller: str = "AutoFlow") -> np.ndarray:
-    """The lower Cholesky factor ``L`` of ``H^-1`` (``L L^T = H^-1``), the Laplace covariance."""
+def laplace_scale_tril(hessian: np.ndarray, caller: str = "AutoFlow") -> np.ndarray:
+    """The lower Cholesky factor ``L`` of ``H^-1`` (``L L^T = H^-1``), the Laplace covariance.
+
+    Args:
+        hessian: ``H``, the Hessian of ``-log p`` at the mode, ``(D, D)`` (symmetrised here).
+        caller: the name that starts the error message.
+
+    Returns:
+        ``L``, lower triangular with a positive diagonal, float64.
+
+    Raises:
+        ValueError: ``H`` is not positive definite (the message gives its smallest eigenvalue).
+
+    Example:
+        >>> import numpy as np
+        >>> laplace_scale_tril(np.diag([4.0, 0.25]))
+        array([[0.5, 0. ],
+               [0. , 2. ]])
+    """
     h = np.asarray(hessian, dtype=float)
     h = (h + h.T) / 2
     w = np.linalg.eigvalsh(h)

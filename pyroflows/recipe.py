@@ -7,6 +7,11 @@ Adam from ``lr=2e-3`` down to ``1e-4``. With ``num_steps=None`` the rate drops b
 ``decay`` each time the ELBO stops improving, and the fit stops when it would fall below
 ``lr_final`` (or at ``max_steps``); with a number of steps it decays exponentially over
 them, as in the benchmark.
+
+Example:
+    >>> from pyroflows.recipe import RECIPE
+    >>> RECIPE.lr, RECIPE.lr_final, RECIPE.num_particles
+    (0.002, 0.0001, 8)
 """
 
 from __future__ import annotations
@@ -14,15 +19,26 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from . import validation
 from .fitting import check_fit_options
 
-__all__ = ["RECIPE", "Recipe", "PlateauSchedule", "check_posterior_options", "split_options", "make_report", "KHAT_WARN"]
+__all__ = [
+    "RECIPE",
+    "Recipe",
+    "PlateauSchedule",
+    "check_posterior_options",
+    "split_options",
+    "make_report",
+    "KHAT_WARN",
+]
 
-KHAT_WARN = 0.7
+KHAT_WARN: float = 0.7
+"""``make_report`` warns when PSIS k-hat exceeds this (Vehtari et al.'s threshold)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +54,11 @@ class Recipe:
         decay: factor of each drop.
         max_steps: the most steps when ``num_steps`` is None.
         num_samples: guide draws for the report's diagnostics.
+
+    Example:
+        >>> import dataclasses
+        >>> dataclasses.replace(Recipe(), lr=1e-2).lr
+        0.01
     """
 
     lr: float = 2e-3
@@ -51,9 +72,12 @@ class Recipe:
 
 
 RECIPE = Recipe()
+"""The defaults of ``fit_posterior``."""
 
 
-def split_options(num_steps, options: dict, caller: str = "fit_posterior") -> tuple[Recipe, dict]:
+def split_options(
+    num_steps: int | None, options: dict[str, Any], caller: str = "fit_posterior"
+) -> tuple[Recipe, dict[str, Any]]:
     """``fit_posterior``'s keywords split into the checked recipe and the guide's keywords.
 
     Args:
@@ -63,14 +87,41 @@ def split_options(num_steps, options: dict, caller: str = "fit_posterior") -> tu
 
     Returns:
         ``(recipe, guide_options)``; the guide (``AutoFlow``) checks the latter itself.
+
+    Raises:
+        ValueError: a recipe setting with a bad value.
+
+    Example:
+        >>> recipe, guide_options = split_options(None, {"lr": 1e-2, "flow": "nsf"})
+        >>> recipe.lr, guide_options
+        (0.01, {'flow': 'nsf'})
     """
     fields = {f.name for f in dataclasses.fields(Recipe)}
     recipe = check_posterior_options(num_steps, {k: v for k, v in options.items() if k in fields}, caller)
     return recipe, {k: v for k, v in options.items() if k not in fields}
 
 
-def check_posterior_options(num_steps, options: dict, caller: str = "fit_posterior") -> Recipe:
-    """The recipe with the user's overrides, each checked; unknown names raise ``ValueError``."""
+def check_posterior_options(num_steps: int | None, options: dict[str, Any], caller: str = "fit_posterior") -> Recipe:
+    """The recipe with the user's overrides, each checked; unknown names raise ``ValueError``.
+
+    Args:
+        num_steps: a fixed number of steps, or None.
+        options: recipe settings by name (the fields of ``Recipe``).
+        caller: the name in messages.
+
+    Returns:
+        ``RECIPE`` with the overrides.
+
+    Raises:
+        ValueError: an unknown name, a bad value, or ``lr_final > lr``.
+
+    Example:
+        >>> check_posterior_options(None, {"window": 500}).window
+        500
+        >>> check_posterior_options(None, {"lr": 1e-5})
+        Traceback (most recent call last):
+        ValueError: fit_posterior: lr_final=0.0001 must not exceed lr=1e-05
+    """
     fields = {f.name for f in dataclasses.fields(Recipe)}
     unknown = sorted(set(options) - fields)
     if unknown:
@@ -79,8 +130,13 @@ def check_posterior_options(num_steps, options: dict, caller: str = "fit_posteri
     if num_steps is not None:
         check_fit_options(caller, num_steps=num_steps)
     check_fit_options(
-        caller, lr=recipe.lr, num_particles=recipe.num_particles, num_samples=recipe.num_samples,
-        eval_every=recipe.window, patience=recipe.patience, num_steps=recipe.max_steps,
+        caller,
+        lr=recipe.lr,
+        num_particles=recipe.num_particles,
+        num_samples=recipe.num_samples,
+        eval_every=recipe.window,
+        patience=recipe.patience,
+        num_steps=recipe.max_steps,
     )
     check_fit_options(caller, lr=recipe.lr_final)
     if not recipe.lr_final <= recipe.lr:
@@ -102,6 +158,19 @@ class PlateauSchedule:
     Args:
         recipe: the settings.
         num_steps: a fixed number of steps, or None for the plateau rule.
+
+    Example:
+        >>> recipe = Recipe(window=4, patience=1, lr=1e-3, lr_final=5e-4)
+        >>> schedule = PlateauSchedule(recipe, None)
+        >>> schedule.next_window()
+        4
+        >>> schedule.update([5.0, 4.0, 3.0, 2.0])  # a first window: the best so far
+        >>> schedule.update([4.0, 3.0, 4.0, 3.0])  # not better by two standard errors: halve
+        >>> schedule.lr, schedule.reason
+        (0.0005, None)
+        >>> schedule.update([4.0, 3.0, 4.0, 3.0])  # again: the rate would fall below lr_final
+        >>> schedule.reason, schedule.next_window()
+        ('plateau', 0)
     """
 
     def __init__(self, recipe: Recipe, num_steps: int | None):
@@ -111,13 +180,31 @@ class PlateauSchedule:
         self.best, self._since, self.reason = math.inf, 0, None
 
     def next_window(self) -> int:
-        """The length of the next window of steps (0 when the fit is over)."""
+        """The length of the next window of steps (0 when the fit is over).
+
+        Example:
+            >>> PlateauSchedule(Recipe(window=1000), num_steps=2500).next_window()
+            1000
+        """
         if self.reason is not None:
             return 0
         return min(self.recipe.window, self.total - self.step)
 
-    def update(self, losses) -> None:
-        """Record one window's per-step losses (non-finite ones, the skipped steps, ignored)."""
+    def update(self, losses: Sequence[float]) -> None:
+        """Record one window's per-step losses (non-finite ones, the skipped steps, ignored).
+
+        Updates ``step``, ``lr`` and, when the fit is over, ``reason`` (``"plateau"``,
+        ``"max_steps"`` or ``"num_steps"``).
+
+        Args:
+            losses: the loss of each step of the window.
+
+        Example:
+            >>> schedule = PlateauSchedule(Recipe(lr=1e-3, lr_final=1e-4), num_steps=20)
+            >>> schedule.update([1.0] * 10)  # half way: the rate is down by sqrt(10)
+            >>> round(schedule.lr, 7), schedule.step
+            (0.0003162, 10)
+        """
         losses = np.asarray(losses, dtype=float)
         self.step += losses.size
         r = self.recipe
@@ -146,8 +233,9 @@ class PlateauSchedule:
                 self.lr *= r.decay
 
 
-def make_report(diagnostics: dict, seconds: float, schedule: PlateauSchedule, start: str,
-                caller: str = "fit_posterior") -> dict:
+def make_report(
+    diagnostics: dict[str, Any], seconds: float, schedule: PlateauSchedule, start: str, caller: str = "fit_posterior"
+) -> dict[str, Any]:
     """The report of a fit, and a ``UserWarning`` when PSIS k-hat exceeds 0.7.
 
     Args:
@@ -155,15 +243,28 @@ def make_report(diagnostics: dict, seconds: float, schedule: PlateauSchedule, st
         seconds: wall-clock time of the fit.
         schedule: the fit's schedule (steps taken, final rate, why it stopped).
         start: the guide's one-line start message.
+        caller: the name the warning starts with.
 
     Returns:
         ``elbo``, ``iwelbo``, ``khat``, ``ess``, ``ess_fraction``, ``seconds``, ``num_steps``,
         ``lr_final`` (the last rate used), ``stopped`` (``"plateau"``, ``"max_steps"`` or
         ``"num_steps"``) and ``start``.
+
+    Example:
+        >>> schedule = PlateauSchedule(RECIPE, num_steps=1000)
+        >>> schedule.update([1.0] * 1000)
+        >>> report = make_report({"elbo": -10.0, "khat": 0.2}, 1.5, schedule, "Laplace start")
+        >>> report["num_steps"], report["stopped"], report["khat"]
+        (1000, 'num_steps', 0.2)
     """
     report = {k: float(diagnostics[k]) for k in ("elbo", "iwelbo", "khat", "ess", "ess_fraction") if k in diagnostics}
-    report.update(seconds=float(seconds), num_steps=int(schedule.step), lr_final=float(schedule.lr),
-                  stopped=schedule.reason, start=start)
+    report.update(
+        seconds=float(seconds),
+        num_steps=int(schedule.step),
+        lr_final=float(schedule.lr),
+        stopped=schedule.reason,
+        start=start,
+    )
     khat = report.get("khat", math.nan)
     if not khat <= KHAT_WARN:
         warnings.warn(
@@ -171,6 +272,7 @@ def make_report(diagnostics: dict, seconds: float, schedule: PlateauSchedule, st
             "mass, so its draws and expectations are not trustworthy. Try more steps (num_steps=, or a larger "
             "max_steps=), a more flexible flow (flow='nsf', num_layers=), or reparametrise the model (a "
             "non-centred hierarchy for a funnel); report['khat'] measures the result",
-            UserWarning, stacklevel=3,
+            UserWarning,
+            stacklevel=3,
         )
     return report

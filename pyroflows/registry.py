@@ -3,15 +3,27 @@
 Both backends build from this table, so a name means the same flow with the same
 options on Pyro and on NumPyro. Array code lives in the backends; everything here is
 plain Python so that argument errors read the same whichever backend raised them.
+
+``SPECS`` maps each name to a ``FlowSpec``; each backend keeps a ``FlowRegistry`` of
+builder functions (``pyroflows.torch.flows.REGISTRY``, ``pyroflows.jax.flows.REGISTRY``)
+that validates a request against the spec before the builder sees it.
+
+Example:
+    >>> from pyroflows.registry import SPECS
+    >>> SPECS["realnvp"].num_layers, SPECS["realnvp"].hidden_dims
+    (4, (64, 64))
+    >>> sorted(SPECS["realnvp"].options)
+    ['activation', 'log_scale_bound', 'permutation']
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from . import ode as _ode
 from . import lipschitz as _lipschitz
+from . import ode as _ode
 from .validation import (  # re-exported: the registry's checkers are the shared ones
     boolean,
     bounded_positive_float,
@@ -24,20 +36,53 @@ from .validation import (  # re-exported: the registry's checkers are the shared
     positive_int,
 )
 
-__all__ = ["Option", "FlowSpec", "SPECS", "RESERVED", "FlowRegistry", "describe"]
+__all__ = ["Option", "FlowSpec", "SPECS", "RESERVED", "FlowRegistry", "describe", "residual_block_options"]
 
 _MISSING = object()
 
 
 @dataclasses.dataclass(frozen=True)
 class Option:
-    """One keyword option of a flow family: its default, the values it accepts, a doc line."""
+    """One keyword option of a flow family: its default, the values it accepts, a doc line.
+
+    Attributes:
+        default: the value used when the caller does not pass the option.
+        check: ``check(name, value) -> value``, one of the checkers of
+            ``pyroflows.validation``: returns the value as a plain Python object or raises
+            ``ValueError``.
+        doc: one line on what the option does (``describe`` and the docs show it).
+
+    Example:
+        >>> from pyroflows.validation import positive_int
+        >>> bins = Option(8, positive_int, "spline bins")
+        >>> bins.validate("nsf", "count_bins", 4)
+        4
+    """
 
     default: Any
     check: Callable[[str, Any], Any]
     doc: str = ""
 
     def validate(self, flow: str, name: str, value: Any) -> Any:
+        """``value`` checked by ``check``; an error message starts with the flow's name.
+
+        Args:
+            flow: the family's name, for the message.
+            name: the option's name.
+            value: what the caller passed.
+
+        Returns:
+            The checked value (a plain ``int``, ``float``, ``bool``, ``str`` or tuple).
+
+        Raises:
+            ValueError: ``value`` is not valid for this option.
+
+        Example:
+            >>> from pyroflows.validation import positive_int
+            >>> Option(8, positive_int).validate("nsf", "count_bins", 0)
+            Traceback (most recent call last):
+            ValueError: flow 'nsf': option count_bins=0 must be a positive integer
+        """
         try:
             return self.check(name, value)
         except ValueError as e:
@@ -75,7 +120,8 @@ _permutation = Option(
     "reverse", choice("reverse", "random"), "permutation between blocks ('random' is seeded by the global RNG)"
 )
 _log_scale_bound = Option(
-    5.0, _log_scale_bound_check,
+    5.0,
+    _log_scale_bound_check,
     f"log-scales are soft-clamped to (-bound, bound) by bound * tanh(s / bound); at most {MAX_LOG_SCALE_BOUND:g}",
 )
 
@@ -87,6 +133,30 @@ class FlowSpec:
     ``num_layers`` and ``hidden_dims`` are the defaults used when ``build_flow`` gets
     ``None``; ``hidden_dims=None`` in the spec means the family has no conditioner
     network, and passing hidden dims to it is an error.
+
+    Attributes:
+        name: the registered name, e.g. ``"realnvp"``.
+        family: the kind of flow (``"coupling"``, ``"autoregressive"``, ...).
+        jacobian: what the Jacobian is and how its log-determinant is computed.
+        inverse: how the inverse is computed (closed form, numerical, sequential).
+        reference: the paper(s), with arXiv numbers.
+        summary: one line on what a layer computes.
+        num_layers: the default number of layers (or blocks).
+        hidden_dims: the default hidden widths of the conditioner networks, or ``None``
+            when the family has none.
+        options: the family's keyword options by name.
+        conditioner: for the conditioner x transformer families, ``"coupling"`` or
+            ``"autoregressive"``; ``None`` for the others.
+        transformer: for those families, the element-wise transformer's name
+            (``"additive"``, ``"affine"``, ``"spline"``, ``"sigmoid"``).
+        reads: the side a masked autoregressive conditioner reads: ``"input"`` (IAF's
+            layout) or ``"output"`` (MAF's).
+        final_scale: whether a learned diagonal scaling ends the flow (NICE).
+
+    Example:
+        >>> spec = SPECS["planar"]
+        >>> spec.family, spec.num_layers, spec.hidden_dims
+        ('determinant identities', 8, None)
     """
 
     name: str
@@ -98,15 +168,47 @@ class FlowSpec:
     num_layers: int
     hidden_dims: tuple[int, ...] | None = None
     options: Mapping[str, Option] = dataclasses.field(default_factory=dict)
+    #: For the conditioner x transformer families: ``"coupling"`` or ``"autoregressive"``
+    #: (a MADE), the element-wise transformer's name (``transformers.TRANSFORMERS``), the
+    #: side a MADE reads (``"input"``: IAF layout, ``"output"``: MAF layout), and whether a
+    #: learned diagonal scaling ends the flow (NICE). Options not named ``activation``,
+    #: ``permutation`` or ``conditioner`` go to the transformer.
+    conditioner: str | None = None
+    transformer: str | None = None
+    reads: str = "input"
+    final_scale: bool = False
 
-    def resolve(self, dim, num_layers, hidden_dims, options) -> dict[str, Any]:
-        """Validate a build request and fill in the family's defaults."""
+    def resolve(self, dim: int, num_layers: int | None, hidden_dims: Any, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Validate a build request and fill in the family's defaults.
+
+        Args:
+            dim: the event size (checked by the caller, ``FlowRegistry.resolve``).
+            num_layers: the number of layers, or ``None`` for the family's default.
+            hidden_dims: hidden widths (an int or a sequence of ints), or ``None`` for the
+                default; must be ``None`` for a family without a conditioner network.
+            options: the family's keyword options as passed.
+
+        Returns:
+            Every option of the family (defaults filled in), ``num_layers`` and, for a
+            family with a conditioner network, ``hidden_dims`` as a tuple.
+
+        Raises:
+            ValueError: an unknown option (the message lists the valid ones), a bad value,
+                or ``hidden_dims`` for a family without a conditioner network.
+
+        Example:
+            >>> config = SPECS["realnvp"].resolve(2, None, [32], {"activation": "tanh"})
+            >>> config["num_layers"], config["hidden_dims"], config["activation"]
+            (4, (32,), 'tanh')
+            >>> SPECS["realnvp"].resolve(2, None, None, {"bins": 4})
+            Traceback (most recent call last):
+            ValueError: flow 'realnvp' has no option 'bins'; valid options: activation, log_scale_bound, permutation
+        """
         unknown = sorted(set(options) - set(self.options))
         if unknown:
             valid = sorted(self.options) or ["(none)"]
             raise ValueError(
-                f"flow {self.name!r} has no option {', '.join(map(repr, unknown))}; "
-                f"valid options: {', '.join(valid)}"
+                f"flow {self.name!r} has no option {', '.join(map(repr, unknown))}; valid options: {', '.join(valid)}"
             )
         out = {name: opt.default for name, opt in self.options.items()}
         for name, value in options.items():
@@ -132,88 +234,144 @@ SPECS: dict[str, FlowSpec] = {
     s.name: s
     for s in [
         FlowSpec(
-            "planar", "determinant identities", "matrix determinant lemma", "numerical (scalar root finding)",
+            "planar",
+            "determinant identities",
+            "matrix determinant lemma",
+            "numerical (scalar root finding)",
             "Rezende & Mohamed 2015, arXiv:1505.05770",
             "y = x + u tanh(w.x + b), with u constrained so the map is invertible",
             num_layers=8,
         ),
         FlowSpec(
-            "radial", "determinant identities", "closed form", "closed form (quadratic in the radius)",
+            "radial",
+            "determinant identities",
+            "closed form",
+            "closed form (quadratic in the radius)",
             "Rezende & Mohamed 2015, arXiv:1505.05770",
             "y = x + beta (x - x0) / (alpha + |x - x0|)",
             num_layers=8,
         ),
         FlowSpec(
-            "sylvester", "determinant identities", "Sylvester determinant identity",
+            "sylvester",
+            "determinant identities",
+            "Sylvester determinant identity",
             "numerical (triangular system of scalar root finds)",
             "van den Berg et al. 2018, arXiv:1803.05649",
             "y = x + Q R tanh(R~ Q^T x + b) with orthogonal Q and triangular R, R~",
             num_layers=4,
             options={
                 "variant": Option(
-                    "orthogonal", choice("orthogonal", "householder", "triangular"),
+                    "orthogonal",
+                    choice("orthogonal", "householder", "triangular"),
                     "how Q is parametrised: matrix exponential of a skew matrix, Householder reflections, "
                     "or alternating identity/reversal permutations",
                 ),
                 "num_vectors": Option(
-                    None, optional_positive_int,
+                    None,
+                    optional_positive_int,
                     "columns M of Q (orthogonal variant only; default: dim)",
                 ),
             },
         ),
         FlowSpec(
-            "householder", "determinant identities", "zero (volume preserving reflections)", "exact",
+            "householder",
+            "determinant identities",
+            "zero (volume preserving reflections)",
+            "exact",
             "Tomczak & Welling 2016, arXiv:1611.09630",
             "an elementwise affine map followed by products of Householder reflections",
             num_layers=1,
             options={"num_reflections": Option(None, optional_positive_int, "reflections per layer (default: dim)")},
         ),
         FlowSpec(
-            "nice", "coupling", "triangular (volume preserving couplings, diagonal scaling)", "exact",
-            _COUPLING_REF, "additive couplings followed by a learned diagonal scaling",
-            num_layers=4, hidden_dims=(64, 64),
+            "nice",
+            "coupling",
+            "triangular (volume preserving couplings, diagonal scaling)",
+            "exact",
+            _COUPLING_REF,
+            "additive couplings followed by a learned diagonal scaling",
+            num_layers=4,
+            hidden_dims=(64, 64),
             options={"activation": _activation, "permutation": _permutation},
+            conditioner="coupling",
+            transformer="additive",
+            final_scale=True,
         ),
         FlowSpec(
-            "realnvp", "coupling", "triangular", "exact", _COUPLING_REF,
+            "realnvp",
+            "coupling",
+            "triangular",
+            "exact",
+            _COUPLING_REF,
             "affine couplings with bounded log-scales",
-            num_layers=4, hidden_dims=(64, 64),
+            num_layers=4,
+            hidden_dims=(64, 64),
             options={"activation": _activation, "permutation": _permutation, "log_scale_bound": _log_scale_bound},
+            conditioner="coupling",
+            transformer="affine",
         ),
         FlowSpec(
-            "glow", "coupling", "triangular after an LU-parametrised linear map", "exact",
+            "glow",
+            "coupling",
+            "triangular after an LU-parametrised linear map",
+            "exact",
             "Kingma & Dhariwal 2018, arXiv:1807.03039",
             "steps of ActNorm (data-dependent initialisation), LU InvertibleLinear and affine coupling",
-            num_layers=4, hidden_dims=(64, 64),
+            num_layers=4,
+            hidden_dims=(64, 64),
             options={"activation": _activation, "log_scale_bound": _log_scale_bound},
+            conditioner="coupling",
+            transformer="affine",
         ),
         FlowSpec(
-            "iaf", "autoregressive", "triangular", "exact, dim sequential passes",
+            "iaf",
+            "autoregressive",
+            "triangular",
+            "exact, dim sequential passes",
             "Kingma et al. 2016, arXiv:1606.04934; MADE: Germain et al. 2015, arXiv:1502.03509",
             "affine autoregressive layers conditioned on their input: sampling is one parallel pass",
-            num_layers=3, hidden_dims=(64, 64),
+            num_layers=3,
+            hidden_dims=(64, 64),
             options={"activation": _activation, "permutation": _permutation, "log_scale_bound": _log_scale_bound},
+            conditioner="autoregressive",
+            transformer="affine",
         ),
         FlowSpec(
-            "maf", "autoregressive", "triangular", "exact, one parallel pass (the forward is sequential)",
+            "maf",
+            "autoregressive",
+            "triangular",
+            "exact, one parallel pass (the forward is sequential)",
             "Papamakarios et al. 2017, arXiv:1705.07057; MADE: Germain et al. 2015, arXiv:1502.03509",
             "affine autoregressive layers conditioned on their output: density evaluation is one parallel pass",
-            num_layers=5, hidden_dims=(64, 64),
+            num_layers=5,
+            hidden_dims=(64, 64),
             options={"activation": _activation, "permutation": _permutation, "log_scale_bound": _log_scale_bound},
+            conditioner="autoregressive",
+            transformer="affine",
+            reads="output",
         ),
         FlowSpec(
-            "naf", "autoregressive", "triangular", "numerical (bisection, one dimension after another)",
+            "naf",
+            "autoregressive",
+            "triangular",
+            "numerical (bisection, one dimension after another)",
             "Huang et al. 2018 (deep sigmoidal flow), arXiv:1804.00779",
             "monotone sigmoidal transformers whose parameters come from a MADE",
-            num_layers=3, hidden_dims=(64, 64),
+            num_layers=3,
+            hidden_dims=(64, 64),
             options={
                 "activation": _activation,
                 "permutation": _permutation,
                 "hidden_units": Option(16, positive_int, "sigmoid units of the deep sigmoidal transformer"),
             },
+            conditioner="autoregressive",
+            transformer="sigmoid",
         ),
         FlowSpec(
-            "bnaf", "autoregressive", "triangular", "numerical (bisection, one dimension after another)",
+            "bnaf",
+            "autoregressive",
+            "triangular",
+            "numerical (bisection, one dimension after another)",
             "De Cao et al. 2019, arXiv:1904.04676",
             "masked block-triangular monotone networks with a gated residual",
             num_layers=1,
@@ -223,23 +381,33 @@ SPECS: dict[str, FlowSpec] = {
             },
         ),
         FlowSpec(
-            "nsf", "coupling", "triangular", "exact (closed form per bin)",
+            "nsf",
+            "coupling",
+            "triangular",
+            "exact (closed form per bin)",
             "Durkan et al. 2019, arXiv:1906.04032",
             "rational-quadratic spline couplings with linear tails outside [-bound, bound]",
-            num_layers=4, hidden_dims=(64, 64),
+            num_layers=4,
+            hidden_dims=(64, 64),
             options={
                 "activation": _activation,
                 "permutation": _permutation,
                 "count_bins": Option(8, positive_int, "spline bins"),
                 "bound": Option(3.0, positive_float, "the spline acts on [-bound, bound], identity outside"),
                 "conditioner": Option(
-                    "coupling", choice("coupling", "autoregressive"),
-                    "coupling halves, or a MADE (SplineAutoregressive, forward one parallel pass)",
+                    "coupling",
+                    choice("coupling", "autoregressive"),
+                    "coupling halves, or a MADE (reads the input: the forward is one parallel pass)",
                 ),
             },
+            conditioner="coupling",
+            transformer="spline",
         ),
         FlowSpec(
-            "gaussianization", "diagonal", "diagonal after a rotation", "numerical (bisection) for the forward",
+            "gaussianization",
+            "diagonal",
+            "diagonal after a rotation",
+            "numerical (bisection) for the forward",
             "Meng et al. 2020, arXiv:2003.01941",
             "Householder rotation, mixture-of-logistics CDF and inverse normal CDF per coordinate",
             num_layers=4,
@@ -249,7 +417,9 @@ SPECS: dict[str, FlowSpec] = {
             },
         ),
         FlowSpec(
-            "gdn", "diagonal", "diagonal, or dense when the normalisation mixes coordinates",
+            "gdn",
+            "diagonal",
+            "diagonal, or dense when the normalisation mixes coordinates",
             "numerical (bisection or damped Newton) for the forward",
             "Balle, Laparra & Simoncelli 2016, arXiv:1511.06281",
             "generalised divisive normalisation y = z / (beta + Gamma z^2)^eps between LU linear maps",
@@ -260,17 +430,20 @@ SPECS: dict[str, FlowSpec] = {
             },
         ),
         FlowSpec(
-            "ffjord", "unbiased estimation",
+            "ffjord",
+            "unbiased estimation",
             "log|det| = integral of tr(df/dx) dt along the ODE (d log p / dt = -tr): Hutchinson "
             "estimate of the trace (unbiased), the exact trace, or the exact divergence of hollow dynamics",
             "numerical (the same ODE integrated from T back to 0; exact up to the solver's error)",
             "Grathwohl, Chen et al. 2018 (FFJORD), arXiv:1810.01367; hollow networks: "
             "Chen & Duvenaud 2019, arXiv:1912.03579",
             "dx/dt = f(x, t) with a time-conditioned MLP, integrated from t = 0 to T",
-            num_layers=1, hidden_dims=(64, 64),
+            num_layers=1,
+            hidden_dims=(64, 64),
             options={
                 "estimator": Option(
-                    "hutchinson", choice(*_ode.ESTIMATORS),
+                    "hutchinson",
+                    choice(*_ode.ESTIMATORS),
                     "log-det: Hutchinson e^T (df/dx) e with one noise draw per sample held for the whole "
                     "solve (unbiased), the exact trace (dim products per evaluation), or hollow dynamics "
                     "whose divergence is exact at the cost of one pass",
@@ -278,7 +451,8 @@ SPECS: dict[str, FlowSpec] = {
                 "noise": Option("gaussian", choice(*_ode.NOISES), "Hutchinson probe distribution"),
                 "activation": Option("tanh", choice(*_ode.ACTIVATIONS), "smooth non-linearity of the dynamics"),
                 "solver": Option(
-                    "rk4", choice(*_ode.SOLVERS),
+                    "rk4",
+                    choice(*_ode.SOLVERS),
                     "Runge-Kutta method, the same tableau on both backends: fixed step "
                     f"({', '.join(_ode.FIXED_STEP)}; num_steps steps) or adaptive (dopri5, bosh3; atol, rtol)",
                 ),
@@ -286,57 +460,66 @@ SPECS: dict[str, FlowSpec] = {
                 "atol": Option(1e-5, positive_float, "absolute tolerance of an adaptive solver"),
                 "rtol": Option(1e-5, positive_float, "relative tolerance of an adaptive solver"),
                 "adjoint": Option(
-                    False, boolean,
+                    False,
+                    boolean,
                     "gradients by the continuous adjoint (torchdiffeq odeint_adjoint, diffrax "
                     "BacksolveAdjoint): O(1) memory, gradients exact only to solver accuracy",
                 ),
                 "time_length": Option(1.0, positive_float, "integration time T (fixed)"),
                 "kinetic_energy": Option(
-                    0.0, non_negative_float,
+                    0.0,
+                    non_negative_float,
                     "weight of the kinetic-energy regulariser integral |f|^2 dt (Finlay et al. 2020)",
                 ),
                 "jacobian_norm": Option(
-                    0.0, non_negative_float,
+                    0.0,
+                    non_negative_float,
                     "weight of the Jacobian Frobenius-norm regulariser integral |df/dx|_F^2 dt (Finlay et al. 2020)",
                 ),
             },
         ),
         FlowSpec(
-            "residual", "unbiased estimation",
+            "residual",
+            "unbiased estimation",
             "log det(I + J_g) = sum_k (-1)^(k+1) tr(J_g^k) / k, estimated with a Hutchinson probe by a "
             "Russian-roulette series (unbiased) or a truncated one (biased), or computed densely (exact)",
             "the data-to-noise direction (inverse) is explicit; the forward (noise to data) is a "
             "fixed-point iteration to inverse_tol, then one Newton step",
-            "Behrmann et al. 2019 (i-ResNet), arXiv:1811.00995; Chen et al. 2019 (Residual Flows), "
-            "arXiv:1906.02735",
+            "Behrmann et al. 2019 (i-ResNet), arXiv:1811.00995; Chen et al. 2019 (Residual Flows), arXiv:1906.02735",
             "residual blocks noise = data + g(data), g an MLP of spectrally normalised linear layers and "
             "LipSwish activations with Lip(g) < 1, each block after a learned elementwise affine map",
-            num_layers=8, hidden_dims=(64, 64),
+            num_layers=8,
+            hidden_dims=(64, 64),
             options={
                 "estimator": Option(
-                    "roulette", choice(*_lipschitz.ESTIMATORS),
+                    "roulette",
+                    choice(*_lipschitz.ESTIMATORS),
                     "log-det: Russian-roulette power series with a Hutchinson probe (unbiased), the "
                     "truncated series (i-ResNet, biased), or the dense log-determinant (small dims)",
                 ),
                 "num_terms": Option(
-                    None, optional_positive_int,
+                    None,
+                    optional_positive_int,
                     "series terms always computed: before the roulette starts (default 2), or the "
                     "whole truncated series (default 10)",
                 ),
                 "roulette_p": Option(
-                    0.5, open_unit,
+                    0.5,
+                    open_unit,
                     "the roulette adds a Geometric(p) number of terms: mean (1 - p) / p, term k "
                     "reweighted by 1 / P(N >= k)",
                 ),
                 "noise": Option("gaussian", choice(*_lipschitz.NOISES), "Hutchinson probe distribution"),
                 "neumann_gradient": Option(
-                    True, boolean,
+                    True,
+                    boolean,
                     "gradients of the series by the Neumann-series estimator (Chen et al. 2019): memory "
                     "of one term instead of all; the value is unchanged",
                 ),
                 "lipschitz": Option(0.97, open_unit, "bound on each layer's spectral norm, so Lip(g) < 1"),
                 "power_iterations": Option(
-                    4096, positive_int,
+                    4096,
+                    positive_int,
                     "power-iteration steps on W^T W for each spectral norm (rounded up to a power of two), run as "
                     "log2 N squarings of W^T W from scratch at every call",
                 ),
@@ -348,14 +531,71 @@ SPECS: dict[str, FlowSpec] = {
         ),
     ]
 }
+"""Every built-in family by name: the one table both backends build from."""
 
 #: Names held for families that land in a later release of the backends.
-RESERVED = {
+RESERVED: dict[str, str] = {}
+"""Names held for families that land in a later release, mapped to what they will be;
+registering or building one raises an error that says so."""
+
+
+#: The options of the element-wise transformers (``pyroflows.<backend>.transforms.transformers``),
+#: checked like the families' options when a transformer is built by hand.
+TRANSFORMER_OPTIONS: dict[str, Option] = {
+    "log_scale_bound": _log_scale_bound,
+    "count_bins": Option(8, positive_int, "spline bins"),
+    "bound": Option(3.0, positive_float, "the spline acts on [-bound, bound], identity outside"),
+    "hidden_units": Option(16, positive_int, "sigmoid units of the deep sigmoidal transformer"),
 }
 
 
+def check_transformer(transformer: Any) -> None:
+    """Validate a transformer's options in place (its dataclass fields), as ``build_flow`` would.
+
+    Fields named in ``TRANSFORMER_OPTIONS`` are checked; others are left to their class.
+
+    Args:
+        transformer: a frozen dataclass such as ``Affine(log_scale_bound=5.0)``.
+
+    Raises:
+        ValueError: an option is non-finite, boolean or out of range; the message names it.
+
+    Example:
+        >>> import dataclasses
+        >>> @dataclasses.dataclass(frozen=True)
+        ... class Bins:
+        ...     count_bins: int = 8
+        >>> check_transformer(Bins(0))
+        Traceback (most recent call last):
+        ...
+        ValueError: flow 'Bins': option count_bins=0 must be a positive integer
+    """
+    for field in dataclasses.fields(transformer):
+        option = TRANSFORMER_OPTIONS.get(field.name)
+        if option is None:  # a user's own option: their transformer checks it
+            continue
+        value = option.validate(type(transformer).__name__, field.name, getattr(transformer, field.name))
+        object.__setattr__(transformer, field.name, value)
+
+
 def describe(name: str) -> str:
-    """One paragraph on a registered family: what it computes, its Jacobian, inverse, options."""
+    """One paragraph on a registered family: what it computes, its Jacobian, inverse, options.
+
+    ``pyroflows flows`` prints it for every family.
+
+    Args:
+        name: a name in ``SPECS``.
+
+    Returns:
+        The paragraph: summary, Jacobian, inverse, reference, defaults and options.
+
+    Raises:
+        KeyError: ``name`` is not in ``SPECS``.
+
+    Example:
+        >>> print(describe("radial"))  # doctest: +ELLIPSIS
+        radial (determinant identities): y = x + beta (x - x0) / (alpha + |x - x0|). Jacobian: closed form. ...
+    """
     s = SPECS[name]
     opts = "; ".join(f"{k}={v.default!r}: {v.doc}" for k, v in s.options.items()) or "none"
     return (
@@ -365,6 +605,44 @@ def describe(name: str) -> str:
     )
 
 
+def residual_block_options(**options: Any) -> dict[str, Any]:
+    """Validate a residual block's options against ``SPECS["residual"]`` and fill in defaults.
+
+    Both backends' ``ResidualBlock`` take their keyword arguments through this function,
+    so an argument error reads the same on Pyro and on NumPyro, and a block built by hand
+    is checked like one built by ``build_flow("residual", ...)``.
+
+    Args:
+        **options: any of the ``residual`` family's options (``estimator``, ``num_terms``,
+            ``roulette_p``, ``noise``, ``neumann_gradient``, ``lipschitz``,
+            ``power_iterations``, ``inverse_tol``, ``max_inverse_iter``).
+
+    Returns:
+        Every option of the family, validated, with ``num_terms=None`` replaced by the
+        estimator's default (``pyroflows.lipschitz.DEFAULT_NUM_TERMS``).
+
+    Raises:
+        ValueError: an unknown option (the message lists the valid ones), or a bad value.
+
+    Example:
+        >>> opts = residual_block_options(estimator="truncated")
+        >>> opts["num_terms"], opts["lipschitz"]
+        (10, 0.97)
+        >>> residual_block_options(lipschitz=1.0)
+        Traceback (most recent call last):
+        ValueError: flow 'residual': option lipschitz=1.0 must lie strictly between 0 and 1
+    """
+    spec = SPECS["residual"]
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        raise ValueError(f"ResidualBlock has no option {', '.join(map(repr, unknown))}; valid: {sorted(spec.options)}")
+    out = {name: opt.default for name, opt in spec.options.items()}
+    out.update({name: spec.options[name].validate("residual", name, value) for name, value in options.items()})
+    if out["num_terms"] is None:
+        out["num_terms"] = _lipschitz.DEFAULT_NUM_TERMS[out["estimator"]]
+    return out
+
+
 class FlowRegistry:
     """The builders of one backend, keyed by name, validated against ``SPECS``.
 
@@ -372,6 +650,20 @@ class FlowRegistry:
     (plus backend keywords such as JAX's ``key``). For names in ``SPECS`` the options
     arrive validated and completed with defaults; a user's own builder gets what the
     caller passed.
+
+    Args:
+        backend: the backend's name, for messages (``"torch"`` or ``"jax"``).
+
+    Example:
+        >>> registry = FlowRegistry("numpy")
+        >>> @registry.register("planar")
+        ... def planar(dim, num_layers):
+        ...     return [f"layer {i} on R^{dim}" for i in range(num_layers)]
+        >>> layers, config = registry.build("planar", 3, num_layers=2)
+        >>> layers
+        ['layer 0 on R^3', 'layer 1 on R^3']
+        >>> config == {"num_layers": 2, "dim": 3, "name": "planar"}
+        True
     """
 
     def __init__(self, backend: str):
@@ -379,9 +671,34 @@ class FlowRegistry:
         self._builders: dict[str, Callable] = {}
 
     def names(self) -> list[str]:
+        """Every registered name, sorted.
+
+        Example:
+            >>> FlowRegistry("numpy").names()
+            []
+        """
         return sorted(self._builders)
 
-    def register(self, name: str, *, replace: bool = False):
+    def register(self, name: str, *, replace: bool = False) -> Callable[[Callable], Callable]:
+        """A decorator that registers a builder under ``name``.
+
+        Args:
+            name: the flow's name; a non-empty string, not in ``RESERVED``.
+            replace: allow replacing a builder already registered under ``name``.
+
+        Returns:
+            The decorator; it returns the builder unchanged.
+
+        Raises:
+            ValueError: the name is empty, reserved, or taken (without ``replace``).
+
+        Example:
+            >>> registry = FlowRegistry("numpy")
+            >>> _ = registry.register("mine")(lambda dim, num_layers, hidden_dims: [])
+            >>> registry.register("mine")(lambda dim, num_layers, hidden_dims: [])
+            Traceback (most recent call last):
+            ValueError: a flow named 'mine' is already registered; pass replace=True to override it
+        """
         if not isinstance(name, str) or not name:
             raise ValueError(f"a flow name must be a non-empty string, got {name!r}")
         if name in RESERVED:
@@ -395,8 +712,41 @@ class FlowRegistry:
 
         return decorator
 
-    def resolve(self, name, dim, num_layers=None, hidden_dims=None, options=None):
-        """Return ``(builder, config)``: ``config`` holds every argument the builder gets."""
+    def resolve(
+        self,
+        name: str,
+        dim: int,
+        num_layers: int | None = None,
+        hidden_dims: Any = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> tuple[Callable, dict[str, Any]]:
+        """Return ``(builder, config)``: ``config`` holds every argument the builder gets.
+
+        Args:
+            name: a registered name.
+            dim: the event size, a positive int.
+            num_layers: the number of layers, or ``None`` for the family's default.
+            hidden_dims: hidden widths, or ``None`` for the family's default.
+            options: the family's keyword options.
+
+        Returns:
+            The builder and its keyword arguments (``dim`` included).
+
+        Raises:
+            ValueError: an unknown name (the message lists the registered ones), a bad
+                ``dim``, or an option ``FlowSpec.resolve`` rejects.
+            NotImplementedError: a name in ``RESERVED``.
+
+        Example:
+            >>> registry = FlowRegistry("numpy")
+            >>> _ = registry.register("mine")(lambda dim, num_layers, hidden_dims: [])
+            >>> builder, config = registry.resolve("mine", 2)  # not in SPECS: passed as given
+            >>> config
+            {'num_layers': None, 'hidden_dims': None, 'dim': 2}
+            >>> registry.resolve("nsf", 2)
+            Traceback (most recent call last):
+            ValueError: unknown flow 'nsf'; available flows: mine
+        """
         options = dict(options or {})
         if name not in self._builders:
             if name in RESERVED:
@@ -412,13 +762,52 @@ class FlowRegistry:
             config = spec.resolve(dim, num_layers, hidden_dims, options)
         return self._builders[name], dict(config, dim=dim)
 
-    def build(self, name, dim, *, num_layers=None, hidden_dims=None, **options):
+    def build(
+        self, name: str, dim: int, *, num_layers: int | None = None, hidden_dims: Any = None, **options: Any
+    ) -> tuple[Any, dict[str, Any]]:
+        """Resolve a request and call the builder (what the backends' ``build_flow`` does).
+
+        Args:
+            name: a registered name.
+            dim: the event size.
+            num_layers: the number of layers, or ``None`` for the family's default.
+            hidden_dims: hidden widths, or ``None`` for the family's default.
+            **options: the family's keyword options.
+
+        Returns:
+            ``(layers, config)``: what the builder returned, and its arguments with
+            ``name`` added (what a checkpoint records).
+
+        Raises:
+            ValueError: as ``resolve``.
+
+        Example:
+            >>> registry = FlowRegistry("numpy")
+            >>> _ = registry.register("radial")(lambda dim, num_layers: ["radial"] * num_layers)
+            >>> registry.build("radial", 2)[0]  # the family's default depth: 8
+            ['radial', 'radial', 'radial', 'radial', 'radial', 'radial', 'radial', 'radial']
+        """
         builder, config = self.resolve(name, dim, num_layers, hidden_dims, options)
         return builder(**config), dict(config, name=name)
 
 
-def check_event_dim(shape, dim: int, what: str = "input") -> None:
-    """Raise ``ValueError`` unless ``shape`` ends in ``dim``."""
+def check_event_dim(shape: tuple[int, ...], dim: int, what: str = "input") -> None:
+    """Raise ``ValueError`` unless ``shape`` ends in ``dim``.
+
+    Args:
+        shape: an array's shape.
+        dim: the flow's event size.
+        what: the argument's name in the message.
+
+    Raises:
+        ValueError: ``shape`` is empty or its last entry is not ``dim``.
+
+    Example:
+        >>> check_event_dim((5, 3), 3)
+        >>> check_event_dim((5, 2), 3)
+        Traceback (most recent call last):
+        ValueError: input has shape (5, 2), but this flow acts on vectors of size 3: the last dimension must be 3
+    """
     if len(shape) == 0 or shape[-1] != dim:
         raise ValueError(
             f"{what} has shape {tuple(shape)}, but this flow acts on vectors of size {dim}: "

@@ -35,33 +35,75 @@ one-path estimate of the right-hand side is ``log_prob_lower_bound``; maximum li
 (``fit_mle``) minimises its negated mean, reverse KL (``fit_reverse_kl``) ``E[-log w]``.
 Gradients pass through accepted proposals and ``dS``; the accept decision itself is not
 differentiated, as in Wu et al.
+
+Example:
+    >>> from pyroflows.snf import interpolation_schedule
+    >>> interpolation_schedule("linear", 4)  # the l of each of 4 blocks
+    (0.25, 0.5, 0.75, 1.0)
 """
 
 from __future__ import annotations
 
+import types
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
 from .validation import boolean, positive_float, positive_int
 
 __all__ = [
-    "SCHEDULES", "AUTOSNF_DEFAULTS", "check_block_options", "interpolation_schedule",
-    "check_stochastic_flow", "snf_fit_target", "check_autosnf_blocks", "autosnf_blocks", "check_target_shape", "no_transform_error", "unscored_path_error",
+    "SCHEDULES",
+    "AUTOSNF_DEFAULTS",
+    "check_block_options",
+    "interpolation_schedule",
+    "check_stochastic_flow",
+    "snf_fit_target",
+    "check_autosnf_blocks",
+    "autosnf_blocks",
+    "check_target_shape",
+    "no_transform_error",
+    "unscored_path_error",
 ]
 
-#: Interpolation schedules: ``linear`` (block i of n targets l = i/n, so the last targets
-#: p~; Wu et al.'s annealing), ``target`` (every block targets p~ itself).
-SCHEDULES = ("linear", "target")
+SCHEDULES: tuple[str, ...] = ("linear", "target")
+"""Interpolation schedules: ``linear`` (block i of n targets l = i/n, so the last targets
+p~; Wu et al.'s annealing), ``target`` (every block targets p~ itself)."""
 
-#: ``AutoSNF``'s defaults: a RealNVP flow of two couplings (and the guide's affine map) as
-#: the base, then four MALA steps annealed from it to the posterior.
-AUTOSNF_DEFAULTS = {
+AUTOSNF_DEFAULTS: dict[str, Any] = {
     "flow": "realnvp",
     "num_layers": 2,
     "schedule": "linear",
     "blocks": ("MALA", {"step_size": 0.01}, 4),
 }
+"""``AutoSNF``'s defaults: a RealNVP flow of two couplings (and the guide's affine map) as
+the base, then four MALA steps annealed from it to the posterior. ``blocks`` is
+``(class name, keyword arguments, count)``."""
 
 
-def check_block_options(caller: str, *, step_size, num_steps, learnable_step_size, num_leapfrog=None) -> dict:
-    """Validated block options: ``step_size`` > 0, ``num_steps`` (and ``num_leapfrog``) >= 1."""
+def check_block_options(
+    caller: str, *, step_size: float, num_steps: int, learnable_step_size: bool, num_leapfrog: int | None = None
+) -> dict[str, Any]:
+    """Validated block options: ``step_size`` > 0, ``num_steps`` (and ``num_leapfrog``) >= 1.
+
+    Args:
+        caller: the block's class name, for the messages.
+        step_size: the MCMC step size.
+        num_steps: kernel steps per block.
+        learnable_step_size: whether the step size is trained.
+        num_leapfrog: leapfrog steps per HMC step (HMC only).
+
+    Returns:
+        The options as plain Python values; ``num_leapfrog`` only when given.
+
+    Raises:
+        ValueError: a value out of range or of the wrong type.
+
+    Example:
+        >>> check_block_options("MALA", step_size=0.1, num_steps=2, learnable_step_size=False)
+        {'step_size': 0.1, 'num_steps': 2, 'learnable_step_size': False}
+        >>> check_block_options("MALA", step_size=0, num_steps=2, learnable_step_size=False)
+        Traceback (most recent call last):
+        ValueError: MALA: step_size=0 must be a positive number (finite and above 0)
+    """
     out = {
         "step_size": positive_float("step_size", step_size, caller=caller),
         "num_steps": positive_int("num_steps", num_steps, caller=caller),
@@ -72,11 +114,31 @@ def check_block_options(caller: str, *, step_size, num_steps, learnable_step_siz
     return out
 
 
-def interpolation_schedule(schedule, num_blocks: int) -> tuple[float, ...]:
+def interpolation_schedule(schedule: str | Sequence[float], num_blocks: int) -> tuple[float, ...]:
     """The ``l`` of each of ``num_blocks`` stochastic blocks.
 
-    ``"linear"``: ``l_i = i / n`` for ``i = 1..n``; ``"target"``: every ``l_i = 1``; or a
-    sequence of ``n`` numbers in ``[0, 1]``.
+    Block i samples towards ``log p_l = (1 - l) log q0 + l log p~``.
+
+    Args:
+        schedule: ``"linear"`` (``l_i = i / n`` for ``i = 1..n``), ``"target"`` (every
+            ``l_i = 1``), or a sequence of ``n`` numbers in ``[0, 1]``.
+        num_blocks: the number ``n`` of stochastic blocks.
+
+    Returns:
+        One ``l`` per block, as floats.
+
+    Raises:
+        ValueError: an unknown name, a sequence of the wrong length, or values outside
+            ``[0, 1]``.
+
+    Example:
+        >>> interpolation_schedule("target", 2)
+        (1.0, 1.0)
+        >>> interpolation_schedule([0.5, 1], 2)
+        (0.5, 1.0)
+        >>> interpolation_schedule([0.5], 2)
+        Traceback (most recent call last):
+        ValueError: StochasticFlow: the schedule has 1 values but the layers hold 2 stochastic blocks; ...
     """
     if isinstance(schedule, str):
         if schedule == "linear":
@@ -106,9 +168,29 @@ def interpolation_schedule(schedule, num_blocks: int) -> tuple[float, ...]:
     return values
 
 
-def check_stochastic_flow(kinds, dim, target_log_density) -> int:
-    """Check ``StochasticFlow``'s arguments; ``kinds[i]`` is ``"block"``, ``"layer"`` or the
-    type name of an unsupported layer. Returns ``dim`` as an int."""
+def check_stochastic_flow(kinds: Iterable[str], dim: int, target_log_density: Callable) -> int:
+    """Check ``StochasticFlow``'s arguments.
+
+    Args:
+        kinds: for each entry of ``layers``, ``"block"`` (a stochastic block), ``"layer"``
+            (a flow layer) or the type name of something unsupported.
+        dim: the event size.
+        target_log_density: the unnormalised target, ``(..., dim) -> (...)``.
+
+    Returns:
+        ``dim`` as an int.
+
+    Raises:
+        ValueError: a bad ``dim``, a target that is not callable, no layers, or an
+            unsupported layer (the message names its position and type).
+
+    Example:
+        >>> check_stochastic_flow(["layer", "block"], 2, lambda z: -(z ** 2).sum(-1))
+        2
+        >>> check_stochastic_flow(["layer", "list"], 2, abs)
+        Traceback (most recent call last):
+        ValueError: StochasticFlow: layer 1 is a list, which is neither a flow layer nor a stochastic block; ...
+    """
     dim = positive_int("dim", dim, caller="StochasticFlow")
     if not callable(target_log_density):
         raise ValueError(
@@ -127,12 +209,28 @@ def check_stochastic_flow(kinds, dim, target_log_density) -> int:
     return dim
 
 
-def snf_fit_target(target_log_density, log_density, stick_the_landing):
+def snf_fit_target(target_log_density: Callable, log_density: Callable | None, stick_the_landing: bool) -> Callable:
     """The log-density ``fit_reverse_kl`` uses for a stochastic flow: its own target.
 
     Its blocks already sample towards ``target_log_density``, so a different
     ``log_density`` would make the path weights wrong; and sticking the landing needs the
     density of a sample under fixed weights, which a stochastic flow does not have.
+
+    Args:
+        target_log_density: the stochastic flow's own target.
+        log_density: what ``fit_reverse_kl`` was given (``None`` or the same function).
+        stick_the_landing: what ``fit_reverse_kl`` was given.
+
+    Returns:
+        ``target_log_density``.
+
+    Raises:
+        ValueError: a different ``log_density``, or ``stick_the_landing=True``.
+
+    Example:
+        >>> target = lambda z: -(z ** 2).sum(-1)
+        >>> snf_fit_target(target, None, False) is target
+        True
     """
     if log_density is not None and log_density is not target_log_density:
         raise ValueError(
@@ -148,11 +246,26 @@ def snf_fit_target(target_log_density, log_density, stick_the_landing):
     return target_log_density
 
 
-def check_autosnf_blocks(kinds) -> None:
-    """``AutoSNF``'s ``stochastic``: ``kinds[i]`` is ``"block"`` or the type name of what was given."""
+def check_autosnf_blocks(kinds: Iterable[str]) -> None:
+    """Check ``AutoSNF``'s ``stochastic`` argument.
+
+    Args:
+        kinds: for each entry, ``"block"`` or the type name of what was given.
+
+    Raises:
+        ValueError: no entries, or an entry that is not a stochastic block.
+
+    Example:
+        >>> check_autosnf_blocks(["block", "block"])
+        >>> check_autosnf_blocks([])
+        Traceback (most recent call last):
+        ValueError: AutoSNF: stochastic is empty; give at least one Langevin, MALA, MetropolisHastings or HMC block
+    """
     kinds = list(kinds)
     if not kinds:
-        raise ValueError("AutoSNF: stochastic is empty; give at least one Langevin, MALA, MetropolisHastings or HMC block")
+        raise ValueError(
+            "AutoSNF: stochastic is empty; give at least one Langevin, MALA, MetropolisHastings or HMC block"
+        )
     for i, kind in enumerate(kinds):
         if kind != "block":
             raise ValueError(
@@ -161,9 +274,33 @@ def check_autosnf_blocks(kinds) -> None:
             )
 
 
-def autosnf_blocks(stochastic, backend) -> list:
-    """``AutoSNF``'s ``stochastic`` as a list of blocks of ``backend`` (a backend's ``snf``
-    module); ``AUTOSNF_DEFAULTS["blocks"]`` when ``None``."""
+def autosnf_blocks(stochastic: Any, backend: types.ModuleType) -> list:
+    """``AutoSNF``'s ``stochastic`` as a list of blocks of ``backend``.
+
+    Args:
+        stochastic: ``None`` (the defaults, ``AUTOSNF_DEFAULTS["blocks"]``), one block, or a
+            list or tuple of blocks.
+        backend: the backend's ``snf`` module (``pyroflows.torch.snf`` or
+            ``pyroflows.jax.snf``): its ``StochasticBlock`` and block classes.
+
+    Returns:
+        The blocks as a list.
+
+    Raises:
+        ValueError: as ``check_autosnf_blocks``.
+
+    Example:
+        >>> import types
+        >>> class StochasticBlock:
+        ...     pass
+        >>> class MALA(StochasticBlock):
+        ...     def __init__(self, step_size):
+        ...         self.step_size = step_size
+        >>> backend = types.SimpleNamespace(StochasticBlock=StochasticBlock, MALA=MALA)
+        >>> blocks = autosnf_blocks(None, backend)
+        >>> len(blocks), blocks[0].step_size
+        (4, 0.01)
+    """
     if stochastic is None:
         name, options, count = AUTOSNF_DEFAULTS["blocks"]
         stochastic = [getattr(backend, name)(**options) for _ in range(count)]
@@ -174,14 +311,42 @@ def autosnf_blocks(stochastic, backend) -> list:
 
 
 def no_transform_error(name: str) -> NotImplementedError:
+    """The error of a stochastic guide's ``get_transform`` (what ``NeuTraReparam`` calls).
+
+    Args:
+        name: the guide's class name.
+
+    Returns:
+        The error, for the caller to raise.
+
+    Example:
+        >>> raise no_transform_error("AutoSNF")
+        Traceback (most recent call last):
+        NotImplementedError: AutoSNF samples through MCMC steps, so it has no deterministic transform ...
+    """
     return NotImplementedError(
         f"{name} samples through MCMC steps, so it has no deterministic transform for NeuTraReparam; "
         "use AutoFlow there, or take samples from the guide"
     )
 
 
-def check_target_shape(in_shape, out_shape, dim: int) -> None:
-    """``target_log_density`` must drop the last axis: ``(..., dim) -> (...)``."""
+def check_target_shape(in_shape: tuple[int, ...], out_shape: tuple[int, ...], dim: int) -> None:
+    """``target_log_density`` must drop the last axis: ``(..., dim) -> (...)``.
+
+    Args:
+        in_shape: the shape of the points the target was called on.
+        out_shape: the shape it returned.
+        dim: the event size.
+
+    Raises:
+        ValueError: ``out_shape`` is not ``in_shape`` without its last entry.
+
+    Example:
+        >>> check_target_shape((8, 2), (8,), 2)
+        >>> check_target_shape((8, 2), (8, 2), 2)
+        Traceback (most recent call last):
+        ValueError: StochasticFlow: target_log_density must map an array of shape (n, 2) to shape (n,); ...
+    """
     if tuple(out_shape) != tuple(in_shape)[:-1]:
         raise ValueError(
             f"StochasticFlow: target_log_density must map an array of shape (n, {dim}) to shape (n,); "
@@ -190,7 +355,18 @@ def check_target_shape(in_shape, out_shape, dim: int) -> None:
 
 
 def unscored_path_error(name: str) -> ValueError:
-    """The error when a value that was not drawn along the guide's own path is scored."""
+    """The error when a value that was not drawn along the guide's own path is scored.
+
+    Args:
+        name: the guide's class name.
+
+    Returns:
+        The error, for the caller to raise.
+
+    Example:
+        >>> str(unscored_path_error("AutoSNF")).startswith("AutoSNF: a stochastic flow knows")
+        True
+    """
     return ValueError(
         f"{name}: a stochastic flow knows the density of a sample only along the path that drew it, and this "
         "value was not drawn by the guide in the same call; score the guide's own samples (SVI, Predictive, "

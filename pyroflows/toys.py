@@ -14,22 +14,42 @@ Table 1), the double well ``u(x) = x1^4 - 6 x1^2 - 0.5 x1 + x2^2 / 2`` of Wu, Ko
 banana ``u(x) = x1^2 / 8 + (x2 - (x1^2 - 4) / 4)^2 / 2``: the twisted Gaussian of Haario,
 Saksman & Tamminen 1999, scaled to 2-D unit size (``x1 ~ N(0, 2^2)``,
 ``x2 | x1 ~ N((x1^2 - 4) / 4, 1)``; the twist has unit Jacobian, so log Z = log(4 pi)).
+
+Example:
+    >>> from pyroflows import toys
+    >>> sorted(toys.DATASETS), sorted(toys.ENERGIES)
+    (['8gaussians', 'checkerboard'], ['banana', 'double_well', 'u1', 'u2', 'u3', 'u4'])
 """
 
 from __future__ import annotations
 
 import math
 import types
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-__all__ = ["DATASETS", "ENERGIES", "DATA_ENTROPY", "sample_dataset", "log_density", "DOUBLE_WELL_LOG_Z",
-           "DOUBLE_WELL_P_LEFT", "BANANA_LOG_Z", "namespace"]
+__all__ = [
+    "DATASETS",
+    "ENERGIES",
+    "DATA_ENTROPY",
+    "sample_dataset",
+    "log_density",
+    "DOUBLE_WELL_LOG_Z",
+    "DOUBLE_WELL_P_LEFT",
+    "BANANA_LOG_Z",
+    "namespace",
+]
 
-DATA_ENTROPY = {"8gaussians": 2.8313, "checkerboard": math.log(32.0)}
-DOUBLE_WELL_LOG_Z = 10.2935
-DOUBLE_WELL_P_LEFT = 0.1557
-BANANA_LOG_Z = math.log(4 * math.pi)
+DATA_ENTROPY: dict[str, float] = {"8gaussians": 2.8313, "checkerboard": math.log(32.0)}
+"""The differential entropy (nats) of each data set: the best possible mean NLL of a fit."""
+DOUBLE_WELL_LOG_Z: float = 10.2935
+"""``log Z`` of the double-well energy (numerical quadrature)."""
+DOUBLE_WELL_P_LEFT: float = 0.1557
+"""The double well's probability mass at ``x1 < 0`` (its smaller mode)."""
+BANANA_LOG_Z: float = math.log(4 * math.pi)
+"""``log Z`` of the banana energy, exact."""
 
 
 def _eight_gaussians(n, rng):
@@ -45,11 +65,34 @@ def _checkerboard(n, rng):
     return 2.0 * np.stack([x1, x2], -1)
 
 
-DATASETS = {"8gaussians": _eight_gaussians, "checkerboard": _checkerboard}
+DATASETS: dict[str, Callable[[int, np.random.Generator], np.ndarray]] = {
+    "8gaussians": _eight_gaussians,
+    "checkerboard": _checkerboard,
+}
+"""The samplers ``sampler(n, rng) -> (n, 2)`` of the data sets, by name."""
 
 
 def sample_dataset(name: str, n: int, seed: int = 0) -> np.ndarray:
-    """``n`` points of a 2-D toy data set, float64 of shape ``(n, 2)``."""
+    """``n`` points of a 2-D toy data set, float64 of shape ``(n, 2)``.
+
+    Args:
+        name: ``"8gaussians"`` or ``"checkerboard"``.
+        n: the number of points.
+        seed: the seed of the numpy generator; the same seed gives the same points.
+
+    Returns:
+        The points, float64 of shape ``(n, 2)``.
+
+    Raises:
+        ValueError: an unknown data set (the message lists the valid names).
+
+    Example:
+        >>> x = sample_dataset("checkerboard", 1000, seed=0)
+        >>> x.shape, x.dtype.name
+        ((1000, 2), 'float64')
+        >>> bool((abs(x) <= 4).all())
+        True
+    """
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; choose one of {sorted(DATASETS)}")
     return DATASETS[name](int(n), np.random.default_rng(seed))
@@ -57,18 +100,44 @@ def sample_dataset(name: str, n: int, seed: int = 0) -> np.ndarray:
 
 # --------------------------------------------------------------------------- energies
 def namespace(backend: str) -> types.SimpleNamespace:
-    """The array functions the energies use, from torch or jax.numpy."""
+    """The array functions the energies use, from torch or jax.numpy.
+
+    Args:
+        backend: ``"torch"`` or ``"jax"``.
+
+    Returns:
+        A namespace with ``sin``, ``exp``, ``logaddexp``, ``sigmoid`` and ``norm`` (the
+        Euclidean norm over the last axis).
+
+    Raises:
+        ValueError: an unknown backend.
+
+    Example:
+        >>> import torch
+        >>> namespace("torch").exp is torch.exp
+        True
+    """
     if backend == "torch":
         import torch
 
-        return types.SimpleNamespace(sin=torch.sin, exp=torch.exp, logaddexp=torch.logaddexp,
-                                     sigmoid=torch.sigmoid, norm=lambda z: torch.linalg.vector_norm(z, dim=-1))
+        return types.SimpleNamespace(
+            sin=torch.sin,
+            exp=torch.exp,
+            logaddexp=torch.logaddexp,
+            sigmoid=torch.sigmoid,
+            norm=lambda z: torch.linalg.vector_norm(z, dim=-1),
+        )
     if backend == "jax":
         import jax
         import jax.numpy as jnp
 
-        return types.SimpleNamespace(sin=jnp.sin, exp=jnp.exp, logaddexp=jnp.logaddexp,
-                                     sigmoid=jax.nn.sigmoid, norm=lambda z: jnp.linalg.norm(z, axis=-1))
+        return types.SimpleNamespace(
+            sin=jnp.sin,
+            exp=jnp.exp,
+            logaddexp=jnp.logaddexp,
+            sigmoid=jax.nn.sigmoid,
+            norm=lambda z: jnp.linalg.norm(z, axis=-1),
+        )
     raise ValueError(f"unknown backend {backend!r}; use 'torch' or 'jax'")
 
 
@@ -107,11 +176,37 @@ def _banana(z, xp):
     return x1**2 / 8 + 0.5 * (z[..., 1] - 0.25 * (x1**2 - 4)) ** 2
 
 
-ENERGIES = {"u1": _u1, "u2": _u2, "u3": _u3, "u4": _u4, "double_well": _double_well, "banana": _banana}
+ENERGIES: dict[str, Callable[[Any, types.SimpleNamespace], Any]] = {
+    "u1": _u1,
+    "u2": _u2,
+    "u3": _u3,
+    "u4": _u4,
+    "double_well": _double_well,
+    "banana": _banana,
+}
+"""The energies ``U(z, xp)`` by name, written against an array namespace (``namespace``)."""
 
 
-def log_density(name: str, backend: str):
-    """The unnormalised log-density ``-U`` of a 2-D energy, on ``(..., 2)`` arrays of ``backend``."""
+def log_density(name: str, backend: str) -> Callable[[Any], Any]:
+    """The unnormalised log-density ``-U`` of a 2-D energy, on ``(..., 2)`` arrays of ``backend``.
+
+    Args:
+        name: a key of ``ENERGIES``.
+        backend: ``"torch"`` or ``"jax"``: the kind of array the function takes.
+
+    Returns:
+        ``log_p(z)``: ``-U(z)`` of shape ``(...)`` for ``z`` of shape ``(..., 2)``; it raises
+        ``ValueError`` when the last dimension is not 2.
+
+    Raises:
+        ValueError: an unknown energy or backend.
+
+    Example:
+        >>> import torch
+        >>> log_p = log_density("banana", "torch")
+        >>> log_p(torch.tensor([[0.0, 1.0], [2.0, 0.0]])).tolist()
+        [-2.0, -0.5]
+    """
     if name not in ENERGIES:
         raise ValueError(f"unknown energy {name!r}; choose one of {sorted(ENERGIES)}")
     energy, xp = ENERGIES[name], namespace(backend)

@@ -3,26 +3,39 @@ stochastic flows, so that a bad value reads the same wherever it was passed.
 
 Every checker takes ``(name, value)`` plus an optional ``caller`` and returns the value as
 a plain Python ``int``/``float``/``bool``, or raises ``ValueError`` naming the argument,
-the bad value and what is valid::
+the bad value and what is valid. Without ``caller`` the message says ``option name=...``
+(the registry prefixes the flow's name). Booleans are never numbers here (``True`` is not
+``1``), and NaN and infinities are never valid: they would only come back later as NaN
+outputs.
 
+Example:
     >>> positive_float("lr", float("inf"), caller="fit_mle")
     Traceback (most recent call last):
     ValueError: fit_mle: lr=inf must be a positive number (finite and above 0)
-
-Without ``caller`` the message says ``option name=...`` (the registry prefixes the flow's
-name). Booleans are never numbers here (``True`` is not ``1``), and NaN and infinities are
-never valid: they would only come back later as NaN outputs.
+    >>> positive_int("num_layers", True)
+    Traceback (most recent call last):
+    ValueError: option num_layers=True must be a positive integer
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 __all__ = [
-    "positive_int", "optional_positive_int", "non_negative_int", "int_list", "positive_float",
-    "bounded_positive_float", "non_negative_float", "open_unit", "unit_fraction", "boolean", "choice",
+    "positive_int",
+    "optional_positive_int",
+    "non_negative_int",
+    "int_list",
+    "positive_float",
+    "bounded_positive_float",
+    "non_negative_float",
+    "open_unit",
+    "unit_fraction",
+    "boolean",
+    "choice",
 ]
 
 
@@ -55,6 +68,17 @@ def positive_int(name: str, value: Any, *, caller: str | None = None) -> int:
 
     Returns:
         ``int(value)``.
+
+    Raises:
+        ValueError: ``value`` is not an integer (a bool, a float, a string) or is below 1.
+
+    Example:
+        >>> import numpy as np
+        >>> positive_int("num_steps", np.int64(3))
+        3
+        >>> positive_int("num_steps", 2.0, caller="fit_mle")
+        Traceback (most recent call last):
+        ValueError: fit_mle: num_steps=2.0 must be a positive integer
     """
     if not _integer(value) or value < 1:
         raise ValueError(f"{_label(name, caller)}={value!r} must be a positive integer")
@@ -62,19 +86,77 @@ def positive_int(name: str, value: Any, *, caller: str | None = None) -> int:
 
 
 def optional_positive_int(name: str, value: Any, *, caller: str | None = None) -> int | None:
-    """``None``, or ``value`` as an ``int`` >= 1 (see ``positive_int``)."""
+    """``None``, or ``value`` as an ``int`` >= 1 (see ``positive_int``).
+
+    Args:
+        name: the argument's name, for the message.
+        value: what was passed.
+        caller: the function or flow that received it (message prefix).
+
+    Returns:
+        ``None`` or ``int(value)``.
+
+    Raises:
+        ValueError: ``value`` is neither ``None`` nor a positive integer.
+
+    Example:
+        >>> optional_positive_int("patience", None) is None
+        True
+        >>> optional_positive_int("patience", 5)
+        5
+    """
     return None if value is None else positive_int(name, value, caller=caller)
 
 
 def non_negative_int(name: str, value: Any, *, caller: str | None = None) -> int:
-    """``value`` as an ``int`` >= 0 (see ``positive_int``)."""
+    """``value`` as an ``int`` >= 0 (see ``positive_int``).
+
+    Args:
+        name: the argument's name, for the message.
+        value: what was passed.
+        caller: the function or flow that received it (message prefix).
+
+    Returns:
+        ``int(value)``.
+
+    Raises:
+        ValueError: ``value`` is not an integer or is negative.
+
+    Example:
+        >>> non_negative_int("anneal_steps", 0)
+        0
+        >>> non_negative_int("anneal_steps", -1)
+        Traceback (most recent call last):
+        ValueError: option anneal_steps=-1 must be an integer >= 0
+    """
     if not _integer(value) or value < 0:
         raise ValueError(f"{_label(name, caller)}={value!r} must be an integer >= 0")
     return int(value)
 
 
 def int_list(name: str, value: Any, *, caller: str | None = None) -> tuple[int, ...]:
-    """A non-empty sequence of positive integers (or one integer) as a tuple of ints."""
+    """A non-empty sequence of positive integers (or one integer) as a tuple of ints.
+
+    Args:
+        name: the argument's name, for the message.
+        value: one integer or an iterable of them (not a string).
+        caller: the function or flow that received it (message prefix).
+
+    Returns:
+        The integers as a tuple.
+
+    Raises:
+        ValueError: ``value`` is empty, a string, or holds anything but positive integers.
+
+    Example:
+        >>> int_list("hidden_dims", [64, 64])
+        (64, 64)
+        >>> int_list("hidden_dims", 32)
+        (32,)
+        >>> int_list("hidden_dims", [])
+        Traceback (most recent call last):
+        ValueError: option hidden_dims must not be empty: give a list of positive integers
+    """
     if _integer(value):
         value = [value]
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
@@ -97,6 +179,16 @@ def positive_float(name: str, value: Any, *, caller: str | None = None) -> float
 
     Returns:
         ``float(value)``.
+
+    Raises:
+        ValueError: ``value`` is not a real number, or is NaN, infinite, zero or negative.
+
+    Example:
+        >>> positive_float("lr", 1)
+        1.0
+        >>> positive_float("lr", 0.0)
+        Traceback (most recent call last):
+        ValueError: option lr=0.0 must be a positive number (finite and above 0)
     """
     out = _real(value)
     if out is None or not out > 0:
@@ -112,7 +204,16 @@ def bounded_positive_float(maximum: float, why: str = "") -> Callable[..., float
         why: appended to the message (for example why larger values are unsafe).
 
     Returns:
-        ``check(name, value, *, caller=None) -> float``.
+        ``check(name, value, *, caller=None) -> float``, which raises ``ValueError`` for a
+        value outside ``(0, maximum]``.
+
+    Example:
+        >>> check = bounded_positive_float(50.0, "scales would overflow")
+        >>> check("log_scale_bound", 5)
+        5.0
+        >>> check("log_scale_bound", 100.0)
+        Traceback (most recent call last):
+        ValueError: option log_scale_bound=100.0 must be a positive number no larger than 50: scales would overflow
     """
     suffix = f": {why}" if why else ""
 
@@ -129,7 +230,23 @@ def bounded_positive_float(maximum: float, why: str = "") -> Callable[..., float
 
 
 def non_negative_float(name: str, value: Any, *, caller: str | None = None) -> float:
-    """``value`` as a finite ``float`` >= 0."""
+    """``value`` as a finite ``float`` >= 0.
+
+    Args:
+        name: the argument's name, for the message.
+        value: what was passed.
+        caller: the function or flow that received it (message prefix).
+
+    Returns:
+        ``float(value)``.
+
+    Raises:
+        ValueError: ``value`` is not a real number, or is NaN, infinite or negative.
+
+    Example:
+        >>> non_negative_float("kinetic_energy", 0)
+        0.0
+    """
     out = _real(value)
     if out is None or not out >= 0:
         raise ValueError(f"{_label(name, caller)}={value!r} must be a finite number >= 0")
@@ -137,7 +254,26 @@ def non_negative_float(name: str, value: Any, *, caller: str | None = None) -> f
 
 
 def open_unit(name: str, value: Any, *, caller: str | None = None) -> float:
-    """``value`` as a ``float`` strictly between 0 and 1."""
+    """``value`` as a ``float`` strictly between 0 and 1.
+
+    Args:
+        name: the argument's name, for the message.
+        value: what was passed.
+        caller: the function or flow that received it (message prefix).
+
+    Returns:
+        ``float(value)``.
+
+    Raises:
+        ValueError: ``value`` is not a real number in the open interval ``(0, 1)``.
+
+    Example:
+        >>> open_unit("decay", 0.5)
+        0.5
+        >>> open_unit("decay", 1)
+        Traceback (most recent call last):
+        ValueError: option decay=1 must lie strictly between 0 and 1
+    """
     out = _real(value)
     if out is None or not 0 < out < 1:
         raise ValueError(f"{_label(name, caller)}={value!r} must lie strictly between 0 and 1")
@@ -145,7 +281,23 @@ def open_unit(name: str, value: Any, *, caller: str | None = None) -> float:
 
 
 def unit_fraction(name: str, value: Any, *, caller: str | None = None) -> float:
-    """``value`` as a ``float`` in ``[0, 1)`` (for example a validation fraction)."""
+    """``value`` as a ``float`` in ``[0, 1)`` (for example a validation fraction).
+
+    Args:
+        name: the argument's name, for the message.
+        value: what was passed.
+        caller: the function or flow that received it (message prefix).
+
+    Returns:
+        ``float(value)``.
+
+    Raises:
+        ValueError: ``value`` is not a real number in ``[0, 1)``.
+
+    Example:
+        >>> unit_fraction("validation_fraction", 0)
+        0.0
+    """
     out = _real(value)
     if out is None or not 0 <= out < 1:
         raise ValueError(f"{_label(name, caller)}={value!r} must lie in [0, 1)")
@@ -153,7 +305,26 @@ def unit_fraction(name: str, value: Any, *, caller: str | None = None) -> float:
 
 
 def boolean(name: str, value: Any, *, caller: str | None = None) -> bool:
-    """``value`` itself when it is ``True`` or ``False`` (not 0, 1 or a string)."""
+    """``value`` itself when it is ``True`` or ``False`` (not 0, 1 or a string).
+
+    Args:
+        name: the argument's name, for the message.
+        value: what was passed.
+        caller: the function or flow that received it (message prefix).
+
+    Returns:
+        ``value``.
+
+    Raises:
+        ValueError: ``value`` is not a ``bool``.
+
+    Example:
+        >>> boolean("adjoint", False)
+        False
+        >>> boolean("adjoint", 1)
+        Traceback (most recent call last):
+        ValueError: option adjoint=1 must be True or False
+    """
     if not isinstance(value, bool):
         raise ValueError(f"{_label(name, caller)}={value!r} must be True or False")
     return value
@@ -162,8 +333,20 @@ def boolean(name: str, value: Any, *, caller: str | None = None) -> bool:
 def choice(*values: str) -> Callable[..., str]:
     """A checker accepting exactly the strings ``values``.
 
+    Args:
+        *values: the valid strings.
+
     Returns:
-        ``check(name, value, *, caller=None) -> str``.
+        ``check(name, value, *, caller=None) -> str``, which raises ``ValueError`` for
+        anything else (the message lists ``values``).
+
+    Example:
+        >>> check = choice("reverse", "random")
+        >>> check("permutation", "random")
+        'random'
+        >>> check("permutation", "shuffle")
+        Traceback (most recent call last):
+        ValueError: option permutation='shuffle' is not one of ['reverse', 'random']
     """
 
     def check(name: str, value: Any, *, caller: str | None = None) -> str:

@@ -6,8 +6,11 @@ machine with one backend runs that half.
 
 from __future__ import annotations
 
+import gc
 import json
 import re
+import warnings
+import zipfile
 
 import numpy as np
 import pytest
@@ -59,10 +62,13 @@ def test_an_npy_file_is_not_a_flow_file(backend, tmp_path):
     pf = _backend(backend)
     path = tmp_path / "weights.npy"
     np.save(path, np.zeros(3))
-    with pytest.raises(ValueError, match=(
-        r"weights\.npy is not a pyroflows flow file \(\.npz written by save_flow\): "
-        r"it holds a single numpy array \(\.npy.*load it with numpy\.load, or write the flow with save_flow"
-    )):
+    with pytest.raises(
+        ValueError,
+        match=(
+            r"weights\.npy is not a pyroflows flow file \(\.npz written by save_flow\): "
+            r"it holds a single numpy array \(\.npy.*load it with numpy\.load, or write the flow with save_flow"
+        ),
+    ):
         pf.load_flow(path)
 
 
@@ -71,9 +77,10 @@ def test_a_text_file_is_not_a_flow_file_and_is_never_unpickled(backend, tmp_path
     pf = _backend(backend)
     path = tmp_path / "notes.txt"
     path.write_text("dim: 3\nname: realnvp\n")
-    with pytest.raises(ValueError, match=(
-        r"notes\.txt is not a pyroflows flow file \(\.npz written by save_flow\): it is not a zip archive"
-    )) as info:
+    with pytest.raises(
+        ValueError,
+        match=(r"notes\.txt is not a pyroflows flow file \(\.npz written by save_flow\): it is not a zip archive"),
+    ) as info:
         pf.load_flow(path)
     assert "allow_pickle" not in str(info.value)
 
@@ -84,11 +91,52 @@ def test_a_truncated_file_is_reported_as_damaged(backend, tmp_path):
     pf = _saved_flow(backend, path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match=(
-        r"f\.npz is damaged or truncated \(reading it failed with BadZipFile.*\); "
-        r"save the flow again with save_flow, or copy the file again in full"
-    )):
+    with pytest.raises(
+        ValueError,
+        match=(
+            r"f\.npz is damaged or truncated \(reading it failed with BadZipFile.*\); "
+            r"save the flow again with save_flow, or copy the file again in full"
+        ),
+    ):
         pf.load_flow(path)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_changed_byte_inside_a_weight_is_caught_by_the_checksum(backend, tmp_path):
+    # the zip keeps a CRC-32 of every array: a weight changed on disk is refused, not loaded
+    # (safetensors, which has no checksum, loads it; benchmarks/libraries.py)
+    path = tmp_path / "f.npz"
+    pf = _saved_flow(backend, path)
+    with np.load(path) as f:
+        name = _first_weight({k: f[k] for k in f.files if k != checkpoint._META})
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(f"{name}.npy")
+    header = 30 + len(info.filename.encode()) + len(info.extra)  # the member's local header
+    data[info.header_offset + header + info.file_size - 1] ^= 0x01  # the last byte of its data
+    path.write_bytes(bytes(data))
+    with pytest.raises(
+        ValueError,
+        match=(
+            rf"f\.npz is damaged or truncated \(reading it failed with BadZipFile: Bad CRC-32 for file "
+            rf"'{re.escape(name)}\.npy'\); save the flow again with save_flow, or copy the file again in full"
+        ),
+    ):
+        pf.load_flow(path)
+
+
+def test_a_damaged_file_is_closed_after_the_error(tmp_path):
+    # np.load leaves a file it opened itself open when the archive is damaged
+    path = tmp_path / "f.npz"
+    checkpoint.write(path, {"name": "maf", "dim": 2}, {"w": np.zeros(1000)}, backend="torch")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(checkpoint.FlowFileError, match="damaged or truncated"):
+            checkpoint.read(path)
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -102,10 +150,13 @@ def test_an_array_of_the_wrong_shape_is_named(backend, tmp_path):
         arrays[names[0]] = arrays[names[0]][:, :-1]
 
     _rewrite(path, edit)
-    with pytest.raises(ValueError, match=(
-        rf"f\.npz: array '{re.escape(names[0])}' has shape \(\d+, \d+\), the flow expects \(\d+, \d+\); "
-        r"the file does not match the flow its own config builds .*save the flow again with save_flow"
-    )):
+    with pytest.raises(
+        ValueError,
+        match=(
+            rf"f\.npz: array '{re.escape(names[0])}' has shape \(\d+, \d+\), the flow expects \(\d+, \d+\); "
+            r"the file does not match the flow its own config builds .*save the flow again with save_flow"
+        ),
+    ):
         pf.load_flow(path)
 
 
@@ -123,10 +174,13 @@ def test_non_finite_weights_are_refused_naming_the_array(backend, bad, tmp_path)
 
     _rewrite(path, edit)
     counts = "1 NaN, 0 inf" if np.isnan(bad) else "0 NaN, 1 inf"
-    with pytest.raises(ValueError, match=(
-        rf"f\.npz: non-finite weights in array\(s\) '{re.escape(names[0])}' \({counts} of \d+\); "
-        r"the flow was saved after its training diverged"
-    )):
+    with pytest.raises(
+        ValueError,
+        match=(
+            rf"f\.npz: non-finite weights in array\(s\) '{re.escape(names[0])}' \({counts} of \d+\); "
+            r"the flow was saved after its training diverged"
+        ),
+    ):
         pf.load_flow(path)
 
 
@@ -136,9 +190,12 @@ def test_a_missing_metadata_key_is_named(backend, key, tmp_path):
     path = tmp_path / "f.npz"
     pf = _saved_flow(backend, path)
     _rewrite(path, lambda meta, arrays: meta.pop(key))
-    with pytest.raises(ValueError, match=(
-        rf"f\.npz: its __pyroflows__ metadata lacks the key\(s\) \['{key}'\].*save the flow again with save_flow"
-    )):
+    with pytest.raises(
+        ValueError,
+        match=(
+            rf"f\.npz: its __pyroflows__ metadata lacks the key\(s\) \['{key}'\].*save the flow again with save_flow"
+        ),
+    ):
         pf.load_flow(path)
 
 
@@ -156,9 +213,9 @@ def test_a_config_this_backend_cannot_build_says_to_register_it(backend, tmp_pat
     path = tmp_path / "f.npz"
     pf = _saved_flow(backend, path)
     _rewrite(path, lambda meta, arrays: meta["config"].update(name="my_own_flow"))
-    with pytest.raises(ValueError, match=(
-        rf"f\.npz: its config .* does not build a flow on the {backend} backend .*register_flow"
-    )):
+    with pytest.raises(
+        ValueError, match=(rf"f\.npz: its config .* does not build a flow on the {backend} backend .*register_flow")
+    ):
         pf.load_flow(path)
 
 
@@ -210,6 +267,7 @@ def _fit_standardized(backend):
 
         def log_prob(f, x):
             return np.asarray(flow_log_prob(f, jnp.asarray(x, jnp.float64)))
+
     return pf, fitted, log_prob
 
 
@@ -245,3 +303,49 @@ def test_a_standardized_torch_flow_loads_in_jax(tmp_path):
     assert loaded.config == fitted.config
     got = np.asarray(flow_log_prob(loaded, jnp.asarray(_STD_DATA, jnp.float64)))
     np.testing.assert_allclose(got, torch_log_prob(fitted, _STD_DATA), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_v1_spline_coupling_file_loads_with_its_old_meaning(backend, tmp_path):
+    """v1 files stored a spline coupling's MLP output coordinate-major; v2 reads them right.
+
+    The reference is the v1 layer computed by hand from the file's arrays: the MLP's
+    output reshaped to ``(dim - dim // 2, 3K - 1)``, then the spline.
+    """
+    torch = pytest.importorskip("torch")
+    _backend(backend)
+    from pyroflows.torch.transforms.transformers import rational_quadratic_spline
+
+    dim, bins, hidden = 5, 4, (6,)
+    rng = np.random.default_rng(0)
+    # v1 arrays of a one-layer nsf coupling, written as the old code wrote them
+    arrays = {
+        "0.conditioner.net.0.weight": rng.normal(size=(6, 2)),
+        "0.conditioner.net.0.bias": rng.normal(size=6),
+        "0.conditioner.net.2.weight": rng.normal(size=(3 * 11, 6)) * 0.3,
+        "0.conditioner.net.2.bias": rng.normal(size=3 * 11) * 0.3,
+    }
+    config = {"name": "nsf", "dim": dim, "num_layers": 1, "hidden_dims": list(hidden), "count_bins": bins}
+    path = str(tmp_path / "v1.npz")
+    meta = {"format": "pyroflows-flow-v1", "backend": "torch", "config": config}
+    np.savez(path, **{checkpoint._META: np.array(json.dumps(meta))}, **arrays)
+
+    x = rng.normal(size=(7, dim))
+    h = np.maximum(x[:, :2] @ arrays["0.conditioner.net.0.weight"].T + arrays["0.conditioner.net.0.bias"], 0)
+    out = h @ arrays["0.conditioner.net.2.weight"].T + arrays["0.conditioner.net.2.bias"]
+    params = torch.as_tensor(out.reshape(7, dim - 2, 3 * bins - 1))  # coordinate-major: the v1 meaning
+    yb, logd = rational_quadratic_spline(torch.as_tensor(x[:, 2:]), params, 3.0)
+    expected_y = np.concatenate([x[:, :2], yb.numpy()], -1)
+
+    pf = _backend(backend)
+    flow = pf.load_flow(path)
+    if backend == "torch":
+        y, ladj = (t.detach().numpy() for t in flow.call_and_ladj(torch.as_tensor(x)))
+    else:
+        import jax
+
+        y, ladj = (np.asarray(t) for t in jax.vmap(flow.call_and_ladj)(x))
+    # JAX computes in float32 unless x64 is enabled; a wrong layout is off by O(1)
+    tol = 1e-12 if y.dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(y, expected_y, rtol=tol, atol=tol)
+    np.testing.assert_allclose(ladj, logd.sum(-1).numpy(), rtol=tol, atol=tol)

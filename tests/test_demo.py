@@ -82,8 +82,15 @@ def test_the_shipped_data_are_sklearns_and_cite_their_source(tmp_path):
 def _fake_fits(ref):
     rng = np.random.default_rng(0)
     diag = {"elbo": -80.0, "iwelbo": -79.0, "khat": 0.4}
-    return [{"guide": g, "draws": ref["draws"] + 0.01 * rng.standard_normal(ref["draws"].shape), "diag": diag,
-             "seconds": 1.0} for g in ("AutoNormal", "AutoFlow iaf")]
+    return [
+        {
+            "guide": g,
+            "draws": ref["draws"] + 0.01 * rng.standard_normal(ref["draws"].shape),
+            "diag": diag,
+            "seconds": 1.0,
+        }
+        for g in ("AutoNormal", "AutoFlow iaf")
+    ]
 
 
 def test_without_matplotlib_the_demo_prints_its_table_and_a_note(monkeypatch, capsys, tmp_path):

@@ -67,7 +67,7 @@ def test_zero_weights_among_positive_ones_count_in_n_but_not_in_the_tail_fit():
     assert math.isclose(log_mean_exp(lw), log_mean_exp(base) + math.log(20_000 / n), rel_tol=1e-12)
     # the tail has M(n) draws, all of them finite here: the fit is on their exceedances
     tail = math.ceil(3 * math.sqrt(n))
-    top = np.sort(base - base.max())[-tail - 1:]
+    top = np.sort(base - base.max())[-tail - 1 :]
     assert psis_khat(lw) == gpd_fit(np.exp(top[1:]) - np.exp(top[0]))[0]
     assert abs(psis_khat(lw) - (1 - 0.7**2)) < 0.15
     out = summarize_weights(lw)
@@ -106,3 +106,22 @@ def test_an_exact_guide_up_to_rounding_has_no_tail(dtype):
     assert len(np.unique(lw)) > 5
     out = summarize_weights(lw)
     assert out["khat"] == -math.inf and math.isclose(out["ess_fraction"], 1.0, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("n", [21, 24])
+def test_fewer_than_25_log_weights_are_refused_even_when_the_tail_rounds_up_to_5(n):
+    # ceil(n / 5) is 5 from n = 21: the documented floor of 25 is what decides
+    with pytest.raises(ValueError, match=f"at least 25 log-weights to fit a tail, got {n}"):
+        psis_khat(np.random.default_rng(0).normal(size=n))
+    assert math.isnan(summarize_weights(np.random.default_rng(0).normal(size=n))["khat"])
+
+
+@pytest.mark.parametrize("n", [100, 400, 10_000])
+def test_khat_equals_arviz_stats_psis_where_the_tail_sizes_agree(n):
+    # The same estimator and prior (benchmarks/libraries.py): where both libraries take the
+    # same number of tail draws, the same k-hat to rounding. arviz-stats is in the bench extra.
+    array_stats = pytest.importorskip("arviz_stats.base").array_stats
+    for seed in range(3):
+        lw = _gaussian_log_weights(0.7, n, seed)
+        theirs = float(array_stats.psislw(-lw, r_eff=1)[1])  # it takes log-likelihoods: negate
+        assert math.isclose(psis_khat(lw), theirs, rel_tol=1e-9, abs_tol=1e-12)

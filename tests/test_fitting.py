@@ -7,8 +7,18 @@ import numpy as np
 import pytest
 
 from pyroflows.fitting import (
-    MAX_BAD_STEPS, EarlyStopping, History, NonFiniteGuard, anneal_factor, check_data, check_finite_loss,
-    check_first_log_density, check_fit_options, check_latent_sites, split_indices, standardization,
+    MAX_BAD_STEPS,
+    EarlyStopping,
+    History,
+    NonFiniteGuard,
+    anneal_factor,
+    check_data,
+    check_finite_loss,
+    check_first_log_density,
+    check_fit_options,
+    check_latent_sites,
+    split_indices,
+    standardization,
 )
 
 
@@ -110,8 +120,11 @@ def test_standardization_warns_about_constant_columns_and_keeps_scale_one():
 
 def test_first_log_density_error():
     check_first_log_density(0, 10, False)
-    with pytest.raises(ValueError, match=r"returned NaN at 3 of 10 draws at its first evaluation \(step 1, before "
-                                         r"any update\): the target is broken"):
+    with pytest.raises(
+        ValueError,
+        match=r"returned NaN at 3 of 10 draws at its first evaluation \(step 1, before "
+        r"any update\): the target is broken",
+    ):
         check_first_log_density(3, 10, True)
 
 

@@ -15,7 +15,9 @@ jax.config.update("jax_enable_x64", True)
 
 from benchmarks import posteriordb_models as pdb  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not pdb.ROOT.exists(), reason=f"no posteriordb clone at {pdb.ROOT} (benchmarks/posteriordb_models.py)")
+pytestmark = pytest.mark.skipif(
+    not pdb.ROOT.exists(), reason=f"no posteriordb clone at {pdb.ROOT} (benchmarks/posteriordb_models.py)"
+)
 
 
 def _site_values(name, i):
@@ -77,9 +79,10 @@ def test_kidiq_log_joint_by_hand_at_a_reference_draw():
     name = "kidiq-kidscore_momiq"
     values, d = _site_values(name, 7), pdb.data(name)
     beta, sigma = values["beta"], values["sigma"]
-    expected = stats.halfcauchy.logpdf(sigma, scale=2.5) + stats.norm.logpdf(
-        d["kid_score"], beta[0] + beta[1] * d["mom_iq"], sigma
-    ).sum()
+    expected = (
+        stats.halfcauchy.logpdf(sigma, scale=2.5)
+        + stats.norm.logpdf(d["kid_score"], beta[0] + beta[1] * d["mom_iq"], sigma).sum()
+    )
     np.testing.assert_allclose(_numpyro_log_joint(name, values), expected, rtol=1e-10)
 
 

@@ -58,10 +58,15 @@ def test_skipped_steps_do_not_count_as_losses():
 
 @pytest.mark.parametrize(
     "options, match",
-    [({"lr": -1.0}, "lr=-1.0 must be a positive number"), ({"lr_final": 1.0}, "lr_final=1.0 must not exceed lr"),
-     ({"decay": 1.5}, "decay=1.5 must lie strictly between 0 and 1"), ({"window": 0}, "eval_every=0"),
-     ({"num_particles": True}, "num_particles=True"), ({"max_steps": float("inf")}, "num_steps=inf"),
-     ({"learning_rate": 1e-3}, r"unknown option\(s\) \['learning_rate'\]")],
+    [
+        ({"lr": -1.0}, "lr=-1.0 must be a positive number"),
+        ({"lr_final": 1.0}, "lr_final=1.0 must not exceed lr"),
+        ({"decay": 1.5}, "decay=1.5 must lie strictly between 0 and 1"),
+        ({"window": 0}, "eval_every=0"),
+        ({"num_particles": True}, "num_particles=True"),
+        ({"max_steps": float("inf")}, "num_steps=inf"),
+        ({"learning_rate": 1e-3}, r"unknown option\(s\) \['learning_rate'\]"),
+    ],
 )
 def test_bad_recipe_options_name_the_problem(options, match):
     with pytest.raises(ValueError, match=match):

@@ -53,7 +53,9 @@ def test_energies_at_known_points(backend):
     z = np.array([[2.0, 0.0], [0.3, -1.2]])
     # U1 written out with numpy
     r = np.linalg.norm(z, axis=-1)
-    u1 = 0.5 * ((r - 2) / 0.4) ** 2 - np.log(np.exp(-0.5 * ((z[:, 0] - 2) / 0.6) ** 2) + np.exp(-0.5 * ((z[:, 0] + 2) / 0.6) ** 2))
+    u1 = 0.5 * ((r - 2) / 0.4) ** 2 - np.log(
+        np.exp(-0.5 * ((z[:, 0] - 2) / 0.6) ** 2) + np.exp(-0.5 * ((z[:, 0] + 2) / 0.6) ** 2)
+    )
     np.testing.assert_allclose(np.asarray(toys.log_density("u1", backend)(arr(z))), -u1, rtol=1e-6)
     with pytest.raises(ValueError, match="defined on R\\^2"):
         toys.log_density("u1", backend)(arr(np.zeros((3, 3))))

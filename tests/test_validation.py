@@ -24,8 +24,10 @@ def test_positive_float_rejects_what_is_not_a_finite_positive_number(value):
     assert str(info.value) == f"fit_mle: lr={value!r} must be a positive number (finite and above 0)"
 
 
-@pytest.mark.parametrize("value,expected", [(1, 1.0), (2.5, 2.5), (np.float32(0.5), 0.5), (Fraction(1, 4), 0.25),
-                                            (1e-300, 1e-300), (1e300, 1e300)])
+@pytest.mark.parametrize(
+    "value,expected",
+    [(1, 1.0), (2.5, 2.5), (np.float32(0.5), 0.5), (Fraction(1, 4), 0.25), (1e-300, 1e-300), (1e300, 1e300)],
+)
 def test_positive_float_returns_plain_floats(value, expected):
     out = validation.positive_float("x", value)
     assert type(out) is float and out == expected
@@ -59,8 +61,12 @@ def test_integers_come_back_as_python_ints():
         (validation.open_unit, [0.5, 1e-12], [0.0, 1.0, True, *NON_FINITE], "must lie strictly between 0 and 1"),
         (validation.unit_fraction, [0.0, 0.99], [1.0, -0.1, False, *NON_FINITE], r"must lie in \[0, 1\)"),
         (validation.boolean, [True, False], [1, 0, "yes", None, np.bool_(True)], "must be True or False"),
-        (validation.bounded_positive_float(50.0, "why"), [50, 1e-3], [50.5, 1e6, True, *NON_FINITE],
-         "must be a positive number no larger than 50: why"),
+        (
+            validation.bounded_positive_float(50.0, "why"),
+            [50, 1e-3],
+            [50.5, 1e6, True, *NON_FINITE],
+            "must be a positive number no larger than 50: why",
+        ),
         (validation.choice("a", "b"), ["a", "b"], ["c", None, np.array(["a", "b"]), 1], r"is not one of \['a', 'b'\]"),
     ],
 )
@@ -94,8 +100,11 @@ def test_every_option_rejects_non_finite_and_boolean_values(name, option):
 def test_log_scale_bound_has_an_upper_limit(name):
     spec = SPECS[name]
     assert spec.resolve(2, None, None, {"log_scale_bound": registry.MAX_LOG_SCALE_BOUND})["log_scale_bound"] == 50.0
-    with pytest.raises(ValueError, match=rf"flow {name!r}: option log_scale_bound=1000000.0 must be a positive "
-                                         r"number no larger than 50: scales are exp\(log-scale\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"flow {name!r}: option log_scale_bound=1000000.0 must be a positive "
+        r"number no larger than 50: scales are exp\(log-scale\)",
+    ):
         spec.resolve(2, None, None, {"log_scale_bound": 1e6})
 
 
@@ -109,8 +118,15 @@ def test_num_layers_hidden_dims_and_tolerances_name_the_flow():
 
 
 def test_the_registry_uses_the_shared_checkers():
-    for name in ("positive_int", "optional_positive_int", "positive_float", "non_negative_float", "open_unit",
-                 "boolean", "int_list"):
+    for name in (
+        "positive_int",
+        "optional_positive_int",
+        "positive_float",
+        "non_negative_float",
+        "open_unit",
+        "boolean",
+        "int_list",
+    ):
         assert getattr(registry, name) is getattr(validation, name)
 
 

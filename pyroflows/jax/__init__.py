@@ -1,18 +1,43 @@
 """pyroflows for NumPyro: flows as equinox modules that give NumPyro ``Transform``s.
 
->>> import jax, pyroflows.jax as pf
->>> flow = pf.build_flow("maf", 5, key=jax.random.key(0))
->>> transform = flow.to_transform()
+``build_flow`` builds a registered flow, ``AutoFlow`` / ``AutoSNF`` use one as a
+NumPyro autoguide, ``fit_mle`` / ``fit_reverse_kl`` / ``fit_posterior`` train without a
+hand-written loop, ``evaluate`` scores a fitted guide and ``save_flow`` / ``load_flow``
+store one.
+
+Example:
+    >>> import jax, jax.numpy as jnp, pyroflows.jax as pf
+    >>> flow = pf.build_flow("realnvp", 2, num_layers=2, hidden_dims=(8,), key=jax.random.key(0))
+    >>> flow.to_transform()(jnp.zeros((3, 2))).shape
+    (3, 2)
 """
 
+from . import (
+    snf,  # noqa: E402  (stochastic normalizing flows)
+    transforms,  # noqa: E402  (registers the built-in families)
+)
+from .autoguide import (
+    AutoFlow,  # noqa: E402
+    AutoSNF,  # noqa: E402
+)
 from .flows import REGISTRY, available_flows, build_flow, register_flow
 from .io import load_flow, save_flow
-from . import transforms  # noqa: E402  (registers the built-in families)
-from .autoguide import AutoFlow  # noqa: E402
-from .train import evaluate, fit_mle, fit_reverse_kl  # noqa: E402
-from . import snf  # noqa: E402  (stochastic normalizing flows)
-from .autoguide import AutoSNF  # noqa: E402
 from .posterior import fit_posterior  # noqa: E402
+from .train import evaluate, fit_mle, fit_reverse_kl  # noqa: E402
 
-__all__ = ["available_flows", "build_flow", "register_flow", "save_flow", "load_flow", "transforms", "REGISTRY",
-           "AutoFlow", "fit_mle", "fit_reverse_kl", "evaluate", "snf", "AutoSNF", "fit_posterior"]
+__all__ = [
+    "available_flows",
+    "build_flow",
+    "register_flow",
+    "save_flow",
+    "load_flow",
+    "transforms",
+    "REGISTRY",
+    "AutoFlow",
+    "fit_mle",
+    "fit_reverse_kl",
+    "evaluate",
+    "snf",
+    "AutoSNF",
+    "fit_posterior",
+]

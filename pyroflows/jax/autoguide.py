@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 import equinox as eqx
 import jax
@@ -29,8 +31,8 @@ from numpyro.contrib.module import eqx_module
 from numpyro.infer.autoguide import AutoContinuous
 from numpyro.infer.initialization import init_to_median, init_to_uniform
 
-from ..fitting import AUTOFLOW_LOG_SCALE_BOUND, check_fit_options, check_latent_sites, check_quantiles
 from .. import snf as _snf
+from ..fitting import AUTOFLOW_LOG_SCALE_BOUND, check_fit_options, check_latent_sites, check_quantiles
 from ..laplace import AUTO, Start, check_init_scale, choose_start
 from . import snf as _blocks
 from .flows import REGISTRY, build_flow
@@ -110,53 +112,76 @@ class AutoFlow(AutoContinuous):
     arXiv:1603.00788). Works with ``SVI`` (the whole update jits), ``sample_posterior``,
     ``Predictive`` and ``numpyro.infer.reparam.NeuTraReparam``.
 
-    :param model: a NumPyro model whose latent sample sites are all continuous.
-    :param str flow: a registered flow name (``pyroflows.jax.available_flows()``).
-    :param num_layers: layers of the flow (default: the family's).
-    :param hidden_dims: hidden sizes of the flow's networks (default: the family's).
-    :param init_loc_fn: NumPyro init strategy for the start point (default ``init_to_median``).
-    :param init_scale: ``"auto"`` (default): the Laplace approximation ``N(mode, H^-1)`` when
-        a Newton search from the ``init_loc_fn`` point (at the first call, with that
-        call's model arguments) finds a mode with a positive-definite Hessian and the
-        approximation's importance weights do not rule it out
-        (``pyroflows.laplace.choose_start``): ``S(w) = mode + L w``, ``L L^T = H^-1``, held
-        fixed (``{prefix}_laplace$params`` under ``stop_gradient``; ``get_whitening``), so
-        the flow learns in whitened coordinates where Adam's steps suit every coordinate.
-        Otherwise (a funnel, an improper posterior, ``D > 1000``) ``S(w) = x0 +
-        diag(1/sqrt(H_ii(x0))) w`` at the ``init_loc_fn`` point, with a ``UserWarning`` that
-        says why; ``guide.start`` records which (``kind``, ``message``). ``"laplace"``: the
-        Laplace start or a ``ValueError``. A float: no ``S``; the affine layer starts at the
-        ``init_loc_fn`` point with this scale, in (exp(-5), exp(5)).
-    :param bool stick_the_landing: score the guide's own samples with its parameters
-        held fixed (path-derivative gradient; Roeder et al. 2017, arXiv:1703.09194). The
-        score then needs the flow's inverse, which is ``D`` sequential passes for ``iaf``.
-    :param str prefix: prefix of the parameter names: ``{prefix}_flow$params`` holds the
-        flow's weights, ``{prefix}_affine$params`` the final ``loc`` and
-        ``unconstrained_log_scale``; each a dict of arrays by torch-style name (as
-        ``pyroflows.jax.io.named_arrays`` names them). ``get_flow(params)`` rebuilds the modules.
-    :param key: JAX key for the flow's initial weights (default ``jax.random.key(0)``),
-        so a guide is reproducible without a seed argument.
-    :param options: the flow family's options (``pyroflows.registry.describe(flow)``).
-
-    Unknown flow names and options raise ``ValueError`` at construction. A model with a
-    discrete latent site or without latent sites raises ``ValueError`` on the first call.
     Layers that draw noise (stochastic log-det estimators) take their keys from
     ``numpyro.prng_key()`` inside the guide.
+
+    Args:
+        model: a NumPyro model whose latent sample sites are all continuous.
+        flow: a registered flow name (``pyroflows.jax.available_flows()``).
+        num_layers: layers of the flow (default: the family's).
+        hidden_dims: hidden sizes of the flow's networks (default: the family's).
+        init_loc_fn: NumPyro init strategy for the start point (default ``init_to_median``).
+        init_scale: ``"auto"`` (default): the Laplace approximation ``N(mode, H^-1)`` when
+            a Newton search from the ``init_loc_fn`` point (at the first call, with that
+            call's model arguments) finds a mode with a positive-definite Hessian and the
+            approximation's importance weights do not rule it out
+            (``pyroflows.laplace.choose_start``): ``S(w) = mode + L w``, ``L L^T = H^-1``,
+            held fixed (``{prefix}_laplace$params`` under ``stop_gradient``;
+            ``get_whitening``), so the flow learns in whitened coordinates where Adam's
+            steps suit every coordinate. Otherwise (a funnel, an improper posterior,
+            ``D > 1000``) ``S(w) = x0 + diag(1/sqrt(H_ii(x0))) w`` at the ``init_loc_fn``
+            point, with a ``UserWarning`` that says why; ``guide.start`` records which
+            (``kind``, ``message``). ``"laplace"``: the Laplace start or a ``ValueError``.
+            A float: no ``S``; the affine layer starts at the ``init_loc_fn`` point with
+            this scale, in (exp(-5), exp(5)).
+        stick_the_landing: score the guide's own samples with its parameters held fixed
+            (path-derivative gradient; Roeder et al. 2017). The score then needs the
+            flow's inverse, which is ``D`` sequential passes for ``iaf``.
+        prefix: prefix of the parameter names: ``{prefix}_flow$params`` holds the flow's
+            weights, ``{prefix}_affine$params`` the final ``loc`` and
+            ``unconstrained_log_scale``; each a dict of arrays by torch-style name (as
+            ``pyroflows.jax.io.named_arrays`` names them). ``get_flow(params)`` rebuilds
+            the modules.
+        key: JAX key for the flow's initial weights (default ``jax.random.key(0)``), so a
+            guide is reproducible without a seed argument.
+        **options: the flow family's options (``pyroflows.registry.describe(flow)``).
+
+    Raises:
+        ValueError: an unknown flow name or option, or a bad ``init_scale``, at
+            construction; a model with a discrete latent site or without latent sites
+            on the first call.
+
+    References:
+        Kucukelbir, Tran, Ranganath, Gelman & Blei 2017, "Automatic differentiation
+        variational inference", arXiv:1603.00788.
+        Roeder, Wu & Duvenaud 2017, "Sticking the landing: simple, lower-variance
+        gradient estimators for variational inference", arXiv:1703.09194.
+
+    Example:
+        >>> import numpyro, numpyro.distributions as dist
+        >>> from numpyro import handlers
+        >>> def model():
+        ...     numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        >>> guide = AutoFlow(model, flow="householder", init_scale=0.5)
+        >>> trace = handlers.trace(handlers.seed(guide, 0)).get_trace()
+        >>> params = {name: site["value"] for name, site in trace.items() if site["type"] == "param"}
+        >>> sorted(params), trace["z"]["value"].shape
+        (['auto_affine$params', 'auto_flow$params'], (2,))
     """
 
     def __init__(
         self,
-        model,
+        model: Callable,
         *,
-        flow="iaf",
-        num_layers=None,
-        hidden_dims=None,
-        init_loc_fn=init_to_median,
-        init_scale=AUTO,
-        stick_the_landing=False,
-        prefix="auto",
-        key=None,
-        **options,
+        flow: str = "iaf",
+        num_layers: int | None = None,
+        hidden_dims: Sequence[int] | None = None,
+        init_loc_fn: Callable = init_to_median,
+        init_scale: str | float = AUTO,
+        stick_the_landing: bool = False,
+        prefix: str = "auto",
+        key: jax.Array | None = None,
+        **options: Any,
     ):
         init_scale = check_init_scale(init_scale, "AutoFlow", AUTOFLOW_LOG_SCALE_BOUND)
         bound = AUTOFLOW_LOG_SCALE_BOUND
@@ -213,14 +238,40 @@ class AutoFlow(AutoContinuous):
             return float(f), np.asarray(g, dtype=float)
 
         return choose_start(
-            self._init_scale, fg, lambda x: np.asarray(hessian(jnp.asarray(x, dtype)), dtype=float),
+            self._init_scale,
+            fg,
+            lambda x: np.asarray(hessian(jnp.asarray(x, dtype)), dtype=float),
             lambda xs: np.asarray(potentials(jnp.asarray(xs, dtype)), dtype=float),
-            np.asarray(self._init_latent, dtype=float), eps=float(jnp.finfo(dtype).eps), caller=type(self).__name__,
+            np.asarray(self._init_latent, dtype=float),
+            eps=float(jnp.finfo(dtype).eps),
+            caller=type(self).__name__,
         )
 
-    def log_joint(self, z, *args, **kwargs):
-        """``log p(x, z)`` at one unconstrained latent vector ``z`` (shape ``(D,)``), with the
-        ``biject_to`` Jacobians (``numpyro.infer.util.potential_energy``)."""
+    def log_joint(self, z: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        """``log p(x, z)`` at one unconstrained latent vector, with the ``biject_to`` Jacobians.
+
+        The negated ``numpyro.infer.util.potential_energy``; the guide must have been set
+        up (called once).
+
+        Args:
+            z: the unconstrained latent vector, shape ``(D,)``.
+            *args: the model's positional arguments.
+            **kwargs: the model's keyword arguments.
+
+        Returns:
+            The scalar log joint density.
+
+        Example:
+            >>> import numpyro, numpyro.distributions as dist
+            >>> from numpyro import handlers
+            >>> def model():
+            ...     numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            >>> guide = AutoFlow(model, flow="householder", init_scale=0.5)
+            >>> trace = handlers.trace(handlers.seed(guide, 0)).get_trace()
+            >>> params = {name: site["value"] for name, site in trace.items() if site["type"] == "param"}
+            >>> round(float(guide.log_joint(jnp.zeros(2))), 4)
+            -1.8379
+        """
         with handlers.block():
             return -self._potential_fn_gen(*args, **kwargs)(self._unpack_latent(z))
 
@@ -246,20 +297,69 @@ class AutoFlow(AutoContinuous):
         cls = _PathDerivativePosterior if self.stick_the_landing else dist.TransformedDistribution
         return cls(self.get_base_dist(), [layer.to_transform() for layer in layers])
 
-    def get_base_dist(self):
+    def get_base_dist(self) -> dist.Distribution:
+        """The base distribution ``N(0, I_D)`` of the flow posterior.
+
+        Example:
+            >>> import numpyro, numpyro.distributions as dist
+            >>> from numpyro import handlers
+            >>> def model():
+            ...     numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            >>> guide = AutoFlow(model, flow="householder", init_scale=0.5)
+            >>> trace = handlers.trace(handlers.seed(guide, 0)).get_trace()
+            >>> params = {name: site["value"] for name, site in trace.items() if site["type"] == "param"}
+            >>> guide.get_base_dist().event_shape
+            (2,)
+        """
         dtype = jnp.result_type(self._init_latent)
         return dist.Normal(jnp.zeros(self.latent_dim, dtype), 1.0).to_event(1)
 
-    def get_flow(self, params):
-        """``(flow, affine)``: the trained ``build_flow`` flow (``save_flow``-able) and the final affine layer."""
+    def get_flow(self, params: dict) -> tuple[Flow, ElementwiseAffine]:
+        """The trained modules: the ``build_flow`` flow (``save_flow``-able) and the affine layer.
+
+        Args:
+            params: the guide's parameters (``svi.get_params(state)``).
+
+        Returns:
+            ``(flow, affine)``.
+
+        Example:
+            >>> import numpyro, numpyro.distributions as dist
+            >>> from numpyro import handlers
+            >>> def model():
+            ...     numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            >>> guide = AutoFlow(model, flow="householder", init_scale=0.5)
+            >>> trace = handlers.trace(handlers.seed(guide, 0)).get_trace()
+            >>> params = {name: site["value"] for name, site in trace.items() if site["type"] == "param"}
+            >>> [type(module).__name__ for module in guide.get_flow(params)]
+            ['Flow', 'ElementwiseAffine']
+        """
 
         return tuple(
             _replace_arrays(module, params[f"{self.prefix}_{name}$params"])
             for name, module in (("flow", self._flow), ("affine", self._affine))
         )
 
-    def get_whitening(self, params):
-        """The fixed ``CholeskyAffine`` Laplace map of ``init_scale="laplace"`` (else None)."""
+    def get_whitening(self, params: dict) -> CholeskyAffine | None:
+        """The fixed ``CholeskyAffine`` Laplace map of a Laplace start (else None).
+
+        Args:
+            params: the guide's parameters.
+
+        Returns:
+            The map ``S(w) = mode + L w``, or None when the guide has no Laplace start.
+
+        Example:
+            >>> import numpyro, numpyro.distributions as dist
+            >>> from numpyro import handlers
+            >>> def model():
+            ...     numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            >>> guide = AutoFlow(model, flow="householder", init_scale=0.5)
+            >>> trace = handlers.trace(handlers.seed(guide, 0)).get_trace()
+            >>> params = {name: site["value"] for name, site in trace.items() if site["type"] == "param"}
+            >>> guide.get_whitening(params) is None  # a float init_scale: no Laplace start
+            True
+        """
         if self._whitening is None:
             return None
         return _replace_arrays(self._whitening, params[f"{self.prefix}_laplace$params"])
@@ -271,34 +371,100 @@ class AutoFlow(AutoContinuous):
 
     @property
     def has_exact_quantiles(self) -> bool:
-        """Whether ``median``/``quantiles`` are exact: every layer is elementwise increasing or a permutation."""
-        layers = _leaf_layers(self._flow) + [self._tails, self._affine] + ([] if self._whitening is None else [self._whitening])
+        """Whether ``median``/``quantiles`` are exact: every layer is elementwise increasing or a permutation.
+
+        Example:
+            >>> import numpyro, numpyro.distributions as dist
+            >>> from numpyro import handlers
+            >>> def model():
+            ...     numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            >>> guide = AutoFlow(model, flow="householder", init_scale=0.5)
+            >>> trace = handlers.trace(handlers.seed(guide, 0)).get_trace()
+            >>> params = {name: site["value"] for name, site in trace.items() if site["type"] == "param"}
+            >>> guide.has_exact_quantiles  # Householder reflections mix the coordinates
+            False
+        """
+        layers = (
+            _leaf_layers(self._flow)
+            + [self._tails, self._affine]
+            + ([] if self._whitening is None else [self._whitening])
+        )
         return all(_is_marginal(layer) and not is_stochastic(layer) for layer in layers)
 
     def _latent_transform(self, params):
         transforms = [layer.to_transform() for layer in self._layers(params)]
-        return functools.reduce(lambda f, t: (lambda u: t(f(u))), transforms, lambda u: u)
+        return functools.reduce(lambda f, t: lambda u: t(f(u)), transforms, lambda u: u)
 
-    def median(self, params, *, num_samples=1000, key=None):
+    def median(self, params: dict, *, num_samples: int = 1000, key: jax.Array | None = None) -> dict:
         """Posterior median of each latent site, in the constrained space.
 
         Exact when every layer of the flow is elementwise increasing or a permutation
         (``has_exact_quantiles``): the flow applied to the base median 0. Otherwise
         (every built-in family) the median of ``num_samples`` posterior draws per
-        unconstrained coordinate (``key`` defaults to ``jax.random.key(0)``), with Monte
-        Carlo error about 1.25 sd / sqrt(num_samples). Either way then mapped through
-        ``biject_to``, as NumPyro's ``AutoDiagonalNormal`` does.
+        unconstrained coordinate, with Monte Carlo error about 1.25 sd / sqrt(num_samples).
+        Either way then mapped through ``biject_to``, as NumPyro's ``AutoDiagonalNormal`` does.
+
+        Args:
+            params: the guide's parameters.
+            num_samples: draws when the median is not exact.
+            key: the draws' key (default ``jax.random.key(0)``).
+
+        Returns:
+            ``{site: median}``, each of the site's shape.
+
+        Raises:
+            ValueError: ``num_samples`` is not a positive integer.
+
+        Example:
+            >>> import numpyro, numpyro.distributions as dist
+            >>> from numpyro import handlers
+            >>> def model():
+            ...     numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            >>> guide = AutoFlow(model, flow="householder", init_scale=0.5)
+            >>> trace = handlers.trace(handlers.seed(guide, 0)).get_trace()
+            >>> params = {name: site["value"] for name, site in trace.items() if site["type"] == "param"}
+            >>> guide.median(params, num_samples=20)["z"].shape
+            (2,)
         """
         return self._quantiles(params, jnp.asarray(0.5), num_samples, key)
 
-    def quantiles(self, params, quantiles, *, num_samples=1000, key=None):
+    def quantiles(
+        self,
+        params: dict,
+        quantiles: Sequence[float] | jax.Array,
+        *,
+        num_samples: int = 1000,
+        key: jax.Array | None = None,
+    ) -> dict:
         """Posterior quantiles of each latent site, in the constrained space.
 
-        Returns ``{site: array of shape (len(quantiles),) + site shape}``. Exact when every
-        layer is elementwise increasing or a permutation (``has_exact_quantiles``): the
-        flow applied to base quantiles ``Phi^-1(q)``. Otherwise (every built-in family)
-        the sample quantiles of ``num_samples`` posterior draws per unconstrained
-        coordinate (``key`` defaults to ``jax.random.key(0)``). Then ``biject_to``.
+        Exact when every layer is elementwise increasing or a permutation
+        (``has_exact_quantiles``): the flow applied to base quantiles ``Phi^-1(q)``.
+        Otherwise (every built-in family) the sample quantiles of ``num_samples`` posterior
+        draws per unconstrained coordinate. Then ``biject_to``.
+
+        Args:
+            params: the guide's parameters.
+            quantiles: levels in ``(0, 1)``.
+            num_samples: draws when the quantiles are not exact.
+            key: the draws' key (default ``jax.random.key(0)``).
+
+        Returns:
+            ``{site: array of shape (len(quantiles),) + site shape}``.
+
+        Raises:
+            ValueError: levels outside ``(0, 1)`` or a bad ``num_samples``.
+
+        Example:
+            >>> import numpyro, numpyro.distributions as dist
+            >>> from numpyro import handlers
+            >>> def model():
+            ...     numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            >>> guide = AutoFlow(model, flow="householder", init_scale=0.5)
+            >>> trace = handlers.trace(handlers.seed(guide, 0)).get_trace()
+            >>> params = {name: site["value"] for name, site in trace.items() if site["type"] == "param"}
+            >>> guide.quantiles(params, [0.1, 0.9], num_samples=20)["z"].shape
+            (2, 2)
         """
         return self._quantiles(params, jnp.asarray(quantiles), num_samples, key)
 
@@ -320,15 +486,12 @@ class AutoFlow(AutoContinuous):
         return handlers.substitute(handlers.seed(self._sample_latent, key), params)(sample_shape=(num_samples,))
 
 
-# --------------------------------------------------------------------------- AutoSNF (issue 6)
-
-
+# --------------------------------------------------------------------------- AutoSNF
 
 
 class AutoSNF(AutoFlow):
     """A stochastic-normalizing-flow guide: ``AutoFlow``'s flow, then MCMC blocks on the
-    model's own log-density in the unconstrained space (Wu, Köhler & Noé 2020,
-    arXiv:2002.06707).
+    model's own log-density in the unconstrained space (Wu, Köhler & Noé 2020).
 
     The path starts at ``AutoFlow``'s posterior, ``q0 = loc + exp(log_scale) * F(u)`` with
     ``u ~ N(0, I_D)`` and ``F = build_flow(flow, D, num_layers=..., hidden_dims=...,
@@ -354,28 +517,68 @@ class AutoSNF(AutoFlow):
     ``sample_posterior`` take the model's arguments after ``params``. There is no
     deterministic ``get_transform`` (``NeuTraReparam`` needs ``AutoFlow``), and no
     sticking-the-landing estimator.
+
+    Args:
+        model: a NumPyro model whose latent sample sites are all continuous.
+        flow: the base flow's registered name.
+        num_layers: layers of the base flow.
+        hidden_dims: hidden sizes of its networks (default: the family's).
+        stochastic: a block or a list of blocks (``pyroflows.jax.snf``); None for
+            ``pyroflows.snf.AUTOSNF_DEFAULTS``.
+        schedule: the blocks' interpolation schedule (``StochasticFlow``).
+        init_loc_fn: NumPyro init strategy for the start point.
+        init_scale: the base's scale (or ``"auto"`` / ``"laplace"``, as ``AutoFlow``).
+        prefix: prefix of the parameter names.
+        key: JAX key for the flow's initial weights (default ``jax.random.key(0)``).
+        **options: the flow family's options.
+
+    Raises:
+        ValueError: an empty or unsupported ``stochastic``, a bad schedule, or what
+            ``AutoFlow`` raises.
+
+    References:
+        Wu, Köhler & Noé 2020, "Stochastic normalizing flows", arXiv:2002.06707.
+
+    Example:
+        >>> import jax, numpyro, numpyro.distributions as dist
+        >>> from numpyro import handlers
+        >>> from pyroflows.jax.snf import MetropolisHastings
+        >>> def model():
+        ...     numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        >>> guide = AutoSNF(model, flow="householder", num_layers=1, stochastic=MetropolisHastings(0.1))
+        >>> trace = handlers.trace(handlers.seed(guide, 0)).get_trace()
+        >>> params = {name: site["value"] for name, site in trace.items() if site["type"] == "param"}
+        >>> sorted(params), trace["z"]["value"].shape
+        (['auto_affine$params', 'auto_flow$params'], (2,))
     """
 
     def __init__(
         self,
-        model,
+        model: Callable,
         *,
-        flow=_snf.AUTOSNF_DEFAULTS["flow"],
-        num_layers=_snf.AUTOSNF_DEFAULTS["num_layers"],
-        hidden_dims=None,
-        stochastic=None,
-        schedule=_snf.AUTOSNF_DEFAULTS["schedule"],
-        init_loc_fn=init_to_median,
-        init_scale=0.1,
-        prefix="auto",
-        key=None,
-        **options,
+        flow: str = _snf.AUTOSNF_DEFAULTS["flow"],
+        num_layers: int | None = _snf.AUTOSNF_DEFAULTS["num_layers"],
+        hidden_dims: Sequence[int] | None = None,
+        stochastic: Any = None,
+        schedule: str | Sequence[float] = _snf.AUTOSNF_DEFAULTS["schedule"],
+        init_loc_fn: Callable = init_to_median,
+        init_scale: str | float = 0.1,
+        prefix: str = "auto",
+        key: jax.Array | None = None,
+        **options: Any,
     ):
         blocks = _snf.autosnf_blocks(stochastic, _blocks)
         _snf.interpolation_schedule(schedule, len(blocks))
         super().__init__(
-            model, flow=flow, num_layers=num_layers, hidden_dims=hidden_dims, init_loc_fn=init_loc_fn,
-            init_scale=init_scale, prefix=prefix, key=key, **options,
+            model,
+            flow=flow,
+            num_layers=num_layers,
+            hidden_dims=hidden_dims,
+            init_loc_fn=init_loc_fn,
+            init_scale=init_scale,
+            prefix=prefix,
+            key=key,
+            **options,
         )
         self._blocks = tuple(blocks)
         self.schedule = schedule
@@ -384,10 +587,33 @@ class AutoSNF(AutoFlow):
         super()._setup_prototype(*args, **kwargs)
         self._blocks = astype(self._blocks, jnp.result_type(self._init_latent))
 
-    def stochastic_flow(self, *args, **kwargs):
-        """The guide's path as a ``StochasticFlow`` (base ``q0`` the flow posterior, layers the
-        blocks, target ``log_joint`` at these arguments), with the weights registered as
-        NumPyro parameters: call it inside the guide."""
+    def stochastic_flow(self, *args: Any, **kwargs: Any) -> _blocks.StochasticFlow:
+        """The guide's path as a ``StochasticFlow``, its weights registered as NumPyro parameters.
+
+        Its base ``q0`` is the flow posterior, its layers the blocks, its target
+        ``log_joint`` at these arguments; call it inside the guide (or under
+        ``handlers.substitute`` with the parameters).
+
+        Args:
+            *args: the model's positional arguments.
+            **kwargs: the model's keyword arguments.
+
+        Returns:
+            The ``pyroflows.jax.snf.StochasticFlow``.
+
+        Example:
+            >>> import jax, numpyro, numpyro.distributions as dist
+            >>> from numpyro import handlers
+            >>> from pyroflows.jax.snf import MetropolisHastings
+            >>> def model():
+            ...     numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            >>> guide = AutoSNF(model, flow="householder", num_layers=1, stochastic=MetropolisHastings(0.1))
+            >>> trace = handlers.trace(handlers.seed(guide, 0)).get_trace()
+            >>> params = {name: site["value"] for name, site in trace.items() if site["type"] == "param"}
+            >>> path = handlers.substitute(handlers.seed(guide.stochastic_flow, 0), params)()
+            >>> type(path).__name__, path.dim
+            ('StochasticFlow', 2)
+        """
         base = self._get_posterior()
         blocks = self._blocks
         if jax.tree.leaves(eqx.filter(blocks, eqx.is_inexact_array)):
@@ -408,27 +634,129 @@ class AutoSNF(AutoFlow):
             f"_{self.prefix}_latent", dist.Delta(x, log_density=log_q, event_dim=1), infer={"is_auxiliary": True}
         )
 
-    def get_transform(self, params):
+    def get_transform(self, params: dict) -> NoReturn:
+        """Not available: MCMC steps have no deterministic transform.
+
+        Raises:
+            NotImplementedError: always (``NeuTraReparam`` needs ``AutoFlow``).
+
+        Example:
+            >>> import jax, numpyro, numpyro.distributions as dist
+            >>> from numpyro import handlers
+            >>> from pyroflows.jax.snf import MetropolisHastings
+            >>> def model():
+            ...     numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            >>> guide = AutoSNF(model, flow="householder", num_layers=1, stochastic=MetropolisHastings(0.1))
+            >>> trace = handlers.trace(handlers.seed(guide, 0)).get_trace()
+            >>> params = {name: site["value"] for name, site in trace.items() if site["type"] == "param"}
+            >>> guide.get_transform(params)
+            Traceback (most recent call last):
+            NotImplementedError: AutoSNF samples through MCMC steps, so it has no deterministic transform ...
+        """
         raise _snf.no_transform_error(type(self).__name__)
 
-    def get_posterior(self, params):
+    def get_posterior(self, params: dict) -> NoReturn:
+        """Not available: the path's marginal has no closed form.
+
+        Raises:
+            NotImplementedError: always.
+
+        Example:
+            >>> import jax, numpyro, numpyro.distributions as dist
+            >>> from numpyro import handlers
+            >>> from pyroflows.jax.snf import MetropolisHastings
+            >>> def model():
+            ...     numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            >>> guide = AutoSNF(model, flow="householder", num_layers=1, stochastic=MetropolisHastings(0.1))
+            >>> trace = handlers.trace(handlers.seed(guide, 0)).get_trace()
+            >>> params = {name: site["value"] for name, site in trace.items() if site["type"] == "param"}
+            >>> guide.get_posterior(params)
+            Traceback (most recent call last):
+            NotImplementedError: AutoSNF samples through MCMC steps, so it has no deterministic transform ...
+        """
         raise _snf.no_transform_error(type(self).__name__)
 
     @property
     def has_exact_quantiles(self) -> bool:
-        """Never: the MCMC steps mix coordinates, so ``median``/``quantiles`` sample."""
+        """Never: the MCMC steps mix coordinates, so ``median``/``quantiles`` sample.
+
+        Example:
+            >>> import numpyro, numpyro.distributions as dist
+            >>> model = lambda: numpyro.sample("z", dist.Normal(0.0, 1.0))
+            >>> AutoSNF(model, flow="householder").has_exact_quantiles
+            False
+        """
         return False
 
-    def sample_posterior(self, rng_key, params, *args, sample_shape=(), **kwargs):
-        """Posterior draws in the constrained space; the model's arguments follow ``params``."""
+    def sample_posterior(
+        self, rng_key: jax.Array, params: dict, *args: Any, sample_shape: tuple = (), **kwargs: Any
+    ) -> dict:
+        """Posterior draws in the constrained space; the model's arguments follow ``params``.
+
+        Args:
+            rng_key: a JAX PRNG key.
+            params: the guide's parameters.
+            *args: the model's positional arguments.
+            sample_shape: the draws' batch shape.
+            **kwargs: the model's keyword arguments.
+
+        Returns:
+            ``{site: draws of shape sample_shape + site shape}``.
+
+        Example:
+            >>> import jax, numpyro, numpyro.distributions as dist
+            >>> from numpyro import handlers
+            >>> from pyroflows.jax.snf import MetropolisHastings
+            >>> def model():
+            ...     numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            >>> guide = AutoSNF(model, flow="householder", num_layers=1, stochastic=MetropolisHastings(0.1))
+            >>> trace = handlers.trace(handlers.seed(guide, 0)).get_trace()
+            >>> params = {name: site["value"] for name, site in trace.items() if site["type"] == "param"}
+            >>> guide.sample_posterior(jax.random.key(1), params, sample_shape=(3,))["z"].shape
+            (3, 2)
+        """
         latent = handlers.substitute(handlers.seed(self._sample_latent, rng_key), params)(
             *args, sample_shape=sample_shape, **kwargs
         )
         return self._unpack_and_constrain(latent, params)
 
-    def quantiles(self, params, quantiles, *args, num_samples=1000, key=None, **kwargs):
-        """Sample quantiles of ``num_samples`` guide draws per unconstrained coordinate, then
-        ``biject_to``: ``{site: array (len(quantiles),) + site shape}``. Takes the model's arguments."""
+    def quantiles(
+        self,
+        params: dict,
+        quantiles: Sequence[float] | jax.Array,
+        *args: Any,
+        num_samples: int = 1000,
+        key: jax.Array | None = None,
+        **kwargs: Any,
+    ) -> dict:
+        """Sample quantiles of guide draws per unconstrained coordinate, then ``biject_to``.
+
+        Args:
+            params: the guide's parameters.
+            quantiles: levels in ``(0, 1)``.
+            *args: the model's positional arguments.
+            num_samples: how many draws.
+            key: the draws' key (default ``jax.random.key(0)``).
+            **kwargs: the model's keyword arguments.
+
+        Returns:
+            ``{site: array of shape (len(quantiles),) + site shape}``.
+
+        Raises:
+            ValueError: levels outside ``(0, 1)`` or a bad ``num_samples``.
+
+        Example:
+            >>> import jax, numpyro, numpyro.distributions as dist
+            >>> from numpyro import handlers
+            >>> from pyroflows.jax.snf import MetropolisHastings
+            >>> def model():
+            ...     numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            >>> guide = AutoSNF(model, flow="householder", num_layers=1, stochastic=MetropolisHastings(0.1))
+            >>> trace = handlers.trace(handlers.seed(guide, 0)).get_trace()
+            >>> params = {name: site["value"] for name, site in trace.items() if site["type"] == "param"}
+            >>> guide.quantiles(params, [0.25, 0.75], num_samples=10)["z"].shape
+            (2, 2)
+        """
         caller = f"{type(self).__name__}.quantiles"
         check_fit_options(caller, num_samples=num_samples)
         q = jnp.asarray(check_quantiles(quantiles, caller))
@@ -438,6 +766,31 @@ class AutoSNF(AutoFlow):
         )
         return self._unpack_and_constrain(jnp.quantile(draws, q, axis=0), params)
 
-    def median(self, params, *args, num_samples=1000, key=None, **kwargs):
-        """Sample median of ``num_samples`` guide draws per unconstrained coordinate, then ``biject_to``."""
+    def median(
+        self, params: dict, *args: Any, num_samples: int = 1000, key: jax.Array | None = None, **kwargs: Any
+    ) -> dict:
+        """Sample median of ``num_samples`` guide draws per unconstrained coordinate, then ``biject_to``.
+
+        Args:
+            params: the guide's parameters.
+            *args: the model's positional arguments.
+            num_samples: how many draws.
+            key: the draws' key (default ``jax.random.key(0)``).
+            **kwargs: the model's keyword arguments.
+
+        Returns:
+            ``{site: median}``, each of the site's shape.
+
+        Example:
+            >>> import jax, numpyro, numpyro.distributions as dist
+            >>> from numpyro import handlers
+            >>> from pyroflows.jax.snf import MetropolisHastings
+            >>> def model():
+            ...     numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            >>> guide = AutoSNF(model, flow="householder", num_layers=1, stochastic=MetropolisHastings(0.1))
+            >>> trace = handlers.trace(handlers.seed(guide, 0)).get_trace()
+            >>> params = {name: site["value"] for name, site in trace.items() if site["type"] == "param"}
+            >>> guide.median(params, num_samples=10)["z"].shape
+            (2,)
+        """
         return self.quantiles(params, 0.5, *args, num_samples=num_samples, key=key, **kwargs)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 
 from ..registry import FlowRegistry
@@ -12,28 +15,78 @@ REGISTRY = FlowRegistry("jax")
 
 
 def available_flows() -> list[str]:
-    """Every registered flow name, sorted."""
+    """Every registered flow name, sorted.
+
+    Returns:
+        The names ``build_flow`` accepts.
+
+    Example:
+        >>> "realnvp" in available_flows()
+        True
+    """
     return REGISTRY.names()
 
 
-def register_flow(name: str, *, replace: bool = False):
+def register_flow(name: str, *, replace: bool = False) -> Callable[[Callable], Callable]:
     """Decorator adding ``builder(dim, num_layers=None, hidden_dims=None, *, key, **options)`` as ``name``.
 
     The builder returns a list of layers (``pyroflows.jax.transforms.FlowTransform``)
     or one layer; ``build_flow`` wraps them in a ``Flow``.
+
+    Args:
+        name: the flow's name.
+        replace: allow replacing a registered name.
+
+    Returns:
+        The decorator, which returns the builder unchanged.
+
+    Raises:
+        ValueError: ``name`` is taken and ``replace`` is False.
+
+    Example:
+        >>> from pyroflows.jax.transforms import ElementwiseAffine
+        >>> @register_flow("example_affine", replace=True)
+        ... def example_affine(dim, num_layers, hidden_dims, *, key):
+        ...     return ElementwiseAffine(dim)
+        >>> build_flow("example_affine", 2).parts[0].dim
+        2
     """
     return REGISTRY.register(name, replace=replace)
 
 
-def build_flow(name: str, dim: int, *, key=None, num_layers=None, hidden_dims=None, **options):
+def build_flow(
+    name: str,
+    dim: int,
+    *,
+    key: jax.Array | None = None,
+    num_layers: int | None = None,
+    hidden_dims: Any = None,
+    **options: Any,
+) -> Any:
     """Build the flow ``name`` for vectors of size ``dim`` as an equinox ``Flow``.
 
     The same names, options and parametrisation as ``pyroflows.torch.build_flow``;
-    ``key`` seeds the initial weights (default ``jax.random.key(0)``).
     ``flow.to_transform()`` gives a NumPyro ``Transform``.
 
-    >>> flow = build_flow("realnvp", 2, key=jax.random.key(1))
-    >>> y = flow.to_transform()(jnp.zeros(2))  # doctest: +SKIP
+    Args:
+        name: a registered flow name (``available_flows()``).
+        dim: the event size.
+        key: seeds the initial weights (default ``jax.random.key(0)``).
+        num_layers: layers of the flow (default: the family's).
+        hidden_dims: hidden sizes of its networks (default: the family's).
+        **options: the family's options (``pyroflows.registry.describe(name)``).
+
+    Returns:
+        A ``pyroflows.jax.transforms.Flow`` whose ``config`` records the arguments.
+
+    Raises:
+        ValueError: an unknown name or a bad option.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> flow = build_flow("householder", 2, key=jax.random.key(1))
+        >>> flow.to_transform()(jnp.zeros(2)).shape
+        (2,)
     """
     from .transforms.base import Flow, FlowTransform
 

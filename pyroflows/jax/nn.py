@@ -1,13 +1,14 @@
-"""Neural networks the flows use, as equinox modules: MLP, MADE, ODE dynamics, Lipschitz networks.
+"""Equinox mirrors of ``pyroflows.torch.nn`` (documented there), the networks of the JAX flows.
 
-Mirrors ``pyroflows.torch.nn``: the same layer layout (``net`` holds linear layers and
-activations at the same indices as torch's ``nn.Sequential``), the same masks, the same
-initialisation scheme, and a zero output layer. Networks act on one unbatched vector.
+What differs: each network maps ONE unbatched vector, and takes ``key=`` for its
+initial weights, which ``host_rng`` draws on the host. ``net`` keeps torch's layer
+indices, so a torch ``state_dict`` key names the same array here.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import equinox as eqx
 import jax
@@ -16,21 +17,48 @@ import numpy as np
 
 from ..ode import ACTIVATIONS as ODE_ACTIVATIONS
 from ..ode import hollow_mask
+from ..structure import made_masks
 
-__all__ = ["ACTIVATIONS", "Activation", "MaskedLinear", "MLP", "MADE", "made_degrees", "host_rng",
-           "spectral_norm", "SpectralNormLinear", "LipSwish", "LipschitzMLP",
-           "smooth_activation", "TimeMLP", "GroupedLinear", "HollowMLP"]
+__all__ = [
+    "ACTIVATIONS",
+    "Activation",
+    "MaskedLinear",
+    "MLP",
+    "MADE",
+    "host_rng",
+    "spectral_norm",
+    "SpectralNormLinear",
+    "LipSwish",
+    "LipschitzMLP",
+    "smooth_activation",
+    "TimeMLP",
+    "GroupedLinear",
+    "HollowMLP",
+]
 
 
-def host_rng(key) -> np.random.Generator:
+def host_rng(key: jax.Array) -> np.random.Generator:
     """A numpy generator seeded by a JAX key, for initial weights.
 
     Builders draw initial weights on the host: every eager JAX op on a new shape
     compiles, and a flow has many shapes, so host-side initialisation builds a flow in
     milliseconds instead of seconds. The key still determines the weights.
+
+    Args:
+        key: a JAX PRNG key.
+
+    Returns:
+        A ``numpy.random.Generator`` seeded by the key's data.
+
+    Example:
+        >>> a, b = host_rng(jax.random.key(0)), host_rng(jax.random.key(0))
+        >>> bool(a.uniform() == b.uniform())
+        True
     """
     return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
 
+
+#: The activations by name, as functions (``pyroflows.torch.nn.ACTIVATIONS`` holds modules).
 ACTIVATIONS = {
     "relu": jax.nn.relu,
     "tanh": jnp.tanh,
@@ -42,6 +70,16 @@ ACTIVATIONS = {
 
 
 class Activation(eqx.Module):
+    """An activation by name, kept as a static field: JAX mirror of ``pyroflows.torch.nn.activation``.
+
+    Raises:
+        ValueError: ``name`` is not a key of ``ACTIVATIONS``.
+
+    Example:
+        >>> Activation("relu")(jnp.array([-1.0, 2.0])).tolist()
+        [0.0, 2.0]
+    """
+
     name: str = eqx.field(static=True)
 
     def __init__(self, name: str):
@@ -49,18 +87,30 @@ class Activation(eqx.Module):
             raise ValueError(f"unknown activation {name!r}; valid: {sorted(ACTIVATIONS)}")
         self.name = name
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         return ACTIVATIONS[self.name](x)
 
 
 class MaskedLinear(eqx.Module):
-    """``(W * mask) @ x + b``; ``mask=None`` is a plain linear layer. ``W`` is (out, in) as in torch."""
+    """``(W * mask) @ x + b`` for one vector: JAX mirror of ``pyroflows.torch.nn.MaskedLinear``.
+
+    ``W`` is ``(out, in)`` as in torch; the mask is a boolean constant.
+
+    Args:
+        key: seeds the initial weights (unused with ``zero=True``).
+
+    Example:
+        >>> MaskedLinear(3, 2, mask=np.ones((2, 3)), key=jax.random.key(0))(jnp.ones(3)).shape
+        (2,)
+    """
 
     weight: jax.Array
     bias: jax.Array
     mask: jax.Array | None
 
-    def __init__(self, in_features: int, out_features: int, mask=None, zero: bool = False, *, key):
+    def __init__(
+        self, in_features: int, out_features: int, mask: np.ndarray | None = None, zero: bool = False, *, key: jax.Array
+    ):
         if mask is None:
             fan_in = in_features
         else:
@@ -77,7 +127,7 @@ class MaskedLinear(eqx.Module):
         self.weight = jnp.asarray(weight, dtype=float)
         self.bias = jnp.asarray(bias, dtype=float)
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         w = self.weight if self.mask is None else jnp.where(self.mask, self.weight, 0.0)
         return w @ x + self.bias
 
@@ -89,11 +139,29 @@ def _run(net, x):
 
 
 class MLP(eqx.Module):
-    """A fully connected network with a zero output layer; ``in_features`` may be 0."""
+    """A fully connected network with a zero output layer: JAX mirror of ``pyroflows.torch.nn.MLP``.
+
+    Args:
+        key: seeds the initial weights.
+
+    Example:
+        >>> net = MLP(2, [8], 3, key=jax.random.key(0))
+        >>> out = net(jnp.ones(2))
+        >>> out.shape, bool((out == 0).all())
+        ((3,), True)
+    """
 
     net: tuple
 
-    def __init__(self, in_features: int, hidden_dims, out_features: int, activation_name: str = "relu", *, key):
+    def __init__(
+        self,
+        in_features: int,
+        hidden_dims: Sequence[int],
+        out_features: int,
+        activation_name: str = "relu",
+        *,
+        key: jax.Array,
+    ):
         sizes = [in_features, *hidden_dims]
         keys = jax.random.split(key, len(sizes))
         layers = []
@@ -102,57 +170,56 @@ class MLP(eqx.Module):
         layers.append(MaskedLinear(sizes[-1], out_features, zero=True, key=keys[-1]))
         self.net = tuple(layers)
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         return _run(self.net, x)
 
 
-def made_degrees(dim: int, hidden_dims):
-    """MADE degrees (Germain et al. 2015): inputs 1..dim, hidden units cycling through 1..dim-1."""
-    top = max(dim - 1, 1)
-    return [np.arange(1, dim + 1)] + [np.arange(h) % top + 1 for h in hidden_dims]
-
-
 class MADE(eqx.Module):
-    """Masked autoencoder for distribution estimation (Germain et al. 2015, arXiv:1502.03509).
+    """Masked autoencoder, ``(dim,) -> (dim, num_params)``: JAX mirror of ``pyroflows.torch.nn.MADE``.
 
-    Maps ``(dim,)`` to ``(dim, num_params)``; the parameters of coordinate i depend only
-    on coordinates ``< i``. The output layer starts at zero.
+    Germain et al. 2015, arXiv:1502.03509.
+
+    Args:
+        key: seeds the initial weights.
+
+    Example:
+        >>> made = MADE(3, [8], 2, key=jax.random.key(0))
+        >>> made = eqx.tree_at(lambda m: m.net[-1].weight, made, jnp.ones((6, 8)))
+        >>> jac = jax.jit(jax.jacfwd(lambda x: made(x)[:, 0]))(jnp.ones(3))
+        >>> bool((jnp.triu(jac) == 0).all())  # output i reads inputs < i only
+        True
     """
 
     net: tuple
     dim: int = eqx.field(static=True)
     num_params: int = eqx.field(static=True)
 
-    def __init__(self, dim: int, hidden_dims, num_params: int, activation_name: str = "relu", *, key):
+    def __init__(
+        self, dim: int, hidden_dims: Sequence[int], num_params: int, activation_name: str = "relu", *, key: jax.Array
+    ):
         self.dim, self.num_params = dim, num_params
-        degrees = made_degrees(dim, hidden_dims)
-        keys = jax.random.split(key, len(degrees))
+        masks = made_masks(dim, hidden_dims, num_params)
+        keys = jax.random.split(key, len(masks))
         layers = []
-        for k, d_in, d_out in zip(keys, degrees[:-1], degrees[1:]):
-            mask = d_out[:, None] >= d_in[None, :]
-            layers += [MaskedLinear(len(d_in), len(d_out), mask, key=k), Activation(activation_name)]
-        out_degrees = np.repeat(np.arange(1, dim + 1), num_params)
-        mask = out_degrees[:, None] > degrees[-1][None, :]
-        layers.append(MaskedLinear(len(degrees[-1]), dim * num_params, mask, zero=True, key=keys[-1]))
+        for k, mask in zip(keys, masks[:-1]):
+            layers += [MaskedLinear(mask.shape[1], mask.shape[0], mask, key=k), Activation(activation_name)]
+        layers.append(MaskedLinear(masks[-1].shape[1], masks[-1].shape[0], masks[-1], zero=True, key=keys[-1]))
         self.net = tuple(layers)
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         return _run(self.net, x).reshape(self.dim, self.num_params)
 
 
 # --------------------------------------------------------------------------- Lipschitz networks (residual)
-def spectral_norm(weight, power_iterations: int):
-    """The largest singular value of ``weight``, by power iteration, differentiable in ``weight``.
+def spectral_norm(weight: jax.Array, power_iterations: int) -> jax.Array:
+    """The largest singular value of ``weight``: JAX mirror of ``pyroflows.torch.nn.spectral_norm``.
 
-    Power iteration on the Gram matrix ``A`` (``W^T W`` or ``W W^T``, the smaller) for
-    ``N = power_iterations`` steps (rounded up to a power of two), run as the matrix
-    power ``P = A^N / tr(A^N)`` by ``log2 N`` squarings in a ``fori_loop``, each divided by
-    its trace (no overflow; a zero matrix gives zero), from no start vector: the result
-    is a function of ``W`` alone and needs no stored state. ``tr(W P W^T)`` is a weighted
-    mean of the eigenvalues of ``A`` with weights ``lambda^N``, short of ``sigma_max^2`` by
-    at most a relative ``(m - 1) / (e N)`` (``m`` the Gram matrix's size). ``P`` is held
-    fixed for the gradient, as power-iteration vectors are in Miyato et al. 2018
-    (arXiv:1802.05957).
+    The ``log2 N`` squarings of the Gram matrix run in a ``fori_loop``. Miyato et al.
+    2018, arXiv:1802.05957.
+
+    Example:
+        >>> round(float(spectral_norm(jnp.array([[3.0, 0.0], [0.0, 1.0]]), 64)), 4)
+        3.0
     """
     w = jax.lax.stop_gradient(weight)
     tall = w.shape[1] <= w.shape[0]
@@ -170,10 +237,17 @@ def spectral_norm(weight, power_iterations: int):
 
 
 class SpectralNormLinear(eqx.Module):
-    """A linear layer whose weight is scaled to spectral norm at most ``coeff``.
+    """A linear layer with spectral norm at most ``coeff``: JAX mirror of ``pyroflows.torch.nn.SpectralNormLinear``.
 
-    ``W_hat = W / max(1, sigma(W) / coeff)`` (Behrmann et al. 2019, arXiv:1811.00995),
-    ``sigma`` from ``spectral_norm``. ``zero=True`` starts the weight and bias at zero.
+    Behrmann et al. 2019, arXiv:1811.00995.
+
+    Args:
+        key: seeds the initial weights (those of a ``MaskedLinear`` with the same key).
+
+    Example:
+        >>> layer = SpectralNormLinear(3, 3, coeff=0.5, key=jax.random.key(0))
+        >>> bool(jnp.linalg.norm(layer.normalized_weight(), ord=2) <= 0.5 + 1e-3)
+        True
     """
 
     weight: jax.Array
@@ -181,16 +255,32 @@ class SpectralNormLinear(eqx.Module):
     coeff: float = eqx.field(static=True)
     power_iterations: int = eqx.field(static=True)
 
-    def __init__(self, in_features: int, out_features: int, coeff: float = 0.97, power_iterations: int = 4096,
-                 zero: bool = False, *, key):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        coeff: float = 0.97,
+        power_iterations: int = 4096,
+        zero: bool = False,
+        *,
+        key: jax.Array,
+    ):
         self.coeff, self.power_iterations = float(coeff), int(power_iterations)
         init = MaskedLinear(in_features, out_features, zero=zero, key=key)  # the same initial weights
         self.weight, self.bias = init.weight, init.bias
 
-    def normalized_weight(self):
+    def normalized_weight(self) -> jax.Array:
+        """``W_hat = W / max(1, sigma(W) / coeff)``.
+
+        Example:
+            >>> layer = SpectralNormLinear(2, 2, coeff=1.0, key=jax.random.key(0))
+            >>> layer = eqx.tree_at(lambda m: m.weight, layer, 2 * jnp.eye(2))
+            >>> layer.normalized_weight().round(3).tolist()
+            [[1.0, 0.0], [0.0, 1.0]]
+        """
         return self.weight / jnp.maximum(spectral_norm(self.weight, self.power_iterations) / self.coeff, 1.0)
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         return self.normalized_weight() @ x + self.bias
 
 
@@ -198,38 +288,61 @@ _SOFTPLUS_INV_ONE = math.log(math.e - 1.0)
 
 
 class LipSwish(eqx.Module):
-    """``LipSwish(z) = z sigmoid(beta z) / 1.1``, ``beta = softplus(raw)`` (Chen et al. 2019, arXiv:1906.02735).
+    """The activation ``z sigmoid(beta z) / 1.1``: JAX mirror of ``pyroflows.torch.nn.LipSwish``.
 
-    ``d/dz [z sigmoid(beta z)]`` lies in (-0.0998, 1.0998) for every ``beta > 0``, so the
-    activation is 1-Lipschitz. ``beta`` starts at 1 (plain swish / 1.1).
+    Chen et al. 2019, arXiv:1906.02735.
+
+    Example:
+        >>> [round(v, 3) for v in LipSwish()(jnp.array([0.0, 10.0])).tolist()]
+        [0.0, 9.09]
     """
 
     beta: jax.Array
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.beta = jnp.asarray(_SOFTPLUS_INV_ONE, dtype=float)
 
-    def value_and_slope(self, z, beta=None):
+    def value_and_slope(self, z: jax.Array, beta: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """The activation and its derivative at ``z``, elementwise.
+
+        Example:
+            >>> value, slope = LipSwish().value_and_slope(jnp.zeros(1))
+            >>> value.tolist(), round(float(slope[0]), 4)
+            ([0.0], 0.4545)
+        """
         beta = jax.nn.softplus(self.beta) if beta is None else beta
         s = jax.nn.sigmoid(beta * z)
         return z * s / 1.1, s * (1.0 + beta * z * (1.0 - s)) / 1.1
 
-    def __call__(self, z):
+    def __call__(self, z: jax.Array) -> jax.Array:
         return self.value_and_slope(z)[0]
 
 
 class LipschitzMLP(eqx.Module):
-    """``g(x)``: spectrally normalised linear layers with LipSwish between them; ``Lip(g) <= coeff``.
+    """A residual branch ``g`` with ``Lip(g) <= coeff``: JAX mirror of ``pyroflows.torch.nn.LipschitzMLP``.
 
-    ``net`` alternates ``SpectralNormLinear`` and ``LipSwish`` (the torch layout); the
-    output layer starts at zero. ``weights()`` evaluates the normalised weights once,
-    and ``forward_and_slopes`` / ``jvp`` / ``jacobian`` reuse them: the Jacobian is
-    ``W_L diag(s_{L-1}) ... diag(s_1) W_1`` with the activation slopes ``s``.
+    Behrmann et al. 2019, arXiv:1811.00995; Chen et al. 2019, arXiv:1906.02735.
+
+    Args:
+        key: seeds the initial weights.
+
+    Example:
+        >>> g = LipschitzMLP(2, [8], key=jax.random.key(0))
+        >>> g = eqx.tree_at(lambda m: m.net[-1].weight, g, jnp.ones((2, 8)))
+        >>> @jax.jit
+        ... def both_jacobians(x):
+        ...     weights = g.weights()
+        ...     return LipschitzMLP.jacobian(weights, g.forward_and_slopes(x, weights)[1]), jax.jacfwd(g)(x)
+        >>> jac, autodiff = both_jacobians(jnp.array([0.3, -0.2]))
+        >>> bool(jnp.allclose(jac, autodiff, atol=1e-6))
+        True
     """
 
     net: tuple
 
-    def __init__(self, dim: int, hidden_dims, coeff: float = 0.97, power_iterations: int = 4096, *, key):
+    def __init__(
+        self, dim: int, hidden_dims: Sequence[int], coeff: float = 0.97, power_iterations: int = 4096, *, key: jax.Array
+    ):
         sizes = [dim, *hidden_dims, dim]
         keys = jax.random.split(key, len(sizes) - 1)
         layers = []
@@ -239,13 +352,28 @@ class LipschitzMLP(eqx.Module):
             layers.append(SpectralNormLinear(a, b, coeff, power_iterations, zero=i == len(sizes) - 2, key=k))
         self.net = tuple(layers)
 
-    def weights(self):
-        """``(linear, betas)``: ``[(W_hat, b), ...]`` and the activations' ``beta``."""
+    def weights(self) -> tuple[list[tuple[jax.Array, jax.Array]], list[jax.Array]]:
+        """``(linear, betas)``: ``[(W_hat, b), ...]`` and the activations' ``beta``, evaluated once.
+
+        Example:
+            >>> linear, betas = LipschitzMLP(2, [4, 4], key=jax.random.key(0)).weights()
+            >>> [w.shape for w, _ in linear], len(betas)
+            ([(4, 2), (4, 4), (2, 4)], 2)
+        """
         linear = [(m.normalized_weight(), m.bias) for m in self.net[0::2]]
         betas = [jax.nn.softplus(m.beta) for m in self.net[1::2]]
         return linear, betas
 
-    def forward_and_slopes(self, x, weights=None, slopes=True):
+    def forward_and_slopes(
+        self, x: jax.Array, weights: tuple | None = None, slopes: bool = True
+    ) -> tuple[jax.Array, list[jax.Array]]:
+        """``g(x)`` for one vector and the activation slopes at ``x``.
+
+        Example:
+            >>> y, slopes = LipschitzMLP(2, [4], key=jax.random.key(0)).forward_and_slopes(jnp.zeros(2))
+            >>> y.tolist(), [s.shape for s in slopes]
+            ([0.0, 0.0], [(4,)])
+        """
         linear, betas = self.weights() if weights is None else weights
         out = []
         for i, (w, b) in enumerate(linear):
@@ -256,12 +384,20 @@ class LipschitzMLP(eqx.Module):
                     out.append(s)
         return x, out
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         return self.forward_and_slopes(x, slopes=False)[0]
 
     @staticmethod
-    def jvp(weights, slopes, v):
-        """``J_g v`` at the point whose ``slopes`` are given."""
+    def jvp(weights: tuple, slopes: list[jax.Array], v: jax.Array) -> jax.Array:
+        """``J_g v`` for one vector ``v`` at the point whose ``slopes`` are given.
+
+        Example:
+            >>> g = LipschitzMLP(2, [4], key=jax.random.key(0))
+            >>> weights = g.weights()
+            >>> slopes = g.forward_and_slopes(jnp.zeros(2), weights)[1]
+            >>> LipschitzMLP.jvp(weights, slopes, jnp.ones(2)).tolist()  # the zero output layer
+            [0.0, 0.0]
+        """
         linear, _ = weights
         for i, (w, _) in enumerate(linear):
             v = w @ v
@@ -270,8 +406,15 @@ class LipschitzMLP(eqx.Module):
         return v
 
     @staticmethod
-    def jacobian(weights, slopes):
-        """The dense ``J_g``, shape ``(dim, dim)``."""
+    def jacobian(weights: tuple, slopes: list[jax.Array]) -> jax.Array:
+        """The dense ``J_g``, shape ``(dim, dim)``, at the point whose ``slopes`` are given.
+
+        Example:
+            >>> g = LipschitzMLP(3, [4], key=jax.random.key(0))
+            >>> weights = g.weights()
+            >>> LipschitzMLP.jacobian(weights, g.forward_and_slopes(jnp.zeros(3), weights)[1]).shape
+            (3, 3)
+        """
         linear, _ = weights
         jac = linear[0][0]
         for (w, _), s in zip(linear[1:], slopes):
@@ -280,8 +423,14 @@ class LipschitzMLP(eqx.Module):
 
 
 # --------------------------------------------------------------------------- ODE dynamics (ffjord)
-def smooth_activation(name: str, a):
-    """``(sigma(a), sigma'(a))`` for the smooth activations of CNF dynamics (mirrors torch)."""
+def smooth_activation(name: str, a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(sigma(a), sigma'(a))``: JAX mirror of ``pyroflows.torch.nn.smooth_activation``.
+
+    Example:
+        >>> value, slope = smooth_activation("softplus", jnp.zeros(1))
+        >>> round(float(value[0]), 4), float(slope[0])
+        (0.6931, 0.5)
+    """
     if name == "tanh":
         h = jnp.tanh(a)
         return h, 1.0 - h * h
@@ -294,17 +443,25 @@ def smooth_activation(name: str, a):
 
 
 class TimeMLP(eqx.Module):
-    """Time-conditioned dynamics ``f(x, t)`` with forward-mode tangents, for one vector (mirrors torch).
+    """Dynamics ``f(x, t)`` with forward-mode tangents: JAX mirror of ``pyroflows.torch.nn.TimeMLP``.
 
-    ``__call__(t, x, tangents=None)`` returns ``f(x, t)`` and, for tangents ``V`` of shape
-    ``(k, dim)``, the rows ``J v_j``. ``t`` is concatenated to every layer's input; the
-    output layer starts at zero.
+    ``__call__(t, x, tangents=None)`` takes one vector ``x`` and tangents of shape
+    ``(k, dim)``, and returns ``(f, JV)`` with the rows ``J v_j``.
+
+    Args:
+        key: seeds the initial weights.
+
+    Example:
+        >>> f = TimeMLP(2, [8], key=jax.random.key(0))
+        >>> value, jv = f(0.5, jnp.ones(2), jnp.eye(2))
+        >>> value.shape, jv.shape
+        ((2,), (2, 2))
     """
 
     layers: tuple
     activation_name: str = eqx.field(static=True)
 
-    def __init__(self, dim: int, hidden_dims, activation_name: str = "tanh", *, key):
+    def __init__(self, dim: int, hidden_dims: Sequence[int], activation_name: str = "tanh", *, key: jax.Array):
         sizes = [dim, *hidden_dims, dim]
         last = len(sizes) - 2
         keys = jax.random.split(key, len(sizes) - 1)
@@ -314,7 +471,9 @@ class TimeMLP(eqx.Module):
         )
         self.activation_name = activation_name
 
-    def __call__(self, t, x, tangents=None):
+    def __call__(
+        self, t: jax.Array | float, x: jax.Array, tangents: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array | None]:
         h, v = x, tangents
         t = jnp.reshape(t, (1,)).astype(x.dtype)
         last = len(self.layers) - 1
@@ -331,14 +490,24 @@ class TimeMLP(eqx.Module):
 
 
 class GroupedLinear(eqx.Module):
-    """``groups`` independent linear maps ``out[g] = W[g] @ in[g] + b[g]`` (mirrors torch);
-    with ``shared_input=True`` every group reads the same vector, ``mask`` removing inputs per group."""
+    """``groups`` linear maps ``out[g] = W[g] @ in[g] + b[g]``: JAX mirror of ``pyroflows.torch.nn.GroupedLinear``.
+
+    Args:
+        key: seeds the initial weights.
+
+    Example:
+        >>> layer = GroupedLinear(3, 2, 4, key=jax.random.key(0))
+        >>> layer(jnp.ones((3, 2))).shape, layer(jnp.ones(2), shared_input=True).shape
+        ((3, 4), (3, 4))
+    """
 
     weight: jax.Array
     bias: jax.Array
     mask: jax.Array | None
 
-    def __init__(self, groups: int, in_features: int, out_features: int, mask=None, *, key):
+    def __init__(
+        self, groups: int, in_features: int, out_features: int, mask: np.ndarray | None = None, *, key: jax.Array
+    ):
         mask = None if mask is None else np.asarray(mask, dtype=bool)
         fan_in = in_features if mask is None else int(mask.sum(-1).max())
         bound = 1.0 / math.sqrt(max(fan_in, 1))
@@ -347,20 +516,39 @@ class GroupedLinear(eqx.Module):
         self.bias = jnp.asarray(rng.uniform(-bound, bound, (groups, out_features)), dtype=float)
         self.mask = None if mask is None else jnp.asarray(mask)
 
-    def masked_weight(self):
+    def masked_weight(self) -> jax.Array:
+        """The weights ``(groups, out, in)`` with the mask applied.
+
+        Example:
+            >>> mask = np.array([[[False, True]], [[True, False]]])
+            >>> (GroupedLinear(2, 2, 1, mask, key=jax.random.key(0)).masked_weight() == 0).tolist()
+            [[[True, False]], [[False, True]]]
+        """
         return self.weight if self.mask is None else jnp.where(self.mask, self.weight, 0.0)
 
-    def __call__(self, x, shared_input: bool = False):
+    def __call__(self, x: jax.Array, shared_input: bool = False) -> jax.Array:
         pattern = "goi,i->go" if shared_input else "goi,gi->go"
         return jnp.einsum(pattern, self.masked_weight(), x) + self.bias
 
 
 class HollowMLP(eqx.Module):
-    """Hollow dynamics ``f_i(x, t) = tau_i(x_i, h_i)``, ``h_i = c_i(x_{-i}, t)`` (Chen & Duvenaud 2019,
-    arXiv:1912.03579), for one vector; mirrors torch's ``HollowMLP``.
+    """Hollow dynamics with an exact divergence: JAX mirror of ``pyroflows.torch.nn.HollowMLP``.
 
-    ``__call__(t, x, tangents=None)`` returns ``(f, rows J v_j, divergence)``, the
-    divergence ``sum_i d tau_i / d x_i`` exact.
+    ``__call__(t, x, tangents=None)`` takes one vector and returns ``(f, JV, divergence)``.
+    Chen & Duvenaud 2019, arXiv:1912.03579.
+
+    Args:
+        key: seeds the initial weights.
+
+    Example:
+        >>> f = HollowMLP(3, [8], key=jax.random.key(0))
+        >>> f = eqx.tree_at(lambda m: m.w_out, f, jnp.ones((3, 8)))  # leave the zero start
+        >>> @jax.jit
+        ... def divergence_and_trace(x):
+        ...     return f(0.3, x)[2], jnp.trace(jax.jacfwd(lambda v: f(0.3, v)[0])(x))
+        >>> divergence, trace = divergence_and_trace(jnp.array([0.1, -0.4, 0.7]))
+        >>> bool(jnp.allclose(divergence, trace, atol=1e-5))
+        True
     """
 
     layers: tuple
@@ -369,7 +557,7 @@ class HollowMLP(eqx.Module):
     b_out: jax.Array
     activation_name: str = eqx.field(static=True)
 
-    def __init__(self, dim: int, hidden_dims, activation_name: str = "tanh", *, key):
+    def __init__(self, dim: int, hidden_dims: Sequence[int], activation_name: str = "tanh", *, key: jax.Array):
         sizes = [dim + 1, *hidden_dims]
         keys = jax.random.split(key, len(sizes))
         self.layers = tuple(
@@ -382,7 +570,9 @@ class HollowMLP(eqx.Module):
         self.b_out = jnp.asarray(np.zeros(dim), dtype=float)
         self.activation_name = activation_name
 
-    def __call__(self, t, x, tangents=None):
+    def __call__(
+        self, t: jax.Array | float, x: jax.Array, tangents: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
         name, v = self.activation_name, tangents
         h = jnp.concatenate([x, jnp.reshape(t, (1,)).astype(x.dtype)])
         last = len(self.layers) - 1

@@ -10,12 +10,21 @@ As every pyroflows layer in JAX, blocks and paths act on ONE vector and the batc
 methods ``vmap`` them; ``target_log_density`` is therefore called on single vectors of
 shape ``(dim,)`` (any function of ``(..., dim)`` arrays works). Step sizes that are not
 learnable are static, so NumPyro's ``eqx_module`` does not train them.
+
+``StochasticFlow`` implements ``pyroflows.protocols.TrainableFlow`` (its ``log_prob`` is
+the reverse-path lower bound, its ``sample_and_log_prob`` the path sampler), which is how
+``fit_mle`` and ``fit_reverse_kl`` train it without this module and ``pyroflows.jax.train``
+importing each other; both take their map helpers from ``pyroflows.jax.density``.
+
+References:
+    Wu, Köhler & Noé 2020, "Stochastic normalizing flows", arXiv:2002.06707.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -23,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import snf as _shared
-from .train import _base_log_prob, _float_dtype
-from .transforms.base import FlowTransform, _segments, is_stochastic
+from .density import result_float_dtype, std_normal_log_prob
+from .transforms.base import FlowTransform, _noise_key, _segments, is_stochastic
 
 __all__ = ["StochasticBlock", "Langevin", "MALA", "MetropolisHastings", "HMC", "StochasticFlow"]
 
@@ -44,9 +53,28 @@ class StochasticBlock(eqx.Module):
     """An MCMC kernel that also returns its contribution ``dS`` to a path's log-weight.
 
     ``block(y, log_prob, key) -> (y_new, dS)`` runs ``num_steps`` steps from one vector
-    ``y`` (shape ``(dim,)``) for the density ``exp(log_prob)``; ``dS`` is a scalar.
-    ``learnable_step_size=True`` makes the log step size a parameter (an array leaf);
-    otherwise it is a static number. ``key`` draws the noise.
+    ``y`` (shape ``(dim,)``) for the density ``exp(log_prob)``; ``dS`` is a scalar (Wu,
+    Köhler & Noé 2020). Subclasses define one step; this base class runs them in a
+    ``lax.scan`` and sums their ``dS``.
+
+    Args:
+        step_size: the kernel's step size, positive.
+        num_steps: MCMC steps per call, at least 1.
+        learnable_step_size: make the log step size a parameter (an array leaf) instead
+            of a static number.
+
+    Raises:
+        ValueError: a step size that is not positive, or ``num_steps < 1``.
+
+    References:
+        Wu, Köhler & Noé 2020, "Stochastic normalizing flows", arXiv:2002.06707.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> block = MetropolisHastings(0.5, num_steps=3)
+        >>> y, ds = block(jnp.zeros(2), lambda v: -0.5 * (v**2).sum(-1), jax.random.key(0))
+        >>> y.shape, ds.shape, block.noise_size(2)
+        ((2,), (), 9)
     """
 
     log_step_size: Any
@@ -54,7 +82,7 @@ class StochasticBlock(eqx.Module):
     num_steps: int = eqx.field(static=True)
     learnable_step_size: bool = eqx.field(static=True)
 
-    def __init__(self, step_size, num_steps=1, learnable_step_size=False):
+    def __init__(self, step_size: float, num_steps: int = 1, learnable_step_size: bool = False):
         opts = _shared.check_block_options(
             type(self).__name__, step_size=step_size, num_steps=num_steps, learnable_step_size=learnable_step_size
         )
@@ -64,12 +92,16 @@ class StochasticBlock(eqx.Module):
         self.num_steps = opts["num_steps"]
         self.learnable_step_size = opts["learnable_step_size"]
         self.fixed_log_step_size = math.log(opts["step_size"])
-        self.log_step_size = (
-            jnp.asarray(np.log(opts["step_size"]), dtype=float) if self.learnable_step_size else None
-        )
+        self.log_step_size = jnp.asarray(np.log(opts["step_size"]), dtype=float) if self.learnable_step_size else None
 
     @property
-    def step_size(self):
+    def step_size(self) -> float | jax.Array:
+        """The step size: an array when learnable, else a float.
+
+        Example:
+            >>> Langevin(0.25).step_size
+            0.25
+        """
         if self.learnable_step_size:
             return jnp.exp(self.log_step_size)
         return math.exp(self.fixed_log_step_size)
@@ -91,15 +123,62 @@ class StochasticBlock(eqx.Module):
     _extra_noise = 1
 
     def noise_size(self, dim: int) -> int:
-        """How many standard normals ``apply`` consumes for a vector of size ``dim``."""
+        """How many standard normals ``apply`` consumes for a vector of size ``dim``.
+
+        Args:
+            dim: the vector's size.
+
+        Returns:
+            ``num_steps * (dim + 1)`` for a kernel with a Metropolis test, else
+            ``num_steps * dim``.
+
+        Example:
+            >>> MALA(0.1, num_steps=2).noise_size(3), Langevin(0.1, num_steps=2).noise_size(3)
+            (8, 6)
+        """
         return self.num_steps * (dim + self._extra_noise)
 
-    def __call__(self, y, log_prob, key):
+    def __call__(
+        self, y: jax.Array, log_prob: Callable[[jax.Array], jax.Array], key: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """Run the kernel from ``y``, its noise drawn from ``key``.
+
+        Args:
+            y: one vector, shape ``(dim,)``.
+            log_prob: the (unnormalised) log-density the kernel samples.
+            key: a JAX PRNG key.
+
+        Returns:
+            ``(y_new, dS)``: the new vector and the scalar log-weight contribution.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> y, ds = HMC(0.1, num_leapfrog=3)(jnp.zeros(2), lambda v: -(v**2).sum(), jax.random.key(0))
+            >>> y.shape, ds.shape
+            ((2,), ())
+        """
         noise = jax.random.normal(key, (self.noise_size(y.shape[-1]),), y.dtype)
         return self.apply(y, log_prob, noise)
 
-    def apply(self, y, log_prob, noise):
-        """``(y_new, dS)`` with the standard normals ``noise`` (``noise_size(dim)`` of them)."""
+    def apply(
+        self, y: jax.Array, log_prob: Callable[[jax.Array], jax.Array], noise: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """Run the kernel from ``y`` with the given standard normals.
+
+        Args:
+            y: one vector, shape ``(dim,)``.
+            log_prob: the (unnormalised) log-density the kernel samples.
+            noise: ``noise_size(dim)`` standard normals.
+
+        Returns:
+            ``(y_new, dS)``: the new vector and the scalar log-weight contribution.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> y, ds = Langevin(0.5).apply(jnp.zeros(2), lambda v: -(v**2).sum(), jnp.ones(2))
+            >>> [round(float(v), 4) for v in y], round(float(ds), 4)
+            ([1.0, 1.0], 1.0)
+        """
 
         def body(carry, step_noise):
             state, total = carry
@@ -125,8 +204,17 @@ class Langevin(StochasticBlock):
 
     Not reversible, so the backward kernel is the same Langevin step taken from ``y'``:
     ``dS = log N(y; y' + e grad log p(y'), 2e) - log N(y'; y + e grad log p(y), 2e)
-    = -(|n~|^2 - |n|^2) / 2`` with ``n~ = (y - y' - e grad log p(y')) / sqrt(2e)``
-    (Wu, Köhler & Noé 2020, arXiv:2002.06707). ``step_size`` is ``e``.
+    = -(|n~|^2 - |n|^2) / 2`` with ``n~ = (y - y' - e grad log p(y')) / sqrt(2e)``.
+    ``step_size`` is ``e``; the arguments are those of ``StochasticBlock``.
+
+    References:
+        Wu, Köhler & Noé 2020, "Stochastic normalizing flows", arXiv:2002.06707.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> y, ds = Langevin(0.1)(jnp.zeros(2), lambda v: -(v**2).sum(), jax.random.key(0))
+        >>> y.shape, ds.shape
+        ((2,), ())
     """
 
     _extra_noise = 0
@@ -138,12 +226,24 @@ class Langevin(StochasticBlock):
 
 
 class MALA(StochasticBlock):
-    """Metropolis-adjusted Langevin (Roberts & Tweedie 1996): the ``Langevin`` proposal
-    ``y' = y + e grad log p(y) + sqrt(2e) n``, accepted with probability
-    ``min(1, p(y') N(y; y' + e grad log p(y'), 2e) / (p(y) N(y'; y + e grad log p(y), 2e)))``.
+    """Metropolis-adjusted Langevin steps.
 
-    Reversible for ``p``: ``dS = log p(y) - log p(y')`` on acceptance, 0 on rejection
-    (Wu, Köhler & Noé 2020, arXiv:2002.06707). ``step_size`` is ``e``.
+    The ``Langevin`` proposal ``y' = y + e grad log p(y) + sqrt(2e) n``, accepted with
+    probability ``min(1, p(y') N(y; y' + e grad log p(y'), 2e) / (p(y) N(y'; y + e grad
+    log p(y), 2e)))`` (Roberts & Tweedie 1996). Reversible for ``p``: ``dS = log p(y) -
+    log p(y')`` on acceptance, 0 on rejection (Wu, Köhler & Noé 2020). ``step_size`` is
+    ``e``; the arguments are those of ``StochasticBlock``.
+
+    References:
+        Roberts & Tweedie 1996, "Exponential convergence of Langevin distributions and
+        their discrete approximations", Bernoulli 2(4).
+        Wu, Köhler & Noé 2020, "Stochastic normalizing flows", arXiv:2002.06707.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> y, ds = MALA(0.1, num_steps=2)(jnp.zeros(2), lambda v: -(v**2).sum(), jax.random.key(0))
+        >>> y.shape, ds.shape
+        ((2,), ())
     """
 
     def _step(self, state, log_prob, noise):
@@ -155,11 +255,23 @@ class MALA(StochasticBlock):
 
 
 class MetropolisHastings(StochasticBlock):
-    """Random-walk Metropolis: propose ``y' = y + s n`` with ``n ~ N(0, I)`` and
-    ``s = step_size``, accept with probability ``min(1, p(y') / p(y))``.
+    """Random-walk Metropolis steps.
 
-    Reversible for ``p``: ``dS = log p(y) - log p(y')`` on acceptance, 0 on rejection
-    (Wu, Köhler & Noé 2020, arXiv:2002.06707). Needs no gradients of ``log p``.
+    Propose ``y' = y + s n`` with ``n ~ N(0, I)`` and ``s = step_size``, accept with
+    probability ``min(1, p(y') / p(y))`` (Metropolis et al. 1953). Reversible for ``p``:
+    ``dS = log p(y) - log p(y')`` on acceptance, 0 on rejection (Wu, Köhler & Noé 2020).
+    Needs no gradients of ``log p``. The arguments are those of ``StochasticBlock``.
+
+    References:
+        Metropolis, Rosenbluth, Rosenbluth, Teller & Teller 1953, "Equation of state
+        calculations by fast computing machines", J. Chem. Phys. 21.
+        Wu, Köhler & Noé 2020, "Stochastic normalizing flows", arXiv:2002.06707.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> y, ds = MetropolisHastings(0.5)(jnp.zeros(2), lambda v: -(v**2).sum(), jax.random.key(0))
+        >>> y.shape, ds.shape
+        ((2,), ())
     """
 
     def _start(self, y, log_prob):
@@ -175,20 +287,44 @@ class MetropolisHastings(StochasticBlock):
 
 
 class HMC(StochasticBlock):
-    """Hamiltonian Monte Carlo (Duane et al. 1987; Neal 2011, arXiv:1206.1901): a fresh
-    momentum ``m ~ N(0, I)``, ``num_leapfrog`` leapfrog steps of size ``step_size`` on
-    ``H(y, m) = -log p(y) + |m|^2 / 2``, accepted with probability ``min(1, exp(H - H'))``.
+    """Hamiltonian Monte Carlo steps.
 
-    Reversible for ``p`` (the momentum is resampled): ``dS = log p(y) - log p(y')`` on
-    acceptance, 0 on rejection (Wu, Köhler & Noé 2020, arXiv:2002.06707).
+    A fresh momentum ``m ~ N(0, I)``, ``num_leapfrog`` leapfrog steps of size
+    ``step_size`` on ``H(y, m) = -log p(y) + |m|^2 / 2``, accepted with probability
+    ``min(1, exp(H - H'))`` (Duane et al. 1987; Neal 2011). Reversible for ``p`` (the
+    momentum is resampled): ``dS = log p(y) - log p(y')`` on acceptance, 0 on rejection
+    (Wu, Köhler & Noé 2020).
+
+    Args:
+        step_size: the leapfrog step size, positive.
+        num_leapfrog: leapfrog steps per MCMC step, at least 1.
+        num_steps: MCMC steps per call, at least 1.
+        learnable_step_size: make the log step size a parameter.
+
+    Raises:
+        ValueError: a step size that is not positive, or a count below 1.
+
+    References:
+        Duane, Kennedy, Pendleton & Roweth 1987, "Hybrid Monte Carlo", Phys. Lett. B 195.
+        Neal 2011, "MCMC using Hamiltonian dynamics", arXiv:1206.1901.
+        Wu, Köhler & Noé 2020, "Stochastic normalizing flows", arXiv:2002.06707.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> y, ds = HMC(0.1, num_leapfrog=4)(jnp.zeros(2), lambda v: -(v**2).sum(), jax.random.key(0))
+        >>> y.shape, ds.shape
+        ((2,), ())
     """
 
     num_leapfrog: int = eqx.field(static=True)
 
-    def __init__(self, step_size, num_leapfrog, num_steps=1, learnable_step_size=False):
+    def __init__(self, step_size: float, num_leapfrog: int, num_steps: int = 1, learnable_step_size: bool = False):
         opts = _shared.check_block_options(
-            type(self).__name__, step_size=step_size, num_steps=num_steps,
-            learnable_step_size=learnable_step_size, num_leapfrog=num_leapfrog,
+            type(self).__name__,
+            step_size=step_size,
+            num_steps=num_steps,
+            learnable_step_size=learnable_step_size,
+            num_leapfrog=num_leapfrog,
         )
         self._set_options(opts)
         self.num_leapfrog = opts["num_leapfrog"]
@@ -251,16 +387,10 @@ def _call_layer(layer, y, inverse, key):
 
 class StochasticFlow(eqx.Module):
     """A stochastic normalizing flow: flow layers and MCMC blocks between a base ``q0`` and
-    an unnormalised target ``p~`` (Wu, Köhler & Noé 2020, arXiv:2002.06707).
+    an unnormalised target ``p~`` (Wu, Köhler & Noé 2020).
 
-    ``layers`` mixes ``build_flow`` flows, pyroflows layers (``FlowTransform``) and the
-    blocks ``Langevin``, ``MALA``, ``MetropolisHastings``, ``HMC``.
-    ``target_log_density`` maps ``(..., dim)`` to ``(...)`` (it is called on single
-    vectors). ``base`` is a NumPyro distribution with event shape ``(dim,)``,
-    ``N(0, I_dim)`` when ``None``. Stochastic block ``i`` of ``n`` samples
-    ``log p_l = (1 - l) log q0 + l log p~`` with ``l`` the ``i``-th value of ``schedule``:
-    ``"linear"`` (``l = i/n``, the last block targets ``p~``), ``"target"`` (every block
-    targets ``p~``) or ``n`` numbers in ``[0, 1]``.
+    Stochastic block ``i`` of ``n`` samples ``log p_l = (1 - l) log q0 + l log p~`` with
+    ``l`` the ``i``-th value of ``schedule``.
 
     - ``sample_and_log_weight(key, n)``: ``n`` samples and the log-weights of their
       paths, ``log w = log p~(x) - log q0(z0) + sum_t dS_t`` (``E[w] = Z``);
@@ -271,21 +401,57 @@ class StochasticFlow(eqx.Module):
     - ``fit_reverse_kl(snf)`` minimises ``E[-log w]``, ``fit_mle(snf, data)`` the mean of
       ``-log_prob_lower_bound`` (both in ``pyroflows.jax``).
 
+    It implements ``pyroflows.protocols.TrainableFlow``: ``log_prob`` is the lower bound,
+    ``sample_and_log_prob`` the path sampler, ``fit_target`` insists on its own target,
+    and ``standardizable`` is False (the blocks are tied to the target's coordinates).
+
     The target, the base and the schedule are static fields: only the layers' weights
     (and learnable step sizes) are arrays, which is what ``eqx_module`` and the fits train.
+
+    Args:
+        layers: ``build_flow`` flows, pyroflows layers (``FlowTransform``) and the blocks
+            ``Langevin``, ``MALA``, ``MetropolisHastings``, ``HMC``, in sampling order.
+        dim: the event size.
+        target_log_density: ``p~``, mapping ``(..., dim)`` to ``(...)`` (it is called on
+            single vectors).
+        base: a NumPyro distribution with event shape ``(dim,)``; ``N(0, I_dim)`` when None.
+        schedule: ``"linear"`` (``l = i/n``, the last block targets ``p~``), ``"target"``
+            (every block targets ``p~``) or ``n`` numbers in ``[0, 1]``.
+
+    Raises:
+        ValueError: an empty or unsupported layer list, a bad ``dim``, a target that is
+            not callable, or a bad schedule.
+
+    References:
+        Wu, Köhler & Noé 2020, "Stochastic normalizing flows", arXiv:2002.06707.
+
+    Example:
+        >>> import jax
+        >>> from pyroflows.jax.transforms import ElementwiseAffine
+        >>> snf = StochasticFlow([ElementwiseAffine(2), MALA(0.1)], 2, lambda x: -(x**2).sum(-1))
+        >>> x, log_w = snf.sample_and_log_weight(jax.random.key(0), 4)
+        >>> x.shape, log_w.shape, snf.schedule
+        ((4, 2), (4,), (1.0,))
     """
 
     layers: tuple
     dim: int = eqx.field(static=True)
-    _target_log_density: "_Opaque" = eqx.field(static=True)
-    _base: "_Opaque" = eqx.field(static=True)
+    _target_log_density: _Opaque = eqx.field(static=True)
+    _base: _Opaque = eqx.field(static=True)
     schedule: tuple = eqx.field(static=True)
     levels: tuple = eqx.field(static=True)
     segments: tuple = eqx.field(static=True)
     noise_sizes: tuple = eqx.field(static=True)
     needs_keys: bool = eqx.field(static=True)
 
-    def __init__(self, layers, dim, target_log_density, base=None, schedule="linear"):
+    def __init__(
+        self,
+        layers: Sequence[Any],
+        dim: int,
+        target_log_density: Callable[[jax.Array], jax.Array],
+        base: Any = None,
+        schedule: str | Sequence[float] = "linear",
+    ):
         layers = tuple(layers)
         self.dim = _shared.check_stochastic_flow([_kind(layer) for layer in layers], dim, target_log_density)
         self.layers = layers
@@ -305,17 +471,46 @@ class StochasticFlow(eqx.Module):
         self.needs_keys = any(not isinstance(layer, StochasticBlock) and is_stochastic(layer) for layer in layers)
 
     @property
-    def target_log_density(self):
+    def target_log_density(self) -> Callable[[jax.Array], jax.Array]:
+        """The unnormalised target ``log p~`` the flow was built with.
+
+        Example:
+            >>> from pyroflows.jax.transforms import ElementwiseAffine
+            >>> target = lambda x: -(x**2).sum(-1)
+            >>> StochasticFlow([ElementwiseAffine(2)], 2, target).target_log_density is target
+            True
+        """
         return self._target_log_density.value
 
     @property
-    def base(self):
+    def base(self) -> Any:
+        """The base distribution ``q0``, or None for ``N(0, I_dim)``.
+
+        Example:
+            >>> from pyroflows.jax.transforms import ElementwiseAffine
+            >>> StochasticFlow([ElementwiseAffine(2)], 2, lambda x: -(x**2).sum(-1)).base is None
+            True
+        """
         return self._base.value
 
     # --- densities (one vector) -------------------------------------------------------
-    def base_log_prob(self, z):
-        """``log q0(z)``."""
-        return _base_log_prob(z) if self.base is None else self.base.log_prob(z)
+    def base_log_prob(self, z: jax.Array) -> jax.Array:
+        """``log q0(z)``.
+
+        Args:
+            z: points of shape ``(..., dim)``.
+
+        Returns:
+            The base log-density, shape ``(...)``.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from pyroflows.jax.transforms import ElementwiseAffine
+            >>> snf = StochasticFlow([ElementwiseAffine(2)], 2, lambda x: -(x**2).sum(-1))
+            >>> round(float(snf.base_log_prob(jnp.zeros(2))), 4)
+            -1.8379
+        """
+        return std_normal_log_prob(z) if self.base is None else self.base.log_prob(z)
 
     def _interpolated(self, level):
         if isinstance(level, float) and level == 1.0:
@@ -375,13 +570,45 @@ class StochasticFlow(eqx.Module):
             total = total + delta
         return y, total
 
-    def transport(self, z, key):
-        """Run the layers forward from one vector ``z``: ``(x, sum_t (log|det J|_t + dS_t))``."""
+    def transport(self, z: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Run the layers forward from one vector ``z``.
+
+        Args:
+            z: one base point, shape ``(dim,)``.
+            key: a JAX PRNG key for the blocks' noise.
+
+        Returns:
+            ``(x, sum_t (log|det J|_t + dS_t))``.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> from pyroflows.jax.transforms import ElementwiseAffine
+            >>> snf = StochasticFlow([ElementwiseAffine(2)], 2, lambda x: -(x**2).sum(-1))
+            >>> x, delta = snf.transport(jnp.ones(2), jax.random.key(0))
+            >>> [round(float(v), 4) for v in x], round(float(delta), 4)
+            ([1.0, 1.0], 0.0)
+        """
         noise, keys = self._draw(key, z.dtype)
         return self._travel(z, noise, keys, inverse=False)
 
-    def reverse_transport(self, x, key):
-        """Run the reverse path from one vector ``x``: ``(z0, sum_t (log|det dz/dx|_t + dS_t))``."""
+    def reverse_transport(self, x: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Run the reverse path from one vector ``x``: layers inverted, blocks as their own kernels.
+
+        Args:
+            x: one sample-space point, shape ``(dim,)``.
+            key: a JAX PRNG key for the blocks' noise.
+
+        Returns:
+            ``(z0, sum_t (log|det dz/dx|_t + dS_t))``.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> from pyroflows.jax.transforms import ElementwiseAffine
+            >>> snf = StochasticFlow([ElementwiseAffine(2)], 2, lambda x: -(x**2).sum(-1))
+            >>> z, delta = snf.reverse_transport(jnp.ones(2), jax.random.key(0))
+            >>> z.shape, delta.shape
+            ((2,), ())
+        """
         noise, keys = self._draw(key, x.dtype)
         return self._travel(x, noise, keys, inverse=True)
 
@@ -396,38 +623,188 @@ class StochasticFlow(eqx.Module):
         return log_p
 
     # --- batches ------------------------------------------------------------------------
-    def sample_path(self, key, num_samples):
-        """``(x, log_q)``: ``num_samples`` samples and ``log q0(z0) - sum_t dS_t`` of their
-        paths (``dS`` including the log-dets), so that ``log w = log p~(x) - log_q``."""
+    def sample_path(self, key: jax.Array, num_samples: int) -> tuple[jax.Array, jax.Array]:
+        """Samples and the log-density of the paths that drew them.
+
+        Args:
+            key: a JAX PRNG key.
+            num_samples: how many paths.
+
+        Returns:
+            ``(x, log_q)``: ``num_samples`` samples ``(num_samples, dim)`` and
+            ``log q0(z0) - sum_t dS_t`` of their paths (``dS`` including the log-dets),
+            so that ``log w = log p~(x) - log_q``.
+
+        Example:
+            >>> import jax
+            >>> from pyroflows.jax.transforms import ElementwiseAffine
+            >>> snf = StochasticFlow([ElementwiseAffine(2), MALA(0.1)], 2, lambda x: -(x**2).sum(-1))
+            >>> x, log_q = snf.sample_path(jax.random.key(0), 4)
+            >>> x.shape, log_q.shape
+            ((4, 2), (4,))
+        """
         x, log_q, _ = _paths(self, key, num_samples)
         return x, log_q
 
-    def sample_and_log_weight(self, key, num_samples):
-        """``num_samples`` samples ``(num_samples, dim)`` and their path log-weights ``(num_samples,)``."""
+    def sample_and_log_weight(self, key: jax.Array, num_samples: int) -> tuple[jax.Array, jax.Array]:
+        """Samples and their path log-weights ``log w = log p~(x) - log q0(z0) + sum_t dS_t``.
+
+        ``E[w] = Z``, the normaliser of ``p~``; self-normalised weights reweight the samples
+        to ``p~``.
+
+        Args:
+            key: a JAX PRNG key.
+            num_samples: how many paths.
+
+        Returns:
+            ``(x, log_w)`` with shapes ``(num_samples, dim)`` and ``(num_samples,)``.
+
+        Example:
+            >>> import jax
+            >>> from pyroflows.jax.transforms import ElementwiseAffine
+            >>> snf = StochasticFlow([ElementwiseAffine(2), MALA(0.1)], 2, lambda x: -(x**2).sum(-1))
+            >>> x, log_w = snf.sample_and_log_weight(jax.random.key(0), 4)
+            >>> x.shape, log_w.shape
+            ((4, 2), (4,))
+        """
         x, log_q, log_p = _paths(self, key, num_samples)
         return x, log_p - log_q
 
-    def log_prob_lower_bound(self, key, x):
-        """One reverse-path estimate per row of ``x`` (``(..., dim)``) whose expectation is a
-        lower bound on ``log q(x)``; shape ``(...)``."""
+    def log_prob_lower_bound(self, key: jax.Array, x: jax.Array) -> jax.Array:
+        """One reverse-path estimate per row of ``x`` whose expectation is a lower bound on ``log q(x)``.
+
+        Args:
+            key: a JAX PRNG key for the reverse paths' noise.
+            x: points of shape ``(..., dim)``.
+
+        Returns:
+            ``log q0(z0) + sum_t (log|det dz/dx|_t + dS_t)`` per point, shape ``(...)``.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> from pyroflows.jax.transforms import ElementwiseAffine
+            >>> snf = StochasticFlow([ElementwiseAffine(2), MALA(0.1)], 2, lambda x: -(x**2).sum(-1))
+            >>> snf.log_prob_lower_bound(jax.random.key(0), jnp.zeros((5, 2))).shape
+            (5,)
+        """
         shape = jnp.shape(x)
         out = _reverse_paths(self, jnp.reshape(x, (-1, self.dim)), key)
         return jnp.reshape(out, shape[:-1])
 
-    def reverse_kl_loss(self, key, num_samples, beta=1.0):
-        """``mean(log q0(z0) - sum dS - beta log p~(x))`` over ``num_samples`` paths: ``E[-log w]`` at ``beta = 1``."""
+    def reverse_kl_loss(self, key: jax.Array, num_samples: int, beta: float = 1.0) -> jax.Array:
+        """``mean(log q0(z0) - sum dS - beta log p~(x))`` over ``num_samples`` paths.
+
+        Args:
+            key: a JAX PRNG key.
+            num_samples: how many paths.
+            beta: the target's annealing factor.
+
+        Returns:
+            The scalar loss: ``E[-log w]`` at ``beta = 1``.
+
+        Example:
+            >>> import jax
+            >>> from pyroflows.jax.transforms import ElementwiseAffine
+            >>> snf = StochasticFlow([ElementwiseAffine(2), MALA(0.1)], 2, lambda x: -(x**2).sum(-1))
+            >>> snf.reverse_kl_loss(jax.random.key(0), 4).shape
+            ()
+        """
         _, log_q, log_p = _paths(self, key, num_samples)
         return jnp.mean(log_q - beta * log_p)
 
-    def nll(self, key, x):
-        """Mean over the rows of ``x`` of ``-log_prob_lower_bound``: an upper bound on the NLL."""
+    def nll(self, key: jax.Array, x: jax.Array) -> jax.Array:
+        """Mean over the rows of ``x`` of ``-log_prob_lower_bound``: an upper bound on the NLL.
+
+        Args:
+            key: a JAX PRNG key for the reverse paths' noise.
+            x: points of shape ``(..., dim)``.
+
+        Returns:
+            The scalar estimate.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> from pyroflows.jax.transforms import ElementwiseAffine
+            >>> snf = StochasticFlow([ElementwiseAffine(2), MALA(0.1)], 2, lambda x: -(x**2).sum(-1))
+            >>> snf.nll(jax.random.key(0), jnp.zeros((5, 2))).shape
+            ()
+        """
         return -jnp.mean(self.log_prob_lower_bound(key, x))
+
+    # --- TrainableFlow (pyroflows.protocols): what fit_mle and fit_reverse_kl use -------
+    standardizable: ClassVar[bool] = False
+
+    def log_prob(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        """``log_prob_lower_bound``: a one-path estimate of a lower bound on ``log q(x)``.
+
+        Args:
+            x: points of shape ``(..., dim)``.
+            key: a JAX PRNG key; without it ``numpyro.prng_key()`` (inside
+                ``numpyro.handlers.seed``, as the fits call it).
+
+        Returns:
+            The estimate, shape ``(...)``.
+
+        Raises:
+            ValueError: no key and no seed handler.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> from pyroflows.jax.transforms import ElementwiseAffine
+            >>> snf = StochasticFlow([ElementwiseAffine(2), MALA(0.1)], 2, lambda x: -(x**2).sum(-1))
+            >>> snf.log_prob(jnp.zeros((3, 2)), key=jax.random.key(0)).shape
+            (3,)
+        """
+        return self.log_prob_lower_bound(_noise_key(self, key), x)
+
+    def sample_and_log_prob(self, num_samples: int, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``sample_path``: samples and the log-density of their whole paths.
+
+        Args:
+            num_samples: how many paths.
+            key: a JAX PRNG key.
+
+        Returns:
+            ``(x, log_q)`` with shapes ``(num_samples, dim)`` and ``(num_samples,)``.
+
+        Example:
+            >>> import jax
+            >>> from pyroflows.jax.transforms import ElementwiseAffine
+            >>> snf = StochasticFlow([ElementwiseAffine(2), MALA(0.1)], 2, lambda x: -(x**2).sum(-1))
+            >>> x, log_q = snf.sample_and_log_prob(4, jax.random.key(0))
+            >>> x.shape, log_q.shape
+            ((4, 2), (4,))
+        """
+        return self.sample_path(key, num_samples)
+
+    def fit_target(
+        self, log_density: Callable[[jax.Array], jax.Array] | None, stick_the_landing: bool
+    ) -> Callable[[jax.Array], jax.Array]:
+        """The flow's own target: the blocks sample towards it, so no other will do.
+
+        Args:
+            log_density: None, or the flow's own ``target_log_density``.
+            stick_the_landing: must be False: a path has no density under fixed weights.
+
+        Returns:
+            ``target_log_density``.
+
+        Raises:
+            ValueError: another ``log_density``, or ``stick_the_landing`` set.
+
+        Example:
+            >>> from pyroflows.jax.transforms import ElementwiseAffine
+            >>> target = lambda x: -(x**2).sum(-1)
+            >>> StochasticFlow([ElementwiseAffine(2)], 2, target).fit_target(None, False) is target
+            True
+        """
+        return _shared.snf_fit_target(self.target_log_density, log_density, stick_the_landing)
 
 
 @eqx.filter_jit
 def _paths(snf, key, num_samples):
     # Compiled once per flow structure and number of paths; inlined inside an outer jit.
-    dtype = _float_dtype(snf)
+    dtype = result_float_dtype(snf)
     if snf.base is None:  # the base draws come with the blocks' noise
         noise, keys = snf._draw(key, dtype, num_samples, extra=snf.dim)
         z, noise = noise[:, : snf.dim], noise[:, snf.dim :]

@@ -9,6 +9,8 @@ are named ``<index>.loc`` and ``<index>.scale``, as the torch buffers are.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,16 +23,30 @@ __all__ = ["Standardize", "with_standardize", "split_standardize"]
 class Standardize(FlowTransform):
     """``x = loc + scale * z`` per coordinate, with fixed ``loc`` and ``scale > 0``.
 
+    The log-determinant is ``sum(log scale)``. Both arrays pass through
+    ``stop_gradient``, so no optimiser moves them.
+
     Args:
         loc: the per-coordinate shift, shape ``(dim,)`` (the data's mean).
         scale: the per-coordinate scale, shape ``(dim,)``, positive (the data's sd).
         dtype: the arrays' dtype (default: JAX's default float).
+
+    Raises:
+        ValueError: shapes other than ``(dim,)``, a non-finite ``loc`` or a ``scale`` that
+            is not finite and positive.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> layer = Standardize([1.0, -1.0], [2.0, 0.5])
+        >>> x, ladj = layer.call_and_ladj(jnp.ones(2))
+        >>> [round(float(v), 4) for v in x], round(float(ladj), 4)
+        ([3.0, -0.5], 0.0)
     """
 
     loc: jax.Array
     scale: jax.Array
 
-    def __init__(self, loc, scale, dtype=None):
+    def __init__(self, loc: Any, scale: Any, dtype: Any = None):
         loc_np, scale_np = np.asarray(loc, dtype=float), np.asarray(scale, dtype=float)
         if loc_np.ndim != 1 or scale_np.shape != loc_np.shape:
             raise ValueError(
@@ -46,16 +62,32 @@ class Standardize(FlowTransform):
     def _fixed(self):
         return jax.lax.stop_gradient(self.loc), jax.lax.stop_gradient(self.scale)
 
-    def call_and_ladj(self, x):
+    def call_and_ladj(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(loc + scale * x, sum(log scale))`` for one vector ``x`` of shape ``(dim,)``.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> x, ladj = Standardize([0.0, 0.0], [1.0, 1.0]).call_and_ladj(jnp.ones(2))
+            >>> x.shape, ladj.shape
+            ((2,), ())
+        """
         loc, scale = self._fixed()
         return loc + scale * x, jnp.sum(jnp.log(scale))
 
-    def inverse_and_ladj(self, y):
+    def inverse_and_ladj(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``((y - loc) / scale, -sum(log scale))`` for one vector ``y`` of shape ``(dim,)``.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> z, ladj = Standardize([1.0, 1.0], [2.0, 2.0]).inverse_and_ladj(jnp.full(2, 3.0))
+            >>> [round(float(v), 4) for v in z]
+            [1.0, 1.0]
+        """
         loc, scale = self._fixed()
         return (y - loc) / scale, -jnp.sum(jnp.log(scale))
 
 
-def with_standardize(flow, layer: Standardize) -> Flow:
+def with_standardize(flow: FlowTransform, layer: Standardize) -> Flow:
     """A ``Flow`` running ``flow`` and then ``layer`` (so its density is on the data's scale).
 
     The config gains ``standardize=True``, which tells ``load_flow`` to append a
@@ -67,6 +99,12 @@ def with_standardize(flow, layer: Standardize) -> Flow:
 
     Returns:
         A new ``Flow`` whose last part is ``layer``.
+
+    Example:
+        >>> from pyroflows.jax.transforms import ElementwiseAffine
+        >>> flow = with_standardize(ElementwiseAffine(2), Standardize([0.0, 0.0], [1.0, 2.0]))
+        >>> [type(p).__name__ for p in flow.parts]
+        ['ElementwiseAffine', 'Standardize']
     """
     if isinstance(flow, Flow):
         config = dict(flow.config, standardize=True) if flow.config else {}
@@ -74,8 +112,24 @@ def with_standardize(flow, layer: Standardize) -> Flow:
     return Flow((flow, layer), layer.dim, {})
 
 
-def split_standardize(flow):
-    """``(inner, layer)`` when ``flow`` is a ``Flow`` ending in a ``Standardize`` layer, else ``(flow, None)``."""
+def split_standardize(flow: FlowTransform) -> tuple[FlowTransform, Standardize | None]:
+    """Take a trailing ``Standardize`` layer off a flow (the inverse of ``with_standardize``).
+
+    Args:
+        flow: a ``Flow`` or any layer.
+
+    Returns:
+        ``(inner, layer)`` when ``flow`` is a ``Flow`` ending in a ``Standardize`` layer
+        (``inner`` without it, and without ``standardize`` in its config), else
+        ``(flow, None)``.
+
+    Example:
+        >>> from pyroflows.jax.transforms import ElementwiseAffine
+        >>> flow = with_standardize(ElementwiseAffine(2), Standardize([0.0, 0.0], [1.0, 2.0]))
+        >>> inner, layer = split_standardize(flow)
+        >>> len(inner.parts), type(layer).__name__
+        (1, 'Standardize')
+    """
     if isinstance(flow, Flow) and len(flow.parts) > 1 and isinstance(flow.parts[-1], Standardize):
         config = {k: v for k, v in flow.config.items() if k != "standardize"}
         return Flow(flow.parts[:-1], flow.dim, config), flow.parts[-1]

@@ -10,11 +10,20 @@ program compiles once per flow structure, and a second fit of the same shapes re
 A step whose loss or gradient is NaN or inf is masked the same way (weights and
 optimiser state untouched) and counted; ``max_bad_steps`` of them in a row raise
 (``pyroflows.fitting.NonFiniteGuard``).
+
+The fits reach a flow only through ``pyroflows.protocols.TrainableFlow`` (``dim``,
+``standardizable``, ``log_prob``, ``sample_and_log_prob``, ``fit_target``): ``Flow`` and
+``pyroflows.jax.snf.StochasticFlow`` implement it, so this module imports neither
+class's module; a lone layer is wrapped by ``pyroflows.jax.density.as_trainable`` for the
+fit. A flow whose ``log_prob`` draws noise takes its key from ``numpyro.prng_key()``,
+which the fits supply with ``numpyro.handlers.seed`` (``density.keyed_log_prob``).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -25,6 +34,7 @@ from numpyro.infer import Trace_ELBO
 
 from .. import fitting
 from ..diagnostics import summarize_weights
+from .density import as_trainable, keyed_log_prob, log_prob_stop_gradient, result_float_dtype
 
 __all__ = ["fit_mle", "fit_reverse_kl", "evaluate", "flow_log_prob", "log_prob_stop_gradient"]
 
@@ -34,47 +44,39 @@ _ADAM = optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
 _CHUNK = 50  # fit_reverse_kl: steps per compiled chunk (loss read-back, NaN check, progress bar)
 
 
-def _float_dtype(flow):
-    leaves = [a for a in jax.tree.leaves(flow) if eqx.is_inexact_array(a)]
-    return jnp.result_type(*leaves) if leaves else jnp.result_type(float)
-
-
 def _init_optimizer(params, lr, dtype):
     state = _ADAM.init(params)
     state.hyperparams["learning_rate"] = jnp.asarray(lr, dtype)
     return state
 
 
-def _base_log_prob(u):
-    return -0.5 * jnp.sum(u**2, -1) - 0.5 * u.shape[-1] * jnp.log(2 * jnp.pi).astype(u.dtype)
+def flow_log_prob(flow: Any, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    """``log q(x)`` of a flow: its ``TrainableFlow.log_prob`` (one inverse pass for a ``Flow``).
 
+    For a ``Flow`` (or a lone layer) ``q`` is ``N(0, I)`` pushed forward through it, and
+    the value is exact; for a ``pyroflows.jax.snf.StochasticFlow`` it is a one-path
+    estimate of a lower bound on ``log q(x)``.
 
-def flow_log_prob(flow, x, key=None):
-    """``log q(x)`` for ``q`` = ``N(0, I)`` pushed forward through ``flow`` (one inverse pass).
+    Args:
+        flow: a ``TrainableFlow`` (``Flow``, ``StochasticFlow``, a user's own) or a lone
+            ``FlowTransform`` layer (wrapped by ``pyroflows.jax.density.as_trainable``).
+        x: points of shape ``(..., dim)``.
+        key: feeds layers that draw noise (otherwise they take ``numpyro.prng_key()``).
 
-    ``key`` feeds layers that draw noise (otherwise they take ``numpyro.prng_key()``).
+    Returns:
+        ``log q(x)``, shape ``(...)``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, pyroflows.jax as pf
+        >>> flow = pf.build_flow("householder", 2, key=jax.random.key(0))
+        >>> flow_log_prob(flow, jnp.zeros((3, 2))).shape
+        (3,)
     """
-    from .snf import StochasticFlow
-
-    if isinstance(flow, StochasticFlow):  # issue 6: a reverse-path lower bound (pyroflows.jax.snf)
-        from .transforms.base import _noise_key
-
-        return flow.log_prob_lower_bound(_noise_key(flow, key), x)
-    u, ildj = flow.to_transform(key=key).inverse_and_ladj(x)
-    return _base_log_prob(u) + ildj
-
-
-def log_prob_stop_gradient(flow, x, key=None):
-    """``log q(x)`` with the flow's weights held fixed: gradients reach ``x`` only.
-
-    The path-derivative estimator of Roeder, Wu & Duvenaud 2017 (arXiv:1703.09194)
-    scores a reparametrised sample this way.
-    """
-    return flow_log_prob(jax.lax.stop_gradient(flow), x, key)
+    return keyed_log_prob(as_trainable(flow), x, key)
 
 
 def _nll(params, static, x, key):
-    return -jnp.mean(flow_log_prob(eqx.combine(params, static), x, key))
+    return -jnp.mean(keyed_log_prob(eqx.combine(params, static), x, key))
 
 
 def _all_finite(loss, grads):
@@ -136,8 +138,8 @@ def _mle_eval(params, static, data, key):
 
 
 def fit_mle(
-    flow,
-    data,
+    flow: Any,
+    data: Any,
     *,
     num_steps: int = 1000,
     batch_size: int = 256,
@@ -148,18 +150,18 @@ def fit_mle(
     standardize: bool = True,
     max_bad_steps: int = fitting.MAX_BAD_STEPS,
     seed: int = 0,
-    key=None,
+    key: jax.Array | None = None,
     progress: bool = True,
-):
+) -> tuple[Any, fitting.History]:
     """Fit ``flow`` to ``data`` by maximum likelihood (forward KL) with Adam.
 
-    The density is N(0, I) pushed through ``flow`` (Papamakarios et al. 2021,
-    arXiv:1912.02762, section 2.3.1); its log-density at a data point needs the flow's
-    inverse, one parallel pass for ``maf``. ``validation_fraction`` of the rows
-    (``pyroflows.fitting.split_indices``, seeded by ``seed``) are held out; every
-    ``eval_every`` steps the validation NLL (the mean training NLL since the last
-    evaluation when nothing is held out) is recorded, and ``patience`` evaluations
-    without improvement stop the fit. Minibatches of ``batch_size`` rows are drawn
+    The loss is the mean of ``-flow.log_prob(x)`` over a minibatch: for a ``Flow`` the
+    density of N(0, I) pushed through it, which needs the flow's inverse (one parallel
+    pass for ``maf``); for a ``StochasticFlow`` its reverse-path lower bound.
+    ``validation_fraction`` of the rows (``pyroflows.fitting.split_indices``, seeded by
+    ``seed``) are held out; every ``eval_every`` steps the validation NLL (the mean
+    training NLL since the last evaluation when nothing is held out) is recorded, and
+    ``patience`` evaluations without improvement stop the fit. Minibatches of ``batch_size`` rows are drawn
     without replacement by a numpy generator seeded by ``seed``; ``key`` (default
     ``jax.random.key(seed)``) feeds layers that draw noise. An evaluation after which
     every step was skipped (see below) is not recorded: the weights did not change.
@@ -170,7 +172,8 @@ def fit_mle(
     ``pyroflows.jax.standardize.Standardize(mean, sd)``, so its density is that of the
     original data (``log q(x) = log q_flow(z) - sum(log sd)``). All recorded losses are
     NLLs of the original data. A ``flow`` that already ends in a ``Standardize`` layer
-    keeps it and its statistics; a ``StochasticFlow`` is never standardised.
+    keeps it and its statistics; a flow whose ``standardizable`` is False (a
+    ``StochasticFlow``) is never standardised.
 
     A step whose loss or gradient is NaN or inf leaves the weights and the optimiser
     state untouched (inside the compiled step) and is counted in
@@ -178,7 +181,8 @@ def fit_mle(
     naming the likely cause (``pyroflows.fitting.NonFiniteGuard``).
 
     Args:
-        flow: a ``Flow`` from ``build_flow`` (or any layer with ``dim``).
+        flow: a ``TrainableFlow``: a ``Flow`` from ``build_flow``, a ``StochasticFlow``,
+            a user's own; or a lone ``FlowTransform`` layer.
         data: array of shape ``(n, dim)``, ``n >= 2``, finite real numbers.
         num_steps: Adam steps.
         batch_size: rows per minibatch.
@@ -195,24 +199,51 @@ def fit_mle(
     Returns:
         ``(fitted, history)``. Equinox modules are immutable, so ``fitted`` is a new flow
         with the weights of the best evaluation: ``flow``'s structure when nothing is
-        standardised (``standardize=False``, a ``StochasticFlow``, or ``flow`` already ends
-        in a ``Standardize`` layer), otherwise a ``Flow`` whose parts are ``flow``'s layers
+        standardised (``standardize=False``, ``flow.standardizable`` False, or ``flow``
+        already ends in a ``Standardize`` layer), otherwise a ``Flow`` whose parts are ``flow``'s layers
         (fitted to the z-scored data) followed by ``Standardize(mean, sd)``, with
         ``standardize=True`` added to the config. ``history`` is a ``pyroflows.fitting.History``.
+
+    Raises:
+        ValueError: bad options or data (``pyroflows.fitting.check_fit_options``,
+            ``check_data``), a non-finite validation loss, or ``max_bad_steps``
+            consecutive non-finite steps.
+
+    References:
+        Papamakarios, Nalisnick, Rezende, Mohamed & Lakshminarayanan 2021,
+        "Normalizing flows for probabilistic modeling and inference",
+        arXiv:1912.02762, section 2.3.1.
+
+    Example:
+        >>> import jax, numpy as np, pyroflows.jax as pf
+        >>> flow = pf.build_flow("householder", 2, key=jax.random.key(0))
+        >>> data = np.random.default_rng(0).normal(size=(100, 2))
+        >>> fitted, history = fit_mle(flow, data, num_steps=10, eval_every=5, validation_fraction=0.0,
+        ...                           progress=False)
+        >>> history.step, type(fitted.parts[-1]).__name__
+        ([5, 10], 'Standardize')
     """
     fitting.check_fit_options(
-        "fit_mle", num_steps=num_steps, batch_size=batch_size, lr=lr,
-        validation_fraction=validation_fraction, eval_every=eval_every, patience=patience,
-        standardize=standardize, max_bad_steps=max_bad_steps,
+        "fit_mle",
+        num_steps=num_steps,
+        batch_size=batch_size,
+        lr=lr,
+        validation_fraction=validation_fraction,
+        eval_every=eval_every,
+        patience=patience,
+        standardize=standardize,
+        max_bad_steps=max_bad_steps,
     )
-    from .snf import StochasticFlow
     from .standardize import Standardize, split_standardize, with_standardize
 
-    dtype = _float_dtype(flow)
+    trainable = as_trainable(flow)
+    wrapped = trainable is not flow  # a lone layer: trained in its adapter, handed back bare
+    flow = trainable
+    dtype = result_float_dtype(flow)
     array = fitting.check_data(data, flow.dim)
     train_idx, val_idx = fitting.split_indices(array.shape[0], validation_fraction, seed)
     inner, layer, offset = flow, None, 0.0
-    if standardize and not isinstance(flow, StochasticFlow):
+    if standardize and flow.standardizable:
         inner, layer = split_standardize(flow)
         if layer is None:
             loc, scale = fitting.standardization(array[train_idx])
@@ -254,7 +285,9 @@ def fit_mle(
             if validation is not None:
                 val_loss = float(_mle_eval(params, static, validation, jax.random.fold_in(val_key, step))) + offset
                 fitting.check_finite_loss(
-                    val_loss, step, "fit_mle: the validation loss",
+                    val_loss,
+                    step,
+                    "fit_mle: the validation loss",
                     f"a held-out row has zero density under the flow although the training steps were finite: "
                     f"the weights diverged (try lr={lr / 10:g}) or the data are badly scaled (standardize=True)",
                 )
@@ -267,26 +300,18 @@ def fit_mle(
                 break
     history.best_step = stopper.best_step
     fitted = eqx.combine(best, static)
+    fitted = fitted.transform if wrapped else fitted
     if layer is None:
         return fitted, history
     return with_standardize(fitted, layer), history
 
 
 def _reverse_kl(params, static, log_density, key, beta, num_samples, stick_the_landing):
-    from .snf import StochasticFlow
-
     flow = eqx.combine(params, static)
-    if isinstance(flow, StochasticFlow):  # issue 6: log q of the whole path, dS of its blocks included
-        x, log_q = flow.sample_path(key, num_samples)
-    else:
-        noise_key, flow_key = jax.random.split(key)
-        dtype = _float_dtype(params)
-        eps = jax.random.normal(noise_key, (num_samples, flow.dim), dtype)
-        x, ladj = flow.to_transform(key=flow_key).call_with_intermediates(eps)
-        if stick_the_landing:
-            log_q = log_prob_stop_gradient(flow, x, flow_key)
-        else:
-            log_q = _base_log_prob(eps) - ladj
+    # a Flow: N(0, I) draws pushed forward; a StochasticFlow: log q of the whole path
+    x, log_q = flow.sample_and_log_prob(num_samples, key)
+    if stick_the_landing:  # the draws scored again with the weights held fixed
+        log_q = log_prob_stop_gradient(flow, x, jax.random.fold_in(key, 1))
     log_p = log_density(x)
     fitting.check_log_density_shape(jnp.shape(log_p), num_samples, flow.dim)
     bad = jax.lax.stop_gradient(~jnp.isfinite(log_p))
@@ -306,8 +331,8 @@ def _reverse_kl_chunk(params, static, opt_state, log_density, keys, betas, activ
 
 
 def fit_reverse_kl(
-    flow,
-    log_density=None,
+    flow: Any,
+    log_density: Callable[[jax.Array], jax.Array] | None = None,
     *,
     num_steps: int = 1000,
     num_samples: int = 256,
@@ -316,18 +341,19 @@ def fit_reverse_kl(
     stick_the_landing: bool = False,
     max_bad_steps: int = fitting.MAX_BAD_STEPS,
     seed: int = 0,
-    key=None,
+    key: jax.Array | None = None,
     progress: bool = True,
-):
+) -> tuple[Any, fitting.History]:
     """Fit ``flow`` to an unnormalised density by minimising the reverse KL with Adam.
 
     The loss at step ``t`` is the Monte Carlo estimate over ``num_samples`` draws
-    ``x = flow(u)``, ``u ~ N(0, I)``, of ``E_q[log q(x) - beta_t log_density(x)]``
-    (Rezende & Mohamed 2015, arXiv:1505.05770): without annealing it is
+    ``(x, log q(x)) = flow.sample_and_log_prob(num_samples, key)`` (for a ``Flow``,
+    ``x = flow(u)`` with ``u ~ N(0, I)``) of ``E_q[log q(x) - beta_t log_density(x)]``
+    (Rezende & Mohamed 2015): without annealing it is
     ``KL(q || p) - log Z``. ``beta_t = pyroflows.fitting.anneal_factor(t, anneal_steps)``
     ramps linearly from ``1/anneal_steps`` to 1 over the first ``anneal_steps`` steps.
-    ``stick_the_landing`` scores the samples with the weights held fixed (path
-    derivative; Roeder et al. 2017, arXiv:1703.09194), which needs the flow's inverse.
+    ``stick_the_landing`` scores the samples again with the weights held fixed (path
+    derivative; Roeder et al. 2017), which needs the flow's inverse.
     ``key`` (default ``jax.random.key(seed)``) draws the base samples.
 
     A NaN or inf from ``log_density`` at the first step (before any update) raises a
@@ -338,11 +364,13 @@ def fit_reverse_kl(
     learning rate). Steps run in compiled chunks of 50, so the error comes at the end of
     the chunk in which it arose.
 
-    A ``pyroflows.jax.snf.StochasticFlow`` trains on ``E[-log w]`` of its whole paths
-    against its own target (``log_density=None``).
+    ``flow.fit_target(log_density, stick_the_landing)`` names the density trained
+    against: a ``Flow`` takes ``log_density`` itself, a ``pyroflows.jax.snf.StochasticFlow``
+    its own target (``log_density=None``) and trains on ``E[-log w]`` of its whole paths.
 
     Args:
-        flow: a flow with ``dim`` (from ``build_flow``) or a ``StochasticFlow``.
+        flow: a ``TrainableFlow`` (``Flow``, ``StochasticFlow``, a user's own) or a lone
+            ``FlowTransform`` layer.
         log_density: maps an ``(n, dim)`` array to shape ``(n,)``; jax-traceable.
         num_steps: Adam steps.
         num_samples: draws per step.
@@ -357,18 +385,41 @@ def fit_reverse_kl(
     Returns:
         ``(flow, history)``: a new flow with the final weights and a
         ``pyroflows.fitting.History`` with the loss of every step taken.
+
+    Raises:
+        ValueError: bad options, a ``log_density`` that is not callable or returns the
+            wrong shape, a non-finite target at the first step, a ``StochasticFlow``
+            given another target or ``stick_the_landing``, or ``max_bad_steps``
+            consecutive non-finite steps.
+
+    References:
+        Rezende & Mohamed 2015, "Variational inference with normalizing flows",
+        arXiv:1505.05770.
+        Roeder, Wu & Duvenaud 2017, "Sticking the landing: simple, lower-variance
+        gradient estimators for variational inference", arXiv:1703.09194.
+
+    Example:
+        >>> import jax, pyroflows.jax as pf
+        >>> flow = pf.build_flow("householder", 2, key=jax.random.key(0))
+        >>> fitted, history = fit_reverse_kl(
+        ...     flow, lambda x: -0.5 * (x**2).sum(-1), num_steps=5, num_samples=16, progress=False)
+        >>> history.step
+        [1, 2, 3, 4, 5]
     """
     fitting.check_fit_options(
-        "fit_reverse_kl", num_steps=num_steps, num_samples=num_samples, lr=lr, anneal_steps=anneal_steps,
+        "fit_reverse_kl",
+        num_steps=num_steps,
+        num_samples=num_samples,
+        lr=lr,
+        anneal_steps=anneal_steps,
         max_bad_steps=max_bad_steps,
     )
-    from ..snf import snf_fit_target
-    from .snf import StochasticFlow
-
-    if isinstance(flow, StochasticFlow):  # issue 6: stochastic normalizing flows
-        log_density = snf_fit_target(flow.target_log_density, log_density, stick_the_landing)
+    trainable = as_trainable(flow)
+    wrapped = trainable is not flow  # a lone layer: trained in its adapter, handed back bare
+    flow = trainable
+    log_density = flow.fit_target(log_density, bool(stick_the_landing))
     fitting.check_log_density(log_density)
-    dtype = _float_dtype(flow)
+    dtype = result_float_dtype(flow)
     key = jax.random.key(seed) if key is None else key
     params, static = eqx.partition(flow, eqx.is_inexact_array)
     opt_state = _init_optimizer(params, lr, dtype)
@@ -381,8 +432,15 @@ def fit_reverse_kl(
             betas = [fitting.anneal_factor(step + i, anneal_steps) for i in range(chunk)]
             keys = jax.random.split(jax.random.fold_in(key, step), chunk)
             params, opt_state, losses, ok, target_bad, target_nan = _reverse_kl_chunk(
-                params, static, opt_state, log_density, keys, jnp.asarray(betas, dtype), jnp.arange(chunk) < n,
-                num_samples, bool(stick_the_landing),
+                params,
+                static,
+                opt_state,
+                log_density,
+                keys,
+                jnp.asarray(betas, dtype),
+                jnp.arange(chunk) < n,
+                num_samples,
+                bool(stick_the_landing),
             )
             losses, ok, target_bad = np.asarray(losses)[:n], np.asarray(ok)[:n], np.asarray(target_bad)[:n]
             if step == 0:
@@ -395,19 +453,59 @@ def fit_reverse_kl(
             if taken:
                 bar.set_postfix(loss=float(losses[taken[-1]]))
     history.best_step = num_steps
-    return eqx.combine(params, static), history
+    fitted = eqx.combine(params, static)
+    return (fitted.transform if wrapped else fitted), history
 
 
-def evaluate(model, guide, params, *args, key=None, num_samples=1000, **kwargs):
+def evaluate(
+    model: Callable,
+    guide: Callable,
+    params: dict,
+    *args: Any,
+    key: jax.Array | None = None,
+    num_samples: int = 1000,
+    **kwargs: Any,
+) -> dict:
     """Importance-weight diagnostics of a fitted guide: ELBO, importance-weighted ELBO, k-hat, ESS.
 
     Draws ``num_samples`` latents ``z ~ q`` from ``guide`` (with ``params``, e.g.
     ``svi.get_params(state)``), computes ``log w = log p(x, z) - log q(z)`` for each in one
-    vectorised, jitted pass, and returns ``pyroflows.diagnostics.summarize_weights(log_w)``:
-    ``elbo``, ``iwelbo`` (Burda et al. 2016, arXiv:1509.00519), ``khat`` (PSIS; Vehtari
-    et al., arXiv:1507.02646), ``ess``, ``ess_fraction`` and ``num_samples``. ``key``
-    defaults to ``jax.random.key(0)``; ``args``/``kwargs`` go to the model and guide
-    (traced, as ``SVI.update`` traces them).
+    vectorised, jitted pass, and summarises them with
+    ``pyroflows.diagnostics.summarize_weights``.
+
+    Args:
+        model: a NumPyro model.
+        guide: a NumPyro guide for it (``AutoFlow``, any autoguide).
+        params: the guide's parameters.
+        *args: the model's and guide's positional arguments (traced, as ``SVI.update``
+            traces them).
+        key: the draws' key (default ``jax.random.key(0)``).
+        num_samples: how many draws.
+        **kwargs: the model's and guide's keyword arguments.
+
+    Returns:
+        A dict with ``elbo``, ``iwelbo`` (Burda et al. 2016), ``khat`` (PSIS; Vehtari et
+        al.), ``ess``, ``ess_fraction`` and ``num_samples``.
+
+    Raises:
+        ValueError: ``num_samples`` is not a positive integer.
+
+    References:
+        Burda, Grosse & Salakhutdinov 2016, "Importance weighted autoencoders",
+        arXiv:1509.00519.
+        Vehtari, Simpson, Gelman, Yao & Gabry, "Pareto smoothed importance sampling",
+        arXiv:1507.02646.
+
+    Example:
+        >>> import jax, numpyro, numpyro.distributions as dist
+        >>> from numpyro.infer.autoguide import AutoNormal
+        >>> def model():
+        ...     numpyro.sample("z", dist.Normal(0.0, 1.0))
+        >>> guide = AutoNormal(model)
+        >>> params = {"z_auto_loc": 0.0, "z_auto_scale": 1.0}
+        >>> out = evaluate(model, guide, params, num_samples=100)
+        >>> round(out["elbo"], 6), round(out["ess_fraction"], 6)
+        (0.0, 1.0)
     """
     fitting.check_fit_options("evaluate", num_samples=num_samples)
     key = jax.random.key(0) if key is None else key

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 import numpy as np
 import pyro
@@ -15,12 +17,12 @@ from pyro.poutine.runtime import _DIM_ALLOCATOR
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to, constraints
 
-from ..fitting import AUTOFLOW_LOG_SCALE_BOUND, check_fit_options, check_latent_sites, check_quantiles
 from .. import snf as _snf
+from ..fitting import AUTOFLOW_LOG_SCALE_BOUND, check_fit_options, check_latent_sites, check_quantiles
 from ..laplace import AUTO, Start, check_init_scale, choose_start
 from . import snf as _blocks
+from .density import log_prob_stop_gradient
 from .flows import REGISTRY, build_flow
-from .train import log_prob_stop_gradient
 from .transforms.base import CholeskyAffine, ElementwiseAffine, Flow, LogTails, Permute
 
 __all__ = ["AutoFlow", "AutoSNF"]
@@ -147,26 +149,62 @@ class AutoFlow(AutoContinuous):
     guide draws (keyword, default 1000, drawn from Pyro's global RNG), per coordinate.
 
     ``stick_the_landing=True`` scores the guide's own sample with its parameters held
-    fixed: the path-derivative gradient estimator of Roeder, Wu & Duvenaud 2017
-    (arXiv:1703.09194), zero-variance when the guide equals the posterior. It costs one
+    fixed (``pyroflows.torch.density.log_prob_stop_gradient``): the path-derivative
+    gradient estimator, zero-variance when the guide equals the posterior. It costs one
     inverse pass of the flow (``D`` sequential passes for ``iaf``).
 
     Works with ``Trace_ELBO`` (vectorised particles too), ``JitTrace_ELBO``,
     ``Predictive`` and ``pyro.infer.reparam.NeuTraReparam`` (``get_transform()``
-    needs no model arguments). Discrete latent sites, or none, raise ``ValueError``.
+    needs no model arguments).
+
+    Args:
+        model: a Pyro model with continuous latent sites.
+        flow: a registered flow name (``pyroflows.torch.available_flows()``).
+        num_layers: the flow's layers; the family's default when ``None``.
+        hidden_dims: the flow's hidden widths; the family's default when ``None``.
+        init_loc_fn: where the start search begins (a Pyro init strategy).
+        init_scale: ``"auto"``, ``"laplace"`` or a float in ``(exp(-5), exp(5))`` (above).
+        stick_the_landing: score the guide's own draws with the parameters held fixed.
+        **options: the flow family's keyword options.
+
+    Raises:
+        ValueError: an unknown flow or option, a bad ``init_scale``; at the first call,
+            discrete latent sites or none, or (``init_scale="laplace"``) no usable mode.
+
+    References:
+        Kucukelbir, Tran, Ranganath, Gelman & Blei 2017, "Automatic differentiation
+        variational inference", arXiv:1603.00788.
+        Roeder, Wu & Duvenaud 2017, "Sticking the landing: simple, lower-variance gradient
+        estimators for variational inference", arXiv:1703.09194.
+
+    Example:
+        >>> import pyro.distributions as dist
+        >>> from pyro.infer import SVI, Trace_ELBO
+        >>> def model(y):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        ...     with pyro.plate("data", len(y)):
+        ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+        >>> y = torch.ones(4)  # the posterior of mu is N(0.8, 0.2)
+        >>> pyro.set_rng_seed(0)
+        >>> pyro.clear_param_store()
+        >>> guide = AutoFlow(model, flow="realnvp", num_layers=1, hidden_dims=(8,))
+        >>> svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+        >>> losses = [svi.step(y) for _ in range(3)]
+        >>> guide.start.kind, round(guide.median(y)["mu"].item(), 1)
+        ('laplace', 0.8)
     """
 
     def __init__(
         self,
-        model,
+        model: Callable,
         *,
-        flow="iaf",
-        num_layers=None,
-        hidden_dims=None,
-        init_loc_fn=init_to_median,
-        init_scale=AUTO,
-        stick_the_landing=False,
-        **options,
+        flow: str = "iaf",
+        num_layers: int | None = None,
+        hidden_dims: Sequence[int] | None = None,
+        init_loc_fn: Callable = init_to_median,
+        init_scale: str | float = AUTO,
+        stick_the_landing: bool = False,
+        **options: Any,
     ):
         init_scale = check_init_scale(init_scale, "AutoFlow", _LOG_SCALE_BOUND)
         # Unknown names and options fail here, not at the first SVI step.
@@ -199,7 +237,10 @@ class AutoFlow(AutoContinuous):
         loc = self._init_loc()
         spec = self._flow_args
         body = build_flow(
-            spec["name"], self.latent_dim, num_layers=spec["num_layers"], hidden_dims=spec["hidden_dims"],
+            spec["name"],
+            self.latent_dim,
+            num_layers=spec["num_layers"],
+            hidden_dims=spec["hidden_dims"],
             **spec["options"],
         ).to(device=loc.device, dtype=loc.dtype)
         bound = _LOG_SCALE_BOUND
@@ -241,8 +282,13 @@ class AutoFlow(AutoContinuous):
 
         with torch.enable_grad():
             return choose_start(
-                self.init_scale, potential_and_grad, hessian, potentials, start.detach().cpu().double().numpy(),
-                eps=torch.finfo(start.dtype).eps, caller=type(self).__name__,
+                self.init_scale,
+                potential_and_grad,
+                hessian,
+                potentials,
+                start.detach().cpu().double().numpy(),
+                eps=torch.finfo(start.dtype).eps,
+                caller=type(self).__name__,
             )
 
     def _find_nesting(self, *args, **kwargs):
@@ -251,11 +297,17 @@ class AutoFlow(AutoContinuous):
         with poutine.block():
             trace = poutine.trace(self.model).get_trace(*args, **kwargs)
         self._nesting = max(
-            [-f.dim for s in trace.nodes.values() if s["type"] == "sample" for f in s["cond_indep_stack"] if f.vectorized],
+            [
+                -f.dim
+                for s in trace.nodes.values()
+                if s["type"] == "sample"
+                for f in s["cond_indep_stack"]
+                if f.vectorized
+            ],
             default=0,
         )
 
-    def log_joint(self, z, *args, **kwargs):
+    def log_joint(self, z: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``log p(x, z)`` at unconstrained latent vectors ``z`` of shape ``(..., D)``, with the
         ``biject_to`` Jacobians (the density ``AutoSNF``'s blocks sample). A batch of ``z``
         runs the model once under a plate of paths, so it needs a model that broadcasts; a
@@ -293,17 +345,17 @@ class AutoFlow(AutoContinuous):
         return total.reshape(shape)
 
     @property
-    def flow(self):
+    def flow(self) -> Flow:
         """The ``build_flow`` part of the guide (``save_flow``-able)."""
         return self.transform.parts[0]
 
     @property
-    def affine(self):
+    def affine(self) -> ElementwiseAffine:
         """The ``ElementwiseAffine`` layer after the flow: ``loc`` and the bounded log-scale."""
         return self.transform.parts[2]
 
     @property
-    def whitening(self):
+    def whitening(self) -> CholeskyAffine | None:
         """The fixed ``CholeskyAffine`` start map (Laplace or diagonal; None for a float ``init_scale``)."""
         parts = self.transform.parts
         return parts[3] if len(parts) > 3 else None
@@ -311,19 +363,24 @@ class AutoFlow(AutoContinuous):
     # --- the AutoContinuous contract ---------------------------------------------------
     def _reference(self):
         if self.prototype_trace is None:
-            raise ValueError(f"{type(self).__name__} is not set up yet: call it (or run SVI) with the model's arguments")
+            raise ValueError(
+                f"{type(self).__name__} is not set up yet: call it (or run SVI) with the model's arguments"
+            )
         # _modules, not the attribute: PyroModule would register the weights again
         return self._modules["transform"].parts[2].loc
 
-    def get_base_dist(self):
+    def get_base_dist(self) -> dist.Distribution:
+        """``N(0, I_D)``, the base of the guide's flow."""
         ref = self._reference()
         zeros = torch.zeros(self.latent_dim, dtype=ref.dtype, device=ref.device)
         return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
 
-    def get_transform(self, *args, **kwargs):
+    def get_transform(self, *args: Any, **kwargs: Any) -> Flow:
+        """The guide's whole map from base noise to the unconstrained latent vector."""
         return self.transform
 
-    def get_posterior(self, *args, **kwargs):
+    def get_posterior(self, *args: Any, **kwargs: Any) -> dist.TransformedDistribution:
+        """The guide's distribution over the unconstrained latent vector."""
         return _FlowPosterior(self.get_base_dist(), self.transform, self.stick_the_landing)
 
     # --- point summaries -------------------------------------------------------------
@@ -346,27 +403,44 @@ class AutoFlow(AutoContinuous):
         return torch.quantile(z, probs, dim=0)
 
     def _constrained(self, latent):
-        return {
-            site["name"]: biject_to(site["fn"].support)(value) for site, value in self._unpack_latent(latent)
-        }
+        return {site["name"]: biject_to(site["fn"].support)(value) for site, value in self._unpack_latent(latent)}
 
     @torch.no_grad()
-    def median(self, *args, num_samples=1000, **kwargs):
+    def median(self, *args: Any, num_samples: int = 1000, **kwargs: Any) -> dict[str, torch.Tensor]:
         """Posterior median of each latent site, in the constrained space.
 
         Exact when every flow layer is elementwise increasing or a permutation,
         otherwise the coordinatewise sample median of ``num_samples`` guide draws.
+
+        Args:
+            *args: the model's arguments (used only to set the guide up).
+            num_samples: draws for the sample median.
+            **kwargs: the model's keyword arguments.
+
+        Returns:
+            ``{name: tensor}`` with each site's shape.
         """
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         return self._constrained(self._latent_quantiles([0.5], num_samples)[0])
 
     @torch.no_grad()
-    def quantiles(self, quantiles, *args, num_samples=1000, **kwargs):
-        """Posterior quantiles of each latent site: ``{name: tensor (len(quantiles),) + shape}``.
+    def quantiles(
+        self, quantiles: Sequence[float], *args: Any, num_samples: int = 1000, **kwargs: Any
+    ) -> dict[str, torch.Tensor]:
+        """Posterior quantiles of each latent site, in the constrained space.
 
         Exact when every flow layer is elementwise increasing or a permutation,
         otherwise coordinatewise sample quantiles of ``num_samples`` guide draws.
+
+        Args:
+            quantiles: probabilities in ``(0, 1)``.
+            *args: the model's arguments (used only to set the guide up).
+            num_samples: draws for sample quantiles.
+            **kwargs: the model's keyword arguments.
+
+        Returns:
+            ``{name: tensor of shape (len(quantiles),) + site shape}``.
         """
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
@@ -379,8 +453,6 @@ class AutoFlow(AutoContinuous):
 
 
 # --------------------------------------------------------------------------- AutoSNF (issue 6)
-
-
 
 
 class _PathPosterior(dist.TorchDistribution):
@@ -449,26 +521,66 @@ class AutoSNF(AutoFlow):
     ``median``/``quantiles`` are sample quantiles of guide draws and take the model's
     arguments. There is no deterministic ``get_transform`` (``NeuTraReparam`` needs
     ``AutoFlow``), and no sticking-the-landing estimator.
+
+    Args:
+        model: a Pyro model with continuous latent sites.
+        flow: a registered flow name for the base.
+        num_layers: the base flow's layers.
+        hidden_dims: the base flow's hidden widths; the family's default when ``None``.
+        stochastic: a block or a list of blocks from ``pyroflows.torch.snf``; ``None``:
+            four ``MALA(step_size=0.01)``.
+        schedule: ``"linear"``, ``"target"`` or one number in ``[0, 1]`` per block.
+        init_loc_fn: where the base starts (a Pyro init strategy).
+        init_scale: the base's initial scale, or ``"auto"``/``"laplace"`` as for ``AutoFlow``.
+        **options: the flow family's keyword options.
+
+    Raises:
+        ValueError: an empty or bad ``stochastic``, a bad ``schedule``, or any of ``AutoFlow``'s errors.
+
+    References:
+        Wu, Köhler & Noé 2020, "Stochastic normalizing flows", arXiv:2002.06707.
+
+    Example:
+        >>> import pyro.distributions as dist
+        >>> from pyro.infer import SVI, Trace_ELBO
+        >>> from pyroflows.torch.snf import MALA
+        >>> def model(y):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        ...     with pyro.plate("data", len(y)):
+        ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+        >>> y = torch.ones(4)
+        >>> pyro.set_rng_seed(0)
+        >>> pyro.clear_param_store()
+        >>> guide = AutoSNF(model, hidden_dims=(8,), stochastic=[MALA(0.05, num_steps=2)])
+        >>> svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+        >>> losses = [svi.step(y) for _ in range(2)]
+        >>> guide.median(y, num_samples=50)["mu"].shape
+        torch.Size([])
     """
 
     def __init__(
         self,
-        model,
+        model: Callable,
         *,
-        flow=_snf.AUTOSNF_DEFAULTS["flow"],
-        num_layers=_snf.AUTOSNF_DEFAULTS["num_layers"],
-        hidden_dims=None,
-        stochastic=None,
-        schedule=_snf.AUTOSNF_DEFAULTS["schedule"],
-        init_loc_fn=init_to_median,
-        init_scale=0.1,
-        **options,
+        flow: str = _snf.AUTOSNF_DEFAULTS["flow"],
+        num_layers: int = _snf.AUTOSNF_DEFAULTS["num_layers"],
+        hidden_dims: Sequence[int] | None = None,
+        stochastic: Any = None,
+        schedule: str | Sequence[float] = _snf.AUTOSNF_DEFAULTS["schedule"],
+        init_loc_fn: Callable = init_to_median,
+        init_scale: str | float = 0.1,
+        **options: Any,
     ):
         blocks = _snf.autosnf_blocks(stochastic, _blocks)
         _snf.interpolation_schedule(schedule, len(blocks))
         super().__init__(
-            model, flow=flow, num_layers=num_layers, hidden_dims=hidden_dims, init_loc_fn=init_loc_fn,
-            init_scale=init_scale, **options,
+            model,
+            flow=flow,
+            num_layers=num_layers,
+            hidden_dims=hidden_dims,
+            init_loc_fn=init_loc_fn,
+            init_scale=init_scale,
+            **options,
         )
         self.blocks = torch.nn.ModuleList(blocks)
         self.schedule = schedule
@@ -479,21 +591,26 @@ class AutoSNF(AutoFlow):
         self.blocks.to(device=ref.device, dtype=ref.dtype)
         self._find_nesting(*args, **kwargs)
 
-    def stochastic_flow(self, *args, **kwargs):
+    def stochastic_flow(self, *args: Any, **kwargs: Any) -> _blocks.StochasticFlow:
         """The guide's path as a ``StochasticFlow``: base ``q0`` the flow posterior, layers the
         blocks, target ``log_joint`` at these arguments."""
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         base = dist.TransformedDistribution(self.get_base_dist(), self.transform)
         return _blocks.StochasticFlow(
-            list(self.blocks), self.latent_dim, lambda z: self.log_joint(z, *args, **kwargs), base=base,
+            list(self.blocks),
+            self.latent_dim,
+            lambda z: self.log_joint(z, *args, **kwargs),
+            base=base,
             schedule=self.schedule,
         )
 
-    def get_transform(self, *args, **kwargs):
+    def get_transform(self, *args: Any, **kwargs: Any) -> NoReturn:
+        """Raises ``NotImplementedError``: a stochastic path has no deterministic transform."""
         raise _snf.no_transform_error(type(self).__name__)
 
-    def get_posterior(self, *args, **kwargs):
+    def get_posterior(self, *args: Any, **kwargs: Any) -> dist.TorchDistribution:
+        """The distribution of a guide draw: one path of ``stochastic_flow`` per draw."""
         return _PathPosterior(self.stochastic_flow(*args, **kwargs))
 
     @property
@@ -502,9 +619,20 @@ class AutoSNF(AutoFlow):
         return False
 
     @torch.no_grad()
-    def quantiles(self, quantiles, *args, num_samples=1000, **kwargs):
-        """Sample quantiles of ``num_samples`` guide draws per unconstrained coordinate, then
-        ``biject_to``: ``{name: tensor (len(quantiles),) + shape}``. Takes the model's arguments."""
+    def quantiles(
+        self, quantiles: Sequence[float], *args: Any, num_samples: int = 1000, **kwargs: Any
+    ) -> dict[str, torch.Tensor]:
+        """Sample quantiles of ``num_samples`` guide draws per unconstrained coordinate, then ``biject_to``.
+
+        Args:
+            quantiles: probabilities in ``(0, 1)``.
+            *args: the model's arguments (the blocks run the model).
+            num_samples: guide draws.
+            **kwargs: the model's keyword arguments.
+
+        Returns:
+            ``{name: tensor of shape (len(quantiles),) + site shape}``.
+        """
         caller = f"{type(self).__name__}.quantiles"
         check_fit_options(caller, num_samples=num_samples)
         z = self.get_posterior(*args, **kwargs).sample((num_samples,))
@@ -516,6 +644,17 @@ class AutoSNF(AutoFlow):
         return {name: torch.stack(values) for name, values in out.items()}
 
     @torch.no_grad()
-    def median(self, *args, num_samples=1000, **kwargs):
-        """Sample median of ``num_samples`` guide draws per unconstrained coordinate, then ``biject_to``."""
-        return {name: value[0] for name, value in self.quantiles([0.5], *args, num_samples=num_samples, **kwargs).items()}
+    def median(self, *args: Any, num_samples: int = 1000, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Sample median of ``num_samples`` guide draws per unconstrained coordinate, then ``biject_to``.
+
+        Args:
+            *args: the model's arguments (the blocks run the model).
+            num_samples: guide draws.
+            **kwargs: the model's keyword arguments.
+
+        Returns:
+            ``{name: tensor}`` with each site's shape.
+        """
+        return {
+            name: value[0] for name, value in self.quantiles([0.5], *args, num_samples=num_samples, **kwargs).items()
+        }

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
 from pyro.distributions.torch_transform import TransformModule
 
 from ..registry import FlowRegistry
+
+if TYPE_CHECKING:  # the transforms import this module to register their builders
+    from .transforms.base import Flow
 
 __all__ = ["available_flows", "build_flow", "register_flow", "REGISTRY"]
 
@@ -12,28 +18,77 @@ REGISTRY = FlowRegistry("torch")
 
 
 def available_flows() -> list[str]:
-    """Every registered flow name, sorted."""
+    """Every registered flow name, sorted.
+
+    Returns:
+        The names ``build_flow`` and ``AutoFlow(flow=...)`` accept.
+
+    Example:
+        >>> {"maf", "realnvp", "planar"} <= set(available_flows())
+        True
+    """
     return REGISTRY.names()
 
 
-def register_flow(name: str, *, replace: bool = False):
+def register_flow(name: str, *, replace: bool = False) -> Callable[[Callable], Callable]:
     """Decorator adding ``builder(dim, num_layers=None, hidden_dims=None, **options)`` as ``name``.
 
     The builder returns a list of ``TransformModule`` layers or one ``TransformModule``;
     ``build_flow(name, dim, ...)`` and ``AutoFlow(model, flow=name)`` then use it.
+
+    Args:
+        name: the flow's name.
+        replace: allow replacing a registered name.
+
+    Returns:
+        The decorator, which returns the builder unchanged.
+
+    Raises:
+        ValueError: ``name`` is registered already and ``replace`` is false.
+
+    Example:
+        >>> from pyroflows.torch.transforms import ElementwiseAffine
+        >>> @register_flow("doc_affine", replace=True)
+        ... def doc_affine(dim, num_layers=None, hidden_dims=None):
+        ...     return ElementwiseAffine(dim)
+        >>> type(build_flow("doc_affine", 2).parts[0]).__name__
+        'ElementwiseAffine'
     """
     return REGISTRY.register(name, replace=replace)
 
 
-def build_flow(name: str, dim: int, *, num_layers=None, hidden_dims=None, **options):
+def build_flow(
+    name: str, dim: int, *, num_layers: int | None = None, hidden_dims: Sequence[int] | None = None, **options: Any
+) -> Flow:
     """Build the flow ``name`` for vectors of size ``dim`` as a ``Flow`` (a ``ComposeTransformModule``).
 
-    ``num_layers`` and ``hidden_dims`` default to the family's values
-    (``pyroflows.registry.SPECS``); ``options`` are the family's keyword options.
-    Unknown names and options raise ``ValueError`` naming the valid ones.
+    The ``Flow`` maps base noise to samples and implements
+    ``pyroflows.protocols.TrainableFlow`` (``log_prob`` of ``N(0, I)`` pushed through it).
 
-    >>> flow = build_flow("realnvp", 2)
-    >>> dist = pyro.distributions.TransformedDistribution(base, [flow])  # doctest: +SKIP
+    Args:
+        name: a registered flow name (``available_flows()``).
+        dim: the event size.
+        num_layers: the number of layers; the family's default when ``None``
+            (``pyroflows.registry.SPECS``).
+        hidden_dims: hidden widths of the family's networks; its default when ``None``.
+        **options: the family's keyword options.
+
+    Returns:
+        A ``pyroflows.torch.transforms.Flow`` whose ``config`` records the name and arguments.
+
+    Raises:
+        ValueError: an unknown name or option, naming the valid ones.
+
+    Example:
+        >>> import pyro.distributions as dist
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> flow = build_flow("realnvp", 2, num_layers=2, hidden_dims=(8,))
+        >>> flow.config["name"], flow.dim
+        ('realnvp', 2)
+        >>> base = dist.Normal(torch.zeros(2), 1.0).to_event(1)
+        >>> dist.TransformedDistribution(base, [flow]).sample((4,)).shape
+        torch.Size([4, 2])
     """
     from .transforms.base import Flow
 

@@ -8,17 +8,31 @@ identity and the guide or density it defines starts where its base distribution 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from ..ode import ACTIVATIONS as ODE_ACTIVATIONS
 from ..ode import hollow_mask
+from ..structure import made_masks
 
-__all__ = ["ACTIVATIONS", "activation", "MLP", "MADE", "made_degrees",
-           "smooth_activation", "TimeMLP", "GroupedLinear", "HollowMLP",
-           "spectral_norm", "SpectralNormLinear", "LipSwish", "LipschitzMLP"]
+__all__ = [
+    "ACTIVATIONS",
+    "activation",
+    "MLP",
+    "MADE",
+    "smooth_activation",
+    "TimeMLP",
+    "GroupedLinear",
+    "HollowMLP",
+    "spectral_norm",
+    "SpectralNormLinear",
+    "LipSwish",
+    "LipschitzMLP",
+]
 
+#: The activations of ``MLP`` and ``MADE`` by name (``activation_name``), as module classes.
 ACTIVATIONS = {
     "relu": nn.ReLU,
     "tanh": nn.Tanh,
@@ -30,6 +44,21 @@ ACTIVATIONS = {
 
 
 def activation(name: str) -> nn.Module:
+    """A fresh activation module from its name in ``ACTIVATIONS``.
+
+    Args:
+        name: one of ``"relu"``, ``"tanh"``, ``"elu"``, ``"leaky_relu"``, ``"gelu"``, ``"silu"``.
+
+    Returns:
+        The ``torch.nn`` module, e.g. ``nn.Tanh()``.
+
+    Raises:
+        ValueError: ``name`` is not a key of ``ACTIVATIONS``.
+
+    Example:
+        >>> activation("tanh")
+        Tanh()
+    """
     try:
         return ACTIVATIONS[name]()
     except KeyError:
@@ -43,7 +72,25 @@ def _uniform_init(weight: torch.Tensor, fan_in: int) -> None:
 
 
 class MaskedLinear(nn.Module):
-    """``x @ (W * mask).T + b``; a mask of ones is a plain linear layer."""
+    """A linear layer ``x @ (W * mask).T + b`` whose mask removes connections.
+
+    ``W`` has shape ``(out, in)`` and starts uniform in ``+-1/sqrt(fan_in)``, where
+    ``fan_in`` is the largest number of inputs a masked row keeps (the bias likewise);
+    ``zero=True`` starts both at zero instead (the output layer of ``MLP`` and ``MADE``).
+    Without a mask it is a plain linear layer.
+
+    Args:
+        in_features: input size.
+        out_features: output size.
+        mask: an ``(out, in)`` 0/1 tensor, kept as a buffer; ``None`` keeps every weight.
+        zero: start the weight and the bias at zero.
+
+    Example:
+        >>> layer = MaskedLinear(2, 2, mask=torch.eye(2), zero=True)
+        >>> _ = torch.nn.init.ones_(layer.weight)
+        >>> layer(torch.tensor([[2.0, 3.0]])).tolist()  # the mask keeps the diagonal only
+        [[2.0, 3.0]]
+    """
 
     def __init__(self, in_features: int, out_features: int, mask: torch.Tensor | None = None, zero: bool = False):
         super().__init__()
@@ -59,19 +106,41 @@ class MaskedLinear(nn.Module):
             _uniform_init(self.weight, fan_in)
             _uniform_init(self.bias, fan_in)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ (W * mask).T + b`` for ``x`` of shape ``(..., in_features)``.
+
+        Example:
+            >>> MaskedLinear(3, 2, zero=True)(torch.ones(4, 3)).shape
+            torch.Size([4, 2])
+        """
         w = self.weight if self.mask is None else self.weight * self.mask
         return nn.functional.linear(x, w, self.bias)
 
 
 class MLP(nn.Module):
-    """A fully connected network; the output layer is initialised at zero.
+    """A fully connected network whose output layer starts at zero.
 
+    ``net`` is an ``nn.Sequential`` of ``MaskedLinear`` layers (without masks) with an
+    activation after each hidden one. Because the last layer is zero, a fresh network
+    outputs zeros, so a coupling layer built on it starts at its transformer's identity.
     ``in_features`` may be 0 (a coupling on a 1-D input conditions on nothing): the
     network is then a learned constant.
+
+    Args:
+        in_features: input size (0 allowed).
+        hidden_dims: widths of the hidden layers.
+        out_features: output size.
+        activation_name: a key of ``ACTIVATIONS``.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> net = MLP(2, [8], 3)
+        >>> out = net(torch.ones(4, 2))
+        >>> tuple(out.shape), bool((out == 0).all())  # the zero output layer
+        ((4, 3), True)
     """
 
-    def __init__(self, in_features: int, hidden_dims, out_features: int, activation_name: str = "relu"):
+    def __init__(self, in_features: int, hidden_dims: Sequence[int], out_features: int, activation_name: str = "relu"):
         super().__init__()
         sizes = [in_features, *hidden_dims]
         layers = []
@@ -80,56 +149,86 @@ class MLP(nn.Module):
         layers.append(MaskedLinear(sizes[-1], out_features, zero=True))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The network on ``x`` of shape ``(..., in_features)``: shape ``(..., out_features)``.
+
+        Example:
+            >>> MLP(0, [4], 2)(torch.zeros(3, 0)).shape  # no inputs: a learned constant
+            torch.Size([3, 2])
+        """
         return self.net(x)
 
 
-def made_degrees(dim: int, hidden_dims) -> list[torch.Tensor]:
-    """Degrees of MADE's units (Germain et al. 2015): inputs 1..dim, hidden units cyclic.
-
-    Hidden degrees cycle through 1..dim-1 (deterministic, so both backends agree); an
-    output of degree i may see hidden units of degree < i, a hidden unit of degree k
-    the units of degree <= k below it.
-    """
-    degrees = [torch.arange(1, dim + 1)]
-    top = max(dim - 1, 1)
-    for h in hidden_dims:
-        degrees.append(torch.arange(h) % top + 1)
-    return degrees
-
-
 class MADE(nn.Module):
-    """Masked autoencoder for distribution estimation (Germain et al. 2015, arXiv:1502.03509).
+    """Masked autoencoder for distribution estimation: the autoregressive conditioner.
 
     Maps ``(..., dim)`` to ``(..., dim, num_params)``: the parameters of coordinate i
     depend only on coordinates ``< i`` (in the natural order; flows permute between
-    layers instead). The output layer starts at zero.
+    layers instead). The masks come from ``pyroflows.structure.made_masks``; the output
+    layer starts at zero.
+
+    Args:
+        dim: the number of coordinates.
+        hidden_dims: widths of the hidden layers.
+        num_params: outputs per coordinate.
+        activation_name: a key of ``ACTIVATIONS``.
+
+    References:
+        Germain, Gregor, Murray & Larochelle 2015, "MADE: Masked Autoencoder for
+        Distribution Estimation", arXiv:1502.03509.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> made = MADE(3, [8], 2)
+        >>> _ = torch.nn.init.normal_(made.net[-1].weight)  # leave the zero start
+        >>> jac = torch.autograd.functional.jacobian(lambda x: made(x)[:, 0], torch.randn(3))
+        >>> bool((torch.triu(jac) == 0).all())  # output i reads inputs < i only
+        True
     """
 
-    def __init__(self, dim: int, hidden_dims, num_params: int, activation_name: str = "relu"):
+    def __init__(self, dim: int, hidden_dims: Sequence[int], num_params: int, activation_name: str = "relu"):
         super().__init__()
         self.dim, self.num_params = dim, num_params
-        degrees = made_degrees(dim, hidden_dims)
+        masks = [torch.as_tensor(m, dtype=torch.get_default_dtype()) for m in made_masks(dim, hidden_dims, num_params)]
         layers = []
-        for d_in, d_out in zip(degrees[:-1], degrees[1:]):
-            mask = (d_out[:, None] >= d_in[None, :]).float()
-            layers += [MaskedLinear(len(d_in), len(d_out), mask), activation(activation_name)]
-        out_degrees = torch.arange(1, dim + 1).repeat_interleave(num_params)
-        mask = (out_degrees[:, None] > degrees[-1][None, :]).float()
-        layers.append(MaskedLinear(len(degrees[-1]), dim * num_params, mask, zero=True))
+        for mask in masks[:-1]:
+            layers += [MaskedLinear(mask.shape[1], mask.shape[0], mask), activation(activation_name)]
+        layers.append(MaskedLinear(masks[-1].shape[1], masks[-1].shape[0], masks[-1], zero=True))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The parameters ``(..., dim, num_params)`` for inputs ``(..., dim)``.
+
+        Example:
+            >>> MADE(3, [8], 2)(torch.zeros(5, 3)).shape
+            torch.Size([5, 3, 2])
+        """
         out = self.net(x)
         return out.reshape(*out.shape[:-1], self.dim, self.num_params)
 
 
 # --------------------------------------------------------------------------- ODE dynamics (ffjord)
-def smooth_activation(name: str, a: torch.Tensor):
-    """``(sigma(a), sigma'(a))`` for the smooth activations of CNF dynamics (``pyroflows.ode.ACTIVATIONS``).
+def smooth_activation(name: str, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An activation of CNF dynamics and its derivative, ``(sigma(a), sigma'(a))``.
 
-    The divergence is computed in forward mode next to the values, which needs sigma'.
-    softplus is written as ``max(a, 0) + log1p(exp(-|a|))`` (no overflow, no threshold switch).
+    The dynamics propagate Jacobian-vector products in forward mode next to the values,
+    which needs ``sigma'``. softplus is written as ``max(a, 0) + log1p(exp(-|a|))`` (no
+    overflow, no threshold switch).
+
+    Args:
+        name: ``"tanh"``, ``"softplus"`` or ``"silu"`` (``pyroflows.ode.ACTIVATIONS``).
+        a: pre-activations, any shape.
+
+    Returns:
+        ``(sigma(a), sigma'(a))``, each shaped like ``a``.
+
+    Raises:
+        ValueError: ``name`` is not one of the smooth activations.
+
+    Example:
+        >>> value, slope = smooth_activation("tanh", torch.zeros(2))
+        >>> value.tolist(), slope.tolist()
+        ([0.0, 0.0], [1.0, 1.0])
     """
     if name == "tanh":
         h = torch.tanh(a)
@@ -145,13 +244,25 @@ def smooth_activation(name: str, a: torch.Tensor):
 class TimeMLP(nn.Module):
     """Time-conditioned dynamics ``f(x, t)``: an MLP that reads ``t`` beside its input at every layer.
 
-    ``forward(t, x, tangents=None)`` returns ``f(x, t)`` and, for tangents ``V`` of shape
-    ``(..., k, dim)``, the Jacobian-vector products ``J v_j`` (shape ``(..., k, dim)``),
-    propagated alongside the values, so a trace estimate needs no second backward pass.
-    The output layer starts at zero: a fresh CNF is the identity.
+    Each layer sees ``[h, t]`` (one extra input column). Tangents are pushed through
+    the same layers, so the Jacobian-vector products a trace estimator needs come out
+    of the forward pass with no second backward pass. The output layer starts at zero:
+    a fresh CNF is the identity.
+
+    Args:
+        dim: the state size.
+        hidden_dims: widths of the hidden layers.
+        activation_name: a smooth activation (see ``smooth_activation``).
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> f = TimeMLP(2, [8])
+        >>> value, jv = f(torch.tensor(0.5), torch.ones(4, 2), torch.eye(2).expand(4, 2, 2))
+        >>> tuple(value.shape), tuple(jv.shape)
+        ((4, 2), (4, 2, 2))
     """
 
-    def __init__(self, dim: int, hidden_dims, activation_name: str = "tanh"):
+    def __init__(self, dim: int, hidden_dims: Sequence[int], activation_name: str = "tanh"):
         super().__init__()
         sizes = [dim, *hidden_dims, dim]
         last = len(sizes) - 2
@@ -160,7 +271,25 @@ class TimeMLP(nn.Module):
         )
         self.activation_name = activation_name
 
-    def forward(self, t, x, tangents=None):
+    def forward(
+        self, t: torch.Tensor, x: torch.Tensor, tangents: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``f(x, t)`` and the products ``J v_j`` of its Jacobian in ``x`` with the tangents.
+
+        Args:
+            t: the time, a scalar tensor.
+            x: states, shape ``(..., dim)``.
+            tangents: ``k`` tangent vectors per state, shape ``(..., k, dim)``, or ``None``.
+
+        Returns:
+            ``(f, JV)``: ``f`` shaped like ``x``; ``JV`` shaped like ``tangents`` (``None``
+            without them).
+
+        Example:
+            >>> value, jv = TimeMLP(2, [4])(torch.tensor(0.0), torch.zeros(2))
+            >>> value.tolist(), jv is None  # a fresh network is zero
+            ([0.0, 0.0], True)
+        """
         h, v = x, tangents
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
@@ -179,10 +308,23 @@ class GroupedLinear(nn.Module):
     """``groups`` independent linear maps: ``out[..., g, :] = W[g] @ in[..., g, :] + b[g]``.
 
     With ``shared_input=True`` every group reads the same vector ``in[..., :]``; ``mask``
-    (groups, out, in) then removes inputs per group.
+    then removes inputs per group (``HollowMLP`` hides coordinate g from group g this
+    way). Weights and biases start uniform in ``+-1/sqrt(fan_in)``.
+
+    Args:
+        groups: the number of maps.
+        in_features: input size of each map.
+        out_features: output size of each map.
+        mask: a ``(groups, out, in)`` 0/1 array, or ``None``.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> layer = GroupedLinear(3, 2, 4)
+        >>> layer(torch.ones(5, 3, 2)).shape, layer(torch.ones(5, 2), shared_input=True).shape
+        (torch.Size([5, 3, 4]), torch.Size([5, 3, 4]))
     """
 
-    def __init__(self, groups: int, in_features: int, out_features: int, mask=None):
+    def __init__(self, groups: int, in_features: int, out_features: int, mask: torch.Tensor | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(groups, out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(groups, out_features))
@@ -195,15 +337,34 @@ class GroupedLinear(nn.Module):
         _uniform_init(self.weight, fan_in)
         _uniform_init(self.bias, fan_in)
 
-    def masked_weight(self):
+    def masked_weight(self) -> torch.Tensor:
+        """The weights ``(groups, out, in)`` with the mask applied.
+
+        Example:
+            >>> layer = GroupedLinear(2, 2, 1, mask=torch.tensor([[[0, 1]], [[1, 0]]]))
+            >>> (layer.masked_weight() == 0).tolist()
+            [[[True, False]], [[False, True]]]
+        """
         return self.weight if self.mask is None else self.weight * self.mask
 
-    def forward(self, x, shared_input: bool = False):
+    def forward(self, x: torch.Tensor, shared_input: bool = False) -> torch.Tensor:
+        """The ``groups`` maps: ``(..., groups, in)`` (or ``(..., in)`` when shared) to ``(..., groups, out)``.
+
+        Example:
+            >>> GroupedLinear(3, 2, 4)(torch.ones(2), shared_input=True).shape
+            torch.Size([3, 4])
+        """
         return grouped_matmul(self.masked_weight(), x, shared_input) + self.bias
 
 
-def grouped_matmul(w, x, shared_input: bool):
-    """``W[g] @ x[..., g, :]`` per group, or ``W[g] @ x[..., :]`` with ``shared_input``."""
+def grouped_matmul(w: torch.Tensor, x: torch.Tensor, shared_input: bool) -> torch.Tensor:
+    """``W[g] @ x[..., g, :]`` per group, or ``W[g] @ x[..., :]`` with ``shared_input``.
+
+    Example:
+        >>> w = torch.stack([torch.eye(2), 2 * torch.eye(2)])
+        >>> grouped_matmul(w, torch.tensor([1.0, 3.0]), shared_input=True).tolist()
+        [[1.0, 3.0], [2.0, 6.0]]
+    """
     if shared_input:
         g, o, i = w.shape
         return (x @ w.reshape(g * o, i).T).unflatten(-1, (g, o))
@@ -211,18 +372,35 @@ def grouped_matmul(w, x, shared_input: bool):
 
 
 class HollowMLP(nn.Module):
-    """Hollow dynamics ``f_i(x, t) = tau_i(x_i, h_i)``, ``h_i = c_i(x_{-i}, t)`` (Chen & Duvenaud 2019,
-    "Neural networks with cheap differential operators", arXiv:1912.03579).
+    """Hollow dynamics ``f_i(x, t) = tau_i(x_i, h_i)``, ``h_i = c_i(x_{-i}, t)``, with an exact divergence.
 
     The conditioner is ``dim`` groups of an MLP with widths ``hidden_dims``; group i's
     first layer is masked so it never reads ``x_i``, so ``d h_i / d x_i = 0``. The
     transformer is ``tau_i = sum_k w_out[i, k] sigma(w_in[i, k] x_i + h_i[k]) + b_out[i]``,
     and the divergence ``sum_i d tau_i / d x_i`` is exact at the cost of one pass.
-    ``forward(t, x, tangents=None)`` returns ``(f, J V, divergence)``. ``w_out`` and
-    ``b_out`` start at zero: a fresh CNF is the identity.
+    ``w_out`` and ``b_out`` start at zero: a fresh CNF is the identity.
+
+    Args:
+        dim: the state size.
+        hidden_dims: widths of each group's conditioner layers.
+        activation_name: a smooth activation (see ``smooth_activation``).
+
+    References:
+        Chen & Duvenaud 2019, "Neural Networks with Cheap Differential Operators",
+        arXiv:1912.03579.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> f = HollowMLP(3, [8])
+        >>> _ = torch.nn.init.normal_(f.w_out)  # leave the zero start
+        >>> x, t = torch.randn(3), torch.tensor(0.3)
+        >>> _, _, divergence = f(t, x)
+        >>> jac = torch.autograd.functional.jacobian(lambda v: f(t, v)[0], x)
+        >>> bool(torch.allclose(divergence, torch.trace(jac), atol=1e-5))
+        True
     """
 
-    def __init__(self, dim: int, hidden_dims, activation_name: str = "tanh"):
+    def __init__(self, dim: int, hidden_dims: Sequence[int], activation_name: str = "tanh"):
         super().__init__()
         sizes = [dim + 1, *hidden_dims]
         self.layers = nn.ModuleList(
@@ -236,7 +414,25 @@ class HollowMLP(nn.Module):
         self.b_out = nn.Parameter(torch.zeros(dim))
         self.activation_name = activation_name
 
-    def forward(self, t, x, tangents=None):
+    def forward(
+        self, t: torch.Tensor, x: torch.Tensor, tangents: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``f(x, t)``, the products ``J v_j`` with the tangents, and the exact divergence.
+
+        Args:
+            t: the time, a scalar tensor.
+            x: states, shape ``(..., dim)``.
+            tangents: tangent vectors, shape ``(..., k, dim)``, or ``None``.
+
+        Returns:
+            ``(f, JV, divergence)`` with shapes ``(..., dim)``, ``(..., k, dim)`` (``None``
+            without tangents) and ``(...)``.
+
+        Example:
+            >>> f, jv, divergence = HollowMLP(2, [4])(torch.tensor(0.0), torch.zeros(5, 2), torch.ones(5, 1, 2))
+            >>> tuple(f.shape), tuple(jv.shape), tuple(divergence.shape)
+            ((5, 2), (5, 1, 2), (5,))
+        """
         name, v = self.activation_name, tangents
         h = torch.cat([x, t.expand(x.shape[:-1] + (1,))], -1)
         last = len(self.layers) - 1
@@ -271,7 +467,22 @@ def spectral_norm(weight: torch.Tensor, power_iterations: int) -> torch.Tensor:
     of ``W`` alone and needs no stored state. ``tr(W P W^T)`` is a weighted mean of the
     eigenvalues of ``A`` with weights ``lambda^N``, short of ``sigma_max^2`` by at most a
     relative ``(m - 1) / (e N)`` (``m`` the Gram matrix's size). ``P`` is held fixed for
-    the gradient, as power-iteration vectors are in Miyato et al. 2018 (arXiv:1802.05957).
+    the gradient, as power-iteration vectors are in spectral normalisation.
+
+    Args:
+        weight: a matrix ``(out, in)``.
+        power_iterations: the number of power-iteration steps ``N``.
+
+    Returns:
+        ``sigma_max(weight)`` (from below), a scalar tensor; 0 for a zero matrix.
+
+    References:
+        Miyato, Kataoka, Koyama & Yoshida 2018, "Spectral Normalization for Generative
+        Adversarial Networks", arXiv:1802.05957.
+
+    Example:
+        >>> round(spectral_norm(torch.tensor([[3.0, 0.0], [0.0, 1.0]]), 64).item(), 4)
+        3.0
     """
     tall = weight.shape[1] <= weight.shape[0]
     with torch.no_grad():
@@ -293,12 +504,31 @@ def spectral_norm(weight: torch.Tensor, power_iterations: int) -> torch.Tensor:
 class SpectralNormLinear(nn.Module):
     """A linear layer whose weight is scaled to spectral norm at most ``coeff``.
 
-    ``W_hat = W / max(1, sigma(W) / coeff)`` (Behrmann et al. 2019, arXiv:1811.00995),
-    ``sigma`` from ``spectral_norm``. ``zero=True`` starts the weight and bias at zero.
+    ``W_hat = W / max(1, sigma(W) / coeff)``, ``sigma`` from ``spectral_norm``, so the
+    layer is ``coeff``-Lipschitz (up to the power iteration's tolerance), as the residual
+    blocks of an invertible ResNet need.
+
+    Args:
+        in_features: input size.
+        out_features: output size.
+        coeff: the bound on the spectral norm.
+        power_iterations: steps of ``spectral_norm``.
+        zero: start the weight and the bias at zero.
+
+    References:
+        Behrmann, Grathwohl, Chen, Duvenaud & Jacobsen 2019, "Invertible Residual
+        Networks", arXiv:1811.00995.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> layer = SpectralNormLinear(3, 3, coeff=0.5)
+        >>> bool(torch.linalg.matrix_norm(layer.normalized_weight(), ord=2) <= 0.5 + 1e-3)
+        True
     """
 
-    def __init__(self, in_features: int, out_features: int, coeff: float = 0.97, power_iterations: int = 4096,
-                 zero: bool = False):
+    def __init__(
+        self, in_features: int, out_features: int, coeff: float = 0.97, power_iterations: int = 4096, zero: bool = False
+    ):
         super().__init__()
         self.coeff, self.power_iterations = float(coeff), int(power_iterations)
         self.weight = nn.Parameter(torch.zeros(out_features, in_features))
@@ -308,12 +538,32 @@ class SpectralNormLinear(nn.Module):
             _uniform_init(self.bias, in_features)
 
     def normalized_weight(self) -> torch.Tensor:
+        """``W_hat = W / max(1, sigma(W) / coeff)``, differentiable in ``W``.
+
+        Example:
+            >>> layer = SpectralNormLinear(2, 2, coeff=1.0)
+            >>> _ = torch.nn.init.eye_(layer.weight)
+            >>> layer.normalized_weight().tolist()  # norm 1 already: unchanged
+            [[1.0, 0.0], [0.0, 1.0]]
+        """
         return self.weight / (spectral_norm(self.weight, self.power_iterations) / self.coeff).clamp_min(1.0)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W_hat.T + b`` for ``x`` of shape ``(..., in_features)``.
+
+        Example:
+            >>> SpectralNormLinear(3, 2, zero=True)(torch.ones(4, 3)).shape
+            torch.Size([4, 2])
+        """
         return nn.functional.linear(x, self.normalized_weight(), self.bias)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
+        """The sizes and ``coeff``, for the module's ``repr``.
+
+        Example:
+            >>> SpectralNormLinear(3, 2).extra_repr()
+            '3, 2, coeff=0.97'
+        """
         return f"{self.weight.shape[1]}, {self.weight.shape[0]}, coeff={self.coeff}"
 
 
@@ -321,36 +571,85 @@ _SOFTPLUS_INV_ONE = math.log(math.e - 1.0)
 
 
 class LipSwish(nn.Module):
-    """``LipSwish(z) = z sigmoid(beta z) / 1.1``, ``beta = softplus(raw)`` (Chen et al. 2019, arXiv:1906.02735).
+    """The 1-Lipschitz activation ``LipSwish(z) = z sigmoid(beta z) / 1.1``, ``beta = softplus(raw)``.
 
     ``d/dz [z sigmoid(beta z)]`` lies in (-0.0998, 1.0998) for every ``beta > 0``, so the
-    activation is 1-Lipschitz. ``beta`` starts at 1 (plain swish / 1.1).
+    activation is 1-Lipschitz. ``beta`` (the parameter ``self.beta`` holds its raw,
+    pre-softplus value) starts at 1: plain swish / 1.1.
+
+    References:
+        Chen, Behrmann, Duvenaud & Jacobsen 2019, "Residual Flows for Invertible
+        Generative Modeling", arXiv:1906.02735.
+
+    Example:
+        >>> [round(v, 3) for v in LipSwish()(torch.tensor([0.0, 10.0])).tolist()]
+        [0.0, 9.09]
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.beta = nn.Parameter(torch.tensor(_SOFTPLUS_INV_ONE))
 
-    def value_and_slope(self, z, beta=None):
+    def value_and_slope(self, z: torch.Tensor, beta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The activation and its derivative at ``z``, elementwise.
+
+        Args:
+            z: pre-activations, any shape.
+            beta: ``softplus(raw)`` when the caller has it already (``LipschitzMLP.weights``).
+
+        Returns:
+            ``(LipSwish(z), LipSwish'(z))``, each shaped like ``z``.
+
+        Example:
+            >>> value, slope = LipSwish().value_and_slope(torch.zeros(1))
+            >>> value.tolist(), round(slope.item(), 4)
+            ([0.0], 0.4545)
+        """
         beta = nn.functional.softplus(self.beta) if beta is None else beta
         s = torch.sigmoid(beta * z)
         return z * s / 1.1, s * (1.0 + beta * z * (1.0 - s)) / 1.1
 
-    def forward(self, z):
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """``LipSwish(z)``, elementwise.
+
+        Example:
+            >>> LipSwish()(torch.zeros(2)).tolist()
+            [0.0, 0.0]
+        """
         return self.value_and_slope(z)[0]
 
 
 class LipschitzMLP(nn.Module):
-    """``g(x)``: spectrally normalised linear layers with LipSwish between them; ``Lip(g) <= coeff``.
+    """The residual branch ``g(x)`` of an invertible ResNet block, with ``Lip(g) <= coeff``.
 
     ``net`` alternates ``SpectralNormLinear`` and ``LipSwish``; the output layer starts
     at zero. ``weights()`` evaluates the normalised weights once, and
     ``forward_and_slopes`` / ``jvp`` / ``jacobian`` reuse them: the Jacobian is
     ``W_L diag(s_{L-1}) ... diag(s_1) W_1`` with the activation slopes ``s``, written
     out rather than taken by autograd, so series estimators need no double backward.
+
+    Args:
+        dim: input and output size.
+        hidden_dims: widths of the hidden layers.
+        coeff: the Lipschitz bound of each linear layer (``< 1`` for invertibility).
+        power_iterations: steps of ``spectral_norm``.
+
+    References:
+        Behrmann et al. 2019, "Invertible Residual Networks", arXiv:1811.00995; Chen et
+        al. 2019, "Residual Flows for Invertible Generative Modeling", arXiv:1906.02735.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> g = LipschitzMLP(2, [8])
+        >>> _ = torch.nn.init.normal_(g.net[-1].weight)  # leave the zero start
+        >>> x, weights = torch.randn(2), g.weights()
+        >>> _, slopes = g.forward_and_slopes(x, weights)
+        >>> jac = LipschitzMLP.jacobian(weights, slopes)
+        >>> bool(torch.allclose(jac, torch.autograd.functional.jacobian(g, x), atol=1e-6))
+        True
     """
 
-    def __init__(self, dim: int, hidden_dims, coeff: float = 0.97, power_iterations: int = 4096):
+    def __init__(self, dim: int, hidden_dims: Sequence[int], coeff: float = 0.97, power_iterations: int = 4096):
         super().__init__()
         sizes = [dim, *hidden_dims, dim]
         layers = []
@@ -360,13 +659,40 @@ class LipschitzMLP(nn.Module):
             layers.append(SpectralNormLinear(a, b, coeff, power_iterations, zero=i == len(sizes) - 2))
         self.net = nn.Sequential(*layers)
 
-    def weights(self):
-        """``(linear, betas)``: ``[(W_hat, b), ...]`` and the activations' ``beta``."""
+    def weights(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
+        """The normalised weights and activation parameters, evaluated once for reuse.
+
+        Returns:
+            ``(linear, betas)``: ``[(W_hat, b), ...]`` per linear layer and the
+            activations' ``beta = softplus(raw)``.
+
+        Example:
+            >>> linear, betas = LipschitzMLP(2, [4, 4]).weights()
+            >>> [tuple(w.shape) for w, _ in linear], len(betas)
+            ([(4, 2), (4, 4), (2, 4)], 2)
+        """
         linear = [(m.normalized_weight(), m.bias) for m in self.net[0::2]]
         betas = [nn.functional.softplus(m.beta) for m in self.net[1::2]]
         return linear, betas
 
-    def forward_and_slopes(self, x, weights=None, slopes=True):
+    def forward_and_slopes(
+        self, x: torch.Tensor, weights: tuple | None = None, slopes: bool = True
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``g(x)`` and the activation slopes at ``x``, which ``jvp`` and ``jacobian`` take.
+
+        Args:
+            x: inputs, shape ``(..., dim)``.
+            weights: ``self.weights()``, when the caller has it already.
+            slopes: also return the slopes (else an empty list).
+
+        Returns:
+            ``(g(x), slopes)``: one slope tensor per activation, shaped like its layer's output.
+
+        Example:
+            >>> y, slopes = LipschitzMLP(2, [4]).forward_and_slopes(torch.zeros(3, 2))
+            >>> y.tolist(), [tuple(s.shape) for s in slopes]  # a zero output layer
+            ([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]], [(3, 4)])
+        """
         linear, betas = self.weights() if weights is None else weights
         out = []
         for i, (w, b) in enumerate(linear):
@@ -377,12 +703,35 @@ class LipschitzMLP(nn.Module):
                     out.append(s)
         return x, out
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``g(x)`` for ``x`` of shape ``(..., dim)``.
+
+        Example:
+            >>> LipschitzMLP(3, [4])(torch.ones(2, 3)).shape
+            torch.Size([2, 3])
+        """
         return self.forward_and_slopes(x, slopes=False)[0]
 
     @staticmethod
-    def jvp(weights, slopes, v):
-        """``J_g v`` at the point whose ``slopes`` are given (batched like ``v``)."""
+    def jvp(weights: tuple, slopes: list[torch.Tensor], v: torch.Tensor) -> torch.Tensor:
+        """``J_g v`` at the point whose ``slopes`` are given (batched like ``v``).
+
+        Args:
+            weights: ``LipschitzMLP.weights()``.
+            slopes: the slopes ``forward_and_slopes`` returned at the point.
+            v: vectors, shape ``(..., dim)``.
+
+        Returns:
+            ``J_g v``, shaped like ``v``.
+
+        Example:
+            >>> _ = torch.manual_seed(0)
+            >>> g = LipschitzMLP(2, [4])
+            >>> weights = g.weights()
+            >>> _, slopes = g.forward_and_slopes(torch.zeros(2), weights)
+            >>> LipschitzMLP.jvp(weights, slopes, torch.ones(2)).tolist()  # the zero output layer
+            [0.0, 0.0]
+        """
         linear, _ = weights
         for i, (w, _) in enumerate(linear):
             v = v @ w.T
@@ -391,8 +740,23 @@ class LipschitzMLP(nn.Module):
         return v
 
     @staticmethod
-    def jacobian(weights, slopes):
-        """The dense ``J_g``, shape ``(..., dim, dim)``."""
+    def jacobian(weights: tuple, slopes: list[torch.Tensor]) -> torch.Tensor:
+        """The dense ``J_g`` at the point whose ``slopes`` are given, shape ``(..., dim, dim)``.
+
+        Args:
+            weights: ``LipschitzMLP.weights()``.
+            slopes: the slopes ``forward_and_slopes`` returned at the point(s).
+
+        Returns:
+            The Jacobian matrices.
+
+        Example:
+            >>> g = LipschitzMLP(2, [4])
+            >>> weights = g.weights()
+            >>> _, slopes = g.forward_and_slopes(torch.zeros(5, 2), weights)
+            >>> LipschitzMLP.jacobian(weights, slopes).shape
+            torch.Size([5, 2, 2])
+        """
         linear, _ = weights
         jac = linear[0][0]
         for (w, _), s in zip(linear[1:], slopes):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pyro
 import torch
@@ -62,9 +63,20 @@ def fit_posterior(
         ``khat`` (PSIS; above 0.7 a ``UserWarning`` says what to try), ``ess``,
         ``ess_fraction``, ``seconds``, ``num_steps``, ``lr_final``, ``stopped`` and ``start``.
 
+    Raises:
+        ValueError: an unknown option, bad settings, or 20 consecutive non-finite steps.
+
     Example:
-        >>> guide, report = fit_posterior(model, y)  # doctest: +SKIP
-        >>> guide.median(y), report["khat"]  # doctest: +SKIP
+        >>> import pyro.distributions as dist
+        >>> def model(y):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        ...     with pyro.plate("data", len(y)):
+        ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+        >>> y = torch.ones(4)  # the posterior of mu is N(0.8, 0.2)
+        >>> guide, report = fit_posterior(model, y, num_steps=5, num_samples=200, progress=False, seed=0,
+        ...                               num_layers=1, hidden_dims=(8,))
+        >>> report["num_steps"], round(guide.median(y)["mu"].item(), 1)
+        (5, 0.8)
     """
     kwargs = dict(model_kwargs or {})
     recipe, guide_options = _recipe.split_options(num_steps, options)
@@ -100,8 +112,9 @@ def fit_posterior(
                 losses.append(value)
             schedule.update(losses)
             bar.update(length)
-            bar.set_postfix(elbo=f"{-sum(v for v in losses if math.isfinite(v)) / max(len(losses), 1):.4g}",
-                            lr=f"{schedule.lr:.2g}")
+            bar.set_postfix(
+                elbo=f"{-sum(v for v in losses if math.isfinite(v)) / max(len(losses), 1):.4g}", lr=f"{schedule.lr:.2g}"
+            )
     with torch.no_grad():
         diagnostics = evaluate(model, guide, *args, num_samples=recipe.num_samples, **kwargs)
     report = _recipe.make_report(diagnostics, time.perf_counter() - began, schedule, guide.start.message)
@@ -123,7 +136,9 @@ def _first_loss_fn(elbo, model, guide, args, kwargs, recipe):
     except (ValueError, RuntimeError, NotImplementedError) as e:
         warnings.warn(
             f"fit_posterior: the model does not broadcast over vectorised ELBO particles ({str(e).splitlines()[0]}); "
-            "using a loop over particles, which is slower", UserWarning, stacklevel=3,
+            "using a loop over particles, which is slower",
+            UserWarning,
+            stacklevel=3,
         )
     looped = Trace_ELBO(num_particles=recipe.num_particles, vectorize_particles=False)
     return lambda: looped.differentiable_loss(model, guide, *args, **kwargs)

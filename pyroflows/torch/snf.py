@@ -1,21 +1,28 @@
 """Stochastic normalizing flows for Pyro: MCMC blocks (``Langevin``, ``MALA``,
 ``MetropolisHastings``, ``HMC``) between flow layers, and ``StochasticFlow``, which carries
-the importance weight of the whole path (Wu, Köhler & Noé 2020, arXiv:2002.06707).
+the importance weight of the whole path.
 
 ``pyroflows.snf`` states the estimators: the path weight ``log w = log p~(x) - log q0(z0)
 + sum_t dS_t``, each block's ``dS``, and the reverse-path lower bound on ``log q(x)``
-that maximum likelihood uses.
+that maximum likelihood uses. The map helpers come from ``pyroflows.torch.density``;
+``StochasticFlow`` implements ``pyroflows.protocols.TrainableFlow``, so
+``pyroflows.torch.train`` fits it without importing this module.
+
+References:
+    Wu, Köhler & Noé 2020, "Stochastic normalizing flows", arXiv:2002.06707.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from pyro.distributions.torch_transform import TransformModule
 
 from .. import snf as _shared
-from .train import _forward_and_ladj, _inverse_and_ladj, _std_normal_log_prob
+from .density import forward_and_ladj, inverse_and_ladj, std_normal_log_prob
 
 __all__ = ["StochasticBlock", "Langevin", "MALA", "MetropolisHastings", "HMC", "StochasticFlow"]
 
@@ -52,17 +59,38 @@ class StochasticBlock(torch.nn.Module):
 
     ``block(y, log_prob, generator=None) -> (y_new, dS)`` runs ``num_steps`` steps from
     ``y`` (shape ``(..., dim)``) for the density ``exp(log_prob)`` (``log_prob`` maps
-    ``(..., dim)`` to ``(...)``); ``dS`` has shape ``(...)``. ``learnable_step_size=True``
-    makes the log step size a parameter (``log_step_size``); otherwise it is a fixed
-    number. ``generator`` (a ``torch.Generator``) draws the noise; without it the global
-    RNG does.
+    ``(..., dim)`` to ``(...)``); ``dS`` has shape ``(...)``. ``generator`` (a
+    ``torch.Generator``) draws the noise; without it the global RNG does. Subclasses
+    implement one step (``_step``).
+
+    Args:
+        step_size: the kernel's step size, positive.
+        num_steps: steps per call, at least 1.
+        learnable_step_size: make the log step size a parameter (``log_step_size``);
+            otherwise it is a fixed number.
+        **extra: a subclass's own options (``num_leapfrog`` for ``HMC``).
+
+    Raises:
+        ValueError: a step size or count that is not positive.
+
+    References:
+        Wu, Köhler & Noé 2020, "Stochastic normalizing flows", arXiv:2002.06707.
+
+    Example:
+        >>> block = MetropolisHastings(0.5, num_steps=2)
+        >>> y, ds = block(torch.zeros(3, 2), lambda y: -0.5 * (y * y).sum(-1), torch.Generator().manual_seed(0))
+        >>> tuple(y.shape), tuple(ds.shape), block.step_size
+        ((3, 2), (3,), 0.5)
     """
 
-    def __init__(self, step_size, num_steps=1, learnable_step_size=False, **extra):
+    def __init__(self, step_size: float, num_steps: int = 1, learnable_step_size: bool = False, **extra: int):
         super().__init__()
         opts = _shared.check_block_options(
-            type(self).__name__, step_size=step_size, num_steps=num_steps,
-            learnable_step_size=learnable_step_size, **extra,
+            type(self).__name__,
+            step_size=step_size,
+            num_steps=num_steps,
+            learnable_step_size=learnable_step_size,
+            **extra,
         )
         self.num_steps = opts["num_steps"]
         self.learnable_step_size = opts["learnable_step_size"]
@@ -74,7 +102,8 @@ class StochasticBlock(torch.nn.Module):
         self._options = opts
 
     @property
-    def step_size(self):
+    def step_size(self) -> float | torch.Tensor:
+        """The step size: a number, or ``exp(log_step_size)`` (a tensor) when learnable."""
         if self.learnable_step_size:
             return self.log_step_size.exp()
         return math.exp(self.fixed_log_step_size)
@@ -92,7 +121,22 @@ class StochasticBlock(torch.nn.Module):
     def _step(self, state, log_prob, generator):
         raise NotImplementedError
 
-    def forward(self, y, log_prob, generator=None):
+    def forward(
+        self,
+        y: torch.Tensor,
+        log_prob: Callable[[torch.Tensor], torch.Tensor],
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run ``num_steps`` steps from ``y`` for ``exp(log_prob)``.
+
+        Args:
+            y: start points, shape ``(..., dim)``.
+            log_prob: the log-density the kernel samples, ``(..., dim) -> (...)``.
+            generator: draws the noise; the global RNG when ``None``.
+
+        Returns:
+            ``(y_new, dS)``: the end points and the summed log-weight contributions, shape ``(...)``.
+        """
         state = self._start(y, log_prob)
         total = y.new_zeros(y.shape[:-1])
         for _ in range(self.num_steps):
@@ -100,7 +144,7 @@ class StochasticBlock(torch.nn.Module):
             total = total + ds
         return state[0], total
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in self._options.items() if k != "learnable_step_size")
         return f"{opts}, learnable_step_size={self.learnable_step_size}"
 
@@ -128,8 +172,21 @@ class Langevin(StochasticBlock):
 
     Not reversible, so the backward kernel is the same Langevin step taken from ``y'``:
     ``dS = log N(y; y' + e grad log p(y'), 2e) - log N(y'; y + e grad log p(y), 2e)
-    = -(|n~|^2 - |n|^2) / 2`` with ``n~ = (y - y' - e grad log p(y')) / sqrt(2e)``
-    (Wu, Köhler & Noé 2020, arXiv:2002.06707). ``step_size`` is ``e``.
+    = -(|n~|^2 - |n|^2) / 2`` with ``n~ = (y - y' - e grad log p(y')) / sqrt(2e)``.
+
+    Args:
+        step_size: ``e``, positive.
+        num_steps: steps per call.
+        learnable_step_size: make ``log e`` a parameter.
+
+    References:
+        Wu, Köhler & Noé 2020, "Stochastic normalizing flows", arXiv:2002.06707.
+
+    Example:
+        >>> block = Langevin(0.1)
+        >>> y, ds = block(torch.zeros(4, 2), lambda y: -0.5 * (y * y).sum(-1), torch.Generator().manual_seed(0))
+        >>> tuple(y.shape), tuple(ds.shape)
+        ((4, 2), (4,))
     """
 
     def _step(self, state, log_prob, generator):
@@ -139,12 +196,27 @@ class Langevin(StochasticBlock):
 
 
 class MALA(StochasticBlock):
-    """Metropolis-adjusted Langevin (Roberts & Tweedie 1996): the ``Langevin`` proposal
-    ``y' = y + e grad log p(y) + sqrt(2e) n``, accepted with probability
+    """Metropolis-adjusted Langevin: the ``Langevin`` proposal ``y' = y + e grad log p(y) +
+    sqrt(2e) n``, accepted with probability
     ``min(1, p(y') N(y; y' + e grad log p(y'), 2e) / (p(y) N(y'; y + e grad log p(y), 2e)))``.
 
-    Reversible for ``p``: ``dS = log p(y) - log p(y')`` on acceptance, 0 on rejection
-    (Wu, Köhler & Noé 2020, arXiv:2002.06707). ``step_size`` is ``e``.
+    Reversible for ``p``: ``dS = log p(y) - log p(y')`` on acceptance, 0 on rejection.
+
+    Args:
+        step_size: ``e``, positive.
+        num_steps: steps per call.
+        learnable_step_size: make ``log e`` a parameter.
+
+    References:
+        Roberts & Tweedie 1996, "Exponential convergence of Langevin distributions and
+        their discrete approximations", Bernoulli 2(4).
+        Wu, Köhler & Noé 2020, "Stochastic normalizing flows", arXiv:2002.06707.
+
+    Example:
+        >>> block = MALA(0.1, num_steps=3)
+        >>> y, ds = block(torch.zeros(4, 2), lambda y: -0.5 * (y * y).sum(-1), torch.Generator().manual_seed(0))
+        >>> tuple(y.shape), tuple(ds.shape)
+        ((4, 2), (4,))
     """
 
     def _step(self, state, log_prob, generator):
@@ -159,8 +231,23 @@ class MetropolisHastings(StochasticBlock):
     """Random-walk Metropolis: propose ``y' = y + s n`` with ``n ~ N(0, I)`` and
     ``s = step_size``, accept with probability ``min(1, p(y') / p(y))``.
 
-    Reversible for ``p``: ``dS = log p(y) - log p(y')`` on acceptance, 0 on rejection
-    (Wu, Köhler & Noé 2020, arXiv:2002.06707). Needs no gradients of ``log p``.
+    Reversible for ``p``: ``dS = log p(y) - log p(y')`` on acceptance, 0 on rejection.
+    Needs no gradients of ``log p``.
+
+    Args:
+        step_size: ``s``, positive.
+        num_steps: steps per call.
+        learnable_step_size: make ``log s`` a parameter.
+
+    References:
+        Wu, Köhler & Noé 2020, "Stochastic normalizing flows", arXiv:2002.06707.
+
+    Example:
+        >>> block = MetropolisHastings(0.5, num_steps=5)
+        >>> log_p = lambda y: -0.5 * (y * y).sum(-1)
+        >>> y, ds = block(torch.zeros(3, 2), log_p, torch.Generator().manual_seed(0))
+        >>> bool(torch.allclose(ds, log_p(torch.zeros(3, 2)) - log_p(y)))  # reversible: the ratios telescope
+        True
     """
 
     def _start(self, y, log_prob):
@@ -176,15 +263,32 @@ class MetropolisHastings(StochasticBlock):
 
 
 class HMC(StochasticBlock):
-    """Hamiltonian Monte Carlo (Duane et al. 1987; Neal 2011, arXiv:1206.1901): a fresh
-    momentum ``m ~ N(0, I)``, ``num_leapfrog`` leapfrog steps of size ``step_size`` on
-    ``H(y, m) = -log p(y) + |m|^2 / 2``, accepted with probability ``min(1, exp(H - H'))``.
+    """Hamiltonian Monte Carlo: a fresh momentum ``m ~ N(0, I)``, ``num_leapfrog`` leapfrog
+    steps of size ``step_size`` on ``H(y, m) = -log p(y) + |m|^2 / 2``, accepted with
+    probability ``min(1, exp(H - H'))``.
 
     Reversible for ``p`` (the momentum is resampled): ``dS = log p(y) - log p(y')`` on
-    acceptance, 0 on rejection (Wu, Köhler & Noé 2020, arXiv:2002.06707).
+    acceptance, 0 on rejection.
+
+    Args:
+        step_size: the leapfrog step size, positive.
+        num_leapfrog: leapfrog steps per proposal, at least 1.
+        num_steps: proposals per call.
+        learnable_step_size: make the log step size a parameter.
+
+    References:
+        Duane, Kennedy, Pendleton & Roweth 1987, "Hybrid Monte Carlo", Physics Letters B 195(2).
+        Neal 2011, "MCMC using Hamiltonian dynamics", arXiv:1206.1901.
+        Wu, Köhler & Noé 2020, "Stochastic normalizing flows", arXiv:2002.06707.
+
+    Example:
+        >>> block = HMC(0.2, num_leapfrog=3)
+        >>> y, ds = block(torch.zeros(4, 2), lambda y: -0.5 * (y * y).sum(-1), torch.Generator().manual_seed(0))
+        >>> tuple(y.shape), tuple(ds.shape), block.num_leapfrog
+        ((4, 2), (4,), 3)
     """
 
-    def __init__(self, step_size, num_leapfrog, num_steps=1, learnable_step_size=False):
+    def __init__(self, step_size: float, num_leapfrog: int, num_steps: int = 1, learnable_step_size: bool = False):
         super().__init__(step_size, num_steps, learnable_step_size, num_leapfrog=num_leapfrog)
         self.num_leapfrog = self._options["num_leapfrog"]
 
@@ -214,15 +318,10 @@ def _kind(layer):
 
 class StochasticFlow(torch.nn.Module):
     """A stochastic normalizing flow: flow layers and MCMC blocks between a base ``q0`` and
-    an unnormalised target ``p~`` (Wu, Köhler & Noé 2020, arXiv:2002.06707).
+    an unnormalised target ``p~``.
 
-    ``layers`` mixes ``build_flow`` flows, pyroflows layers (or any Pyro
-    ``TransformModule``) and the blocks ``Langevin``, ``MALA``, ``MetropolisHastings``,
-    ``HMC``. ``target_log_density`` maps ``(..., dim)`` to ``(...)``. ``base`` is a Pyro
-    distribution with event shape ``(dim,)``, ``N(0, I_dim)`` when ``None``. Stochastic
-    block ``i`` of ``n`` samples ``log p_l = (1 - l) log q0 + l log p~`` with ``l`` the
-    ``i``-th value of ``schedule``: ``"linear"`` (``l = i/n``, the last block targets
-    ``p~``), ``"target"`` (every block targets ``p~``) or ``n`` numbers in ``[0, 1]``.
+    Stochastic block ``i`` of ``n`` samples ``log p_l = (1 - l) log q0 + l log p~`` with
+    ``l`` the ``i``-th value of ``schedule``.
 
     - ``sample_and_log_weight(n)``: ``n`` samples and the log-weights of their paths,
       ``log w = log p~(x) - log q0(z0) + sum_t dS_t`` (``E[w] = Z``);
@@ -231,12 +330,50 @@ class StochasticFlow(torch.nn.Module):
       ``log q0(z0) + sum_t (log|det dz/dx|_t + dS_t)``, whose expectation is a lower
       bound on the flow's marginal ``log q(x)``;
     - ``fit_reverse_kl(snf)`` minimises ``E[-log w]``, ``fit_mle(snf, data)`` the mean of
-      ``-log_prob_lower_bound`` (both in ``pyroflows.torch``).
+      ``-log_prob_lower_bound`` (both in ``pyroflows.torch``), through the
+      ``pyroflows.protocols.TrainableFlow`` methods ``log_prob`` (the lower bound),
+      ``sample_and_log_prob`` (``sample_path``) and ``fit_target`` (its own target;
+      ``standardizable`` is ``False``).
 
     Methods taking ``generator`` draw all their noise from it (a ``torch.Generator``).
+
+    Args:
+        layers: ``build_flow`` flows, pyroflows layers (or any Pyro ``TransformModule``) and
+            the blocks ``Langevin``, ``MALA``, ``MetropolisHastings``, ``HMC``, in the order
+            a forward path runs them.
+        dim: the event size.
+        target_log_density: ``log p~``, mapping ``(..., dim)`` to ``(...)``.
+        base: a Pyro distribution with event shape ``(dim,)``; ``N(0, I_dim)`` when ``None``.
+        schedule: ``"linear"`` (``l = i/n``, the last block targets ``p~``), ``"target"``
+            (every block targets ``p~``) or ``n`` numbers in ``[0, 1]``.
+
+    Raises:
+        ValueError: an empty ``layers``, a layer that is neither a flow layer nor a block,
+            a ``target_log_density`` that is not callable, or a bad ``schedule``.
+
+    References:
+        Wu, Köhler & Noé 2020, "Stochastic normalizing flows", arXiv:2002.06707.
+
+    Example:
+        >>> import pyroflows.torch as pf
+        >>> _ = torch.manual_seed(0)
+        >>> layers = [pf.build_flow("realnvp", 2, num_layers=1, hidden_dims=(8,)), MALA(0.1)]
+        >>> flow = StochasticFlow(layers, 2, lambda x: -0.5 * (x * x).sum(-1))
+        >>> x, log_w = flow.sample_and_log_weight(5, torch.Generator().manual_seed(0))
+        >>> tuple(x.shape), tuple(log_w.shape), flow.schedule
+        ((5, 2), (5,), (1.0,))
+        >>> flow.log_prob_lower_bound(torch.zeros(3, 2)).shape
+        torch.Size([3])
     """
 
-    def __init__(self, layers, dim, target_log_density, base=None, schedule="linear"):
+    def __init__(
+        self,
+        layers: Iterable[torch.nn.Module],
+        dim: int,
+        target_log_density: Callable[[torch.Tensor], torch.Tensor],
+        base: Any = None,
+        schedule: str | Sequence[float] = "linear",
+    ):
         super().__init__()
         layers = list(layers)
         self.dim = _shared.check_stochastic_flow([_kind(layer) for layer in layers], dim, target_log_density)
@@ -247,9 +384,9 @@ class StochasticFlow(torch.nn.Module):
         self.schedule = _shared.interpolation_schedule(schedule, num_blocks)
 
     # --- densities ----------------------------------------------------------------------
-    def base_log_prob(self, z):
-        """``log q0(z)``."""
-        return _std_normal_log_prob(z) if self.base is None else self.base.log_prob(z)
+    def base_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """``log q0(z)`` for ``z`` of shape ``(..., dim)``, shape ``(...)``."""
+        return std_normal_log_prob(z) if self.base is None else self.base.log_prob(z)
 
     def _like(self):
         for t in self.parameters():
@@ -258,7 +395,7 @@ class StochasticFlow(torch.nn.Module):
             return t
         return torch.zeros((), dtype=torch.get_default_dtype())
 
-    def sample_base(self, num_samples, generator=None):
+    def sample_base(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``num_samples`` draws of ``q0``, shape ``(num_samples, dim)``; reparametrised when the
         base has ``rsample`` (a flow's distribution, say), so gradients reach its parameters.
         ``generator`` feeds the default base only; a given base draws from the global RNG."""
@@ -288,15 +425,17 @@ class StochasticFlow(torch.nn.Module):
             if level is not None:
                 y, delta = layer(y, self._interpolated(level), generator)
             else:
-                y, delta = (_inverse_and_ladj if inverse else _forward_and_ladj)(layer, y)
+                y, delta = (inverse_and_ladj if inverse else forward_and_ladj)(layer, y)
             total = total + delta
         return y, total
 
-    def transport(self, z, generator=None):
+    def transport(self, z: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the layers forward from ``z`` (``(..., dim)``): ``(x, sum_t (log|det J|_t + dS_t))``."""
         return self._travel(z, False, generator)
 
-    def reverse_transport(self, x, generator=None):
+    def reverse_transport(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the reverse path from ``x``: ``(z0, sum_t (log|det dz/dx|_t + dS_t))``."""
         return self._travel(x, True, generator)
 
@@ -305,31 +444,57 @@ class StochasticFlow(torch.nn.Module):
         _shared.check_target_shape(x.shape, log_p.shape, self.dim)
         return log_p
 
-    def sample_path(self, num_samples, generator=None):
+    def sample_path(
+        self, num_samples: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, log_q)``: ``num_samples`` samples and ``log q0(z0) - sum_t dS_t`` of their
         paths (``dS`` including the log-dets), so that ``log w = log p~(x) - log_q``."""
         z = self.sample_base(num_samples, generator)
         x, delta = self.transport(z, generator)
         return x, self.base_log_prob(z) - delta
 
-    def sample_and_log_weight(self, num_samples, generator=None):
+    def sample_and_log_weight(
+        self, num_samples: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``num_samples`` samples ``(num_samples, dim)`` and their path log-weights ``(num_samples,)``."""
         x, log_q = self.sample_path(num_samples, generator)
         return x, self._target(x) - log_q
 
-    def log_prob_lower_bound(self, x, generator=None):
+    def log_prob_lower_bound(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """One reverse-path estimate whose expectation is a lower bound on ``log q(x)``, shape ``(...)``."""
         z, delta = self.reverse_transport(x, generator)
         return self.base_log_prob(z) + delta
 
-    def reverse_kl_loss(self, num_samples, beta=1.0, generator=None):
+    def reverse_kl_loss(
+        self, num_samples: int, beta: float = 1.0, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """``mean(log q0(z0) - sum dS - beta log p~(x))`` over ``num_samples`` paths: ``E[-log w]`` at ``beta = 1``."""
         x, log_q = self.sample_path(num_samples, generator)
         return (log_q - beta * self._target(x)).mean()
 
-    def nll(self, x, generator=None):
+    def nll(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Mean over the rows of ``x`` of ``-log_prob_lower_bound``: an upper bound on the NLL."""
         return -self.log_prob_lower_bound(x, generator).mean()
 
-    def extra_repr(self):
+    # --- pyroflows.protocols.TrainableFlow (what fit_mle and fit_reverse_kl call) ------
+    #: Never standardised: the blocks sample a target in the data's own coordinates.
+    standardizable = False
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """``log_prob_lower_bound(x)`` with the global RNG: what ``fit_mle`` maximises."""
+        return self.log_prob_lower_bound(x)
+
+    def sample_and_log_prob(self, num_samples: int, rng: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``sample_path(num_samples, rng)``: samples and ``log q`` of their whole paths."""
+        return self.sample_path(num_samples, rng)
+
+    def fit_target(self, log_density: Callable | None, stick_the_landing: bool) -> Callable:
+        """The flow's own ``target_log_density`` (``pyroflows.snf.snf_fit_target``).
+
+        Raises:
+            ValueError: ``log_density`` is another function, or ``stick_the_landing`` is set.
+        """
+        return _shared.snf_fit_target(self.target_log_density, log_density, stick_the_landing)
+
+    def extra_repr(self) -> str:
         return f"dim={self.dim}, schedule={self.schedule}"

@@ -7,6 +7,11 @@
   annealing and the sticking-the-landing gradient (Roeder et al. 2017, arXiv:1703.09194).
 - ``evaluate``: ELBO, importance-weighted ELBO, PSIS k-hat and ESS of a guide.
 
+Both fits work through the structural protocol ``pyroflows.protocols.TrainableFlow``
+(``log_prob``, ``sample_and_log_prob``, ``fit_target``, ``standardizable``), which ``Flow``
+and ``pyroflows.torch.snf.StochasticFlow`` implement; any other Pyro ``Transform`` is
+wrapped by ``pyroflows.torch.density.as_trainable``. This module imports no flow class.
+
 Both fits skip a step whose loss or gradient is NaN or inf and raise after
 ``max_bad_steps`` of them in a row. Options, splits, early stopping, the non-finite
 guard and errors come from ``pyroflows.fitting`` and the diagnostics from
@@ -15,8 +20,9 @@ guard and errors come from ``pyroflows.fitting`` and the diagnostics from
 
 from __future__ import annotations
 
-import contextlib
 import math
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,82 +31,54 @@ from pyro.infer.importance import vectorized_importance_weights
 
 from ..diagnostics import summarize_weights
 from ..fitting import (
-    MAX_BAD_STEPS, EarlyStopping, History, NonFiniteGuard, anneal_factor, batch_indices, check_data,
-    check_finite_loss, check_first_log_density, check_fit_options, check_log_density, check_log_density_shape,
-    progress_bar, split_indices, standardization,
+    MAX_BAD_STEPS,
+    EarlyStopping,
+    History,
+    NonFiniteGuard,
+    anneal_factor,
+    batch_indices,
+    check_data,
+    check_finite_loss,
+    check_first_log_density,
+    check_fit_options,
+    check_log_density,
+    check_log_density_shape,
+    progress_bar,
+    split_indices,
+    standardization,
 )
+from .density import as_trainable, dtype_and_device, log_prob_stop_gradient
 
 __all__ = ["fit_mle", "fit_reverse_kl", "evaluate"]
 
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
+def flow_log_prob(flow: Any, x: torch.Tensor) -> torch.Tensor:
+    """``log q(x)`` of a flow: the protocol's ``log_prob`` (``pyroflows.protocols.TrainableFlow``).
 
-def _std_normal_log_prob(u):
-    return -0.5 * (u * u).sum(-1) - u.shape[-1] * _HALF_LOG_2PI
+    For a ``Flow`` (or any Pyro ``Transform``, through ``density.TransformFlow``) ``q`` is
+    ``N(0, I)`` pushed forward through it, evaluated with one inverse pass; for a
+    ``StochasticFlow`` it is a one-path estimate of a lower bound on ``log q(x)``.
 
+    Args:
+        flow: a ``TrainableFlow`` or a Pyro ``Transform`` on vectors.
+        x: points of shape ``(..., dim)``.
 
-def _forward_and_ladj(flow, u):
-    if hasattr(flow, "call_and_ladj"):
-        return flow.call_and_ladj(u)
-    x = flow(u)
-    return x, flow.log_abs_det_jacobian(u, x)
+    Returns:
+        ``log q(x)``, shape ``(...)``.
 
-
-def _inverse_and_ladj(flow, x):
-    if hasattr(flow, "inverse_and_ladj"):
-        return flow.inverse_and_ladj(x)
-    u = flow.inv(x)
-    return u, -flow.log_abs_det_jacobian(u, x)
-
-
-def flow_log_prob(flow, x):
-    """``log q(x)`` for ``q`` = ``N(0, I)`` pushed forward through ``flow`` (one inverse pass)."""
-    from .snf import StochasticFlow
-
-    if isinstance(flow, StochasticFlow):  # issue 6: a reverse-path lower bound (pyroflows.torch.snf)
-        return flow.log_prob_lower_bound(x)
-    u, ildj = _inverse_and_ladj(flow, x)
-    return _std_normal_log_prob(u) + ildj
-
-
-@contextlib.contextmanager
-def _detached_parameters(module):
-    """Inside the block every parameter of ``module`` reads as its detached value.
-
-    Plain attribute swapping, not ``torch.func.functional_call``, which refuses to run
-    under ``torch.jit.trace`` (``JitTrace_ELBO``).
+    Example:
+        >>> import pyroflows.torch as pf
+        >>> _ = torch.manual_seed(0)
+        >>> flow = pf.build_flow("realnvp", 2)  # starts at the identity: q = N(0, I)
+        >>> round(flow_log_prob(flow, torch.zeros(1, 2)).item(), 4)
+        -1.8379
     """
-    saved = [(m, name, p) for m in module.modules() for name, p in m._parameters.items() if p is not None]
-    try:
-        for m, name, p in saved:
-            m._parameters[name] = p.detach()
-        yield
-    finally:
-        for m, name, p in saved:
-            m._parameters[name] = p
-
-
-def log_prob_stop_gradient(flow, x):
-    """``log q(x)`` with the flow's parameters held fixed: gradients reach ``x`` only.
-
-    The path-derivative estimator of Roeder, Wu & Duvenaud 2017 (arXiv:1703.09194)
-    scores a reparametrised sample this way. ``x`` enters as a fresh view, so no layer
-    cache hands back the forward pass (whose graph holds the live parameters).
-    """
-    with _detached_parameters(flow):
-        return flow_log_prob(flow, x.view_as(x))
-
-
-def _like(flow):
-    p = next(iter(flow.parameters()), None)
-    if p is None:
-        return torch.get_default_dtype(), torch.device("cpu")
-    return p.dtype, p.device
+    return as_trainable(flow).log_prob(x)
 
 
 @torch.no_grad()
-def _mean_nll(flow, x, chunk=8192):
-    total = sum(-flow_log_prob(flow, x[i : i + chunk]).sum().item() for i in range(0, len(x), chunk))
+def _mean_nll(model, x, chunk=8192):
+    total = sum(-model.log_prob(x[i : i + chunk]).sum().item() for i in range(0, len(x), chunk))
     return total / len(x)
 
 
@@ -131,8 +109,8 @@ def _step(optimizer, params, loss, value, guard, step, target_bad=0):
 
 
 def fit_mle(
-    flow,
-    data,
+    flow: Any,
+    data: Any,
     *,
     num_steps: int = 1000,
     batch_size: int = 256,
@@ -144,26 +122,29 @@ def fit_mle(
     max_bad_steps: int = MAX_BAD_STEPS,
     seed: int = 0,
     progress: bool = True,
-):
-    """Maximum likelihood of the density ``N(0, I)`` pushed through ``flow`` on ``data``.
+) -> tuple[Any, History]:
+    """Maximum likelihood of the flow's density ``q`` (``N(0, I)`` pushed through it) on ``data``.
 
-    Adam on minibatches of ``batch_size`` training rows (drawn without replacement);
-    a ``validation_fraction`` of the rows is held out, and every ``eval_every`` steps
-    (and at the last) the mean validation NLL is recorded. Without a validation split
-    the mean training loss since the last evaluation takes its place. ``patience``
-    (in evaluations, ``None``: never) stops early; the weights with the best monitored
-    loss are restored. ``seed`` fixes the split and the minibatches. An evaluation after
-    which every step was skipped (see below) is not recorded: the weights did not change.
+    Adam on minibatches of ``batch_size`` training rows (drawn without replacement)
+    minimises the mean of ``-flow.log_prob(x)``; a ``validation_fraction`` of the rows is
+    held out, and every ``eval_every`` steps (and at the last) the mean validation NLL is
+    recorded. Without a validation split the mean training loss since the last
+    evaluation takes its place. ``patience`` (in evaluations, ``None``: never) stops
+    early; the weights with the best monitored loss are restored. ``seed`` fixes the
+    split and the minibatches. An evaluation after which every step was skipped (see
+    below) is not recorded: the weights did not change.
 
-    With ``standardize=True`` (the default) ``flow`` is trained on the z-scored data
-    ``z = (x - mean) / sd`` (per column, mean and sd of the training rows; see
-    ``pyroflows.fitting.standardization``), so data far outside a spline's bound or on any
-    scale start near ``N(0, I)``; the fitted model is ``flow`` followed by the fixed layer
-    ``pyroflows.torch.standardize.Standardize(mean, sd)``, whose density is that of the
-    original data (``log q(x) = log q_flow(z) - sum(log sd)``). All recorded losses are
-    NLLs of the original data. A ``flow`` that already ends in a ``Standardize`` layer
-    (a fitted one) keeps it and its statistics; a ``StochasticFlow`` is never standardised
-    (its blocks sample a target in the data's own coordinates).
+    With ``standardize=True`` (the default) and a flow whose ``standardizable`` is true,
+    ``flow`` is trained on the z-scored data ``z = (x - mean) / sd`` (per column, mean and
+    sd of the training rows; see ``pyroflows.fitting.standardization``), so data far
+    outside a spline's bound or on any scale start near ``N(0, I)``; the fitted model is
+    ``flow`` followed by the fixed layer ``pyroflows.torch.standardize.Standardize(mean,
+    sd)``, whose density is that of the original data (``log q(x) = log q_flow(z) -
+    sum(log sd)``). All recorded losses are NLLs of the original data. A ``flow`` that
+    already ends in a ``Standardize`` layer (a fitted one) keeps it and its statistics; a
+    ``StochasticFlow`` (``standardizable = False``) is never standardised: its blocks
+    sample a target in the data's own coordinates, and its ``log_prob`` is the
+    reverse-path lower bound.
 
     A step whose loss or gradient is NaN or inf is skipped (no update;
     ``history.skipped_steps`` counts them); ``max_bad_steps`` consecutive ones raise a
@@ -173,7 +154,10 @@ def fit_mle(
     parallel pass (``maf``, couplings).
 
     Args:
-        flow: a ``Flow`` from ``build_flow`` (or any flow with ``dim``); trained in place.
+        flow: a ``pyroflows.protocols.TrainableFlow`` that is a ``torch.nn.Module`` (a
+            ``Flow`` from ``build_flow``, a ``StochasticFlow``) or any Pyro
+            ``TransformModule`` on vectors (wrapped by ``density.as_trainable``); trained
+            in place.
         data: array of shape ``(n, dim)``, ``n >= 2``, finite real numbers.
         num_steps: Adam steps.
         batch_size: rows per minibatch.
@@ -195,33 +179,56 @@ def fit_mle(
         is a ``pyroflows.fitting.History`` (``step``, ``loss``: mean minibatch NLL of the steps
         taken since the last evaluation, ``validation_loss``, ``best_step``,
         ``stopped_early``, ``skipped_steps``).
+
+    Raises:
+        ValueError: bad options or data (``pyroflows.fitting``), or ``max_bad_steps``
+            consecutive non-finite steps.
+
+    Example:
+        >>> import numpy as np
+        >>> import pyroflows.torch as pf
+        >>> _ = torch.manual_seed(0)
+        >>> data = np.random.default_rng(0).normal(size=(100, 2))
+        >>> flow = pf.build_flow("realnvp", 2, num_layers=1, hidden_dims=(8,))
+        >>> fitted, history = fit_mle(flow, data, num_steps=4, eval_every=2, progress=False)
+        >>> history.step, type(fitted.parts[-1]).__name__
+        ([2, 4], 'Standardize')
     """
     check_fit_options(
-        "fit_mle", num_steps=num_steps, batch_size=batch_size, lr=lr, validation_fraction=validation_fraction,
-        eval_every=eval_every, patience=patience, standardize=standardize, max_bad_steps=max_bad_steps,
+        "fit_mle",
+        num_steps=num_steps,
+        batch_size=batch_size,
+        lr=lr,
+        validation_fraction=validation_fraction,
+        eval_every=eval_every,
+        patience=patience,
+        standardize=standardize,
+        max_bad_steps=max_bad_steps,
     )
-    from .snf import StochasticFlow
     from .standardize import Standardize, split_standardize, with_standardize
 
-    array = check_data(data, getattr(flow, "dim", None))
+    model = as_trainable(flow)
+    array = check_data(data, model.dim)
     train_idx, val_idx = split_indices(len(array), validation_fraction, seed)
     inner, layer, offset = flow, None, 0.0
-    dtype, device = _like(flow)
-    if standardize and not isinstance(flow, StochasticFlow):
+    dtype, device = dtype_and_device(model)
+    if standardize and model.standardizable:
         inner, layer = split_standardize(flow)
         if layer is None:
             loc, scale = standardization(array[train_idx])
-            layer = Standardize(torch.as_tensor(loc, dtype=dtype, device=device),
-                                torch.as_tensor(scale, dtype=dtype, device=device))
+            layer = Standardize(
+                torch.as_tensor(loc, dtype=dtype, device=device), torch.as_tensor(scale, dtype=dtype, device=device)
+            )
         else:
             loc = layer.loc.detach().cpu().double().numpy()
             scale = layer.scale.detach().cpu().double().numpy()
         array = (array - loc) / scale
         offset = float(np.log(scale).sum())  # NLL(x) = NLL(z) + sum(log sd)
+    trained = model if inner is flow else as_trainable(inner)
     x = torch.as_tensor(array, dtype=dtype, device=device)
     x_val = x[torch.as_tensor(val_idx)]
     rng = np.random.default_rng(seed)
-    params = list(inner.parameters())
+    params = list(trained.parameters())
     optimizer = torch.optim.Adam(params, lr=lr)
     history, stopper, best_state = History(), EarlyStopping(patience), None
     guard = NonFiniteGuard("fit_mle", lr, history, max_bad_steps)
@@ -229,7 +236,7 @@ def fit_mle(
     with progress_bar(num_steps, "fit_mle", progress) as bar:
         for step in range(1, num_steps + 1):
             batch = x[torch.as_tensor(batch_indices(train_idx, batch_size, rng))]
-            loss = -flow_log_prob(inner, batch).mean()
+            loss = -trained.log_prob(batch).mean()
             value = _step(optimizer, params, loss, loss.item(), guard, step)
             if value is not None:
                 running, count = running + value, count + 1
@@ -241,9 +248,11 @@ def fit_mle(
             train_loss = running / count + offset
             val_loss = None
             if len(val_idx):
-                val_loss = _mean_nll(inner, x_val) + offset
+                val_loss = _mean_nll(trained, x_val) + offset
                 check_finite_loss(
-                    val_loss, step, "fit_mle: the validation loss",
+                    val_loss,
+                    step,
+                    "fit_mle: the validation loss",
                     f"a held-out row has zero density under the flow although the training steps were finite: "
                     f"the weights diverged (try lr={lr / 10:g}) or the data are badly scaled (standardize=True)",
                 )
@@ -252,12 +261,12 @@ def fit_mle(
             monitored = train_loss if val_loss is None else val_loss
             bar.set_postfix(loss=monitored)
             if stopper.update(monitored, step):
-                best_state = {k: v.detach().clone() for k, v in inner.state_dict().items()}
+                best_state = {k: v.detach().clone() for k, v in trained.state_dict().items()}
             if stopper.should_stop:
                 history.stopped_early = True
                 break
     if best_state is not None:
-        inner.load_state_dict(best_state)
+        trained.load_state_dict(best_state)
     history.best_step = stopper.best_step
     if layer is None or inner is not flow:  # not standardised, or flow already ended in its Standardize layer
         return flow, history
@@ -265,8 +274,8 @@ def fit_mle(
 
 
 def fit_reverse_kl(
-    flow,
-    log_density=None,
+    flow: Any,
+    log_density: Callable[[torch.Tensor], torch.Tensor] | None = None,
     *,
     num_steps: int = 1000,
     num_samples: int = 256,
@@ -276,16 +285,23 @@ def fit_reverse_kl(
     max_bad_steps: int = MAX_BAD_STEPS,
     seed: int = 0,
     progress: bool = True,
-):
-    """Fit ``q`` = ``N(0, I)`` pushed through ``flow`` to ``p ∝ exp(log_density)`` by reverse KL.
+) -> tuple[Any, History]:
+    """Fit the flow's density ``q`` to ``p ∝ exp(log_density)`` by reverse KL.
 
-    Each Adam step minimises the Monte Carlo estimate over ``num_samples`` draws of
-    ``E_q[log q(x) - beta_t log_density(x)]``, ``beta_t = anneal_factor(t, anneal_steps)``
+    Each Adam step draws ``num_samples`` points and their ``log q`` with the flow's
+    ``sample_and_log_prob`` and minimises the Monte Carlo estimate of
+    ``E_q[log q(x) - beta_t log p~(x)]``, ``beta_t = anneal_factor(t, anneal_steps)``
     rising linearly from ``1/anneal_steps`` to 1 (1 throughout when ``anneal_steps=0``).
-    At ``beta = 1`` the loss is ``KL(q || p) - log Z``. Draws use the flow's forward pass
-    (one parallel pass for ``iaf``); ``stick_the_landing=True`` scores them with the
-    parameters held fixed (Roeder et al. 2017, arXiv:1703.09194), which adds one inverse
-    pass. ``seed`` seeds a private generator for the base noise.
+    At ``beta = 1`` the loss is ``KL(q || p) - log Z``. ``p~`` is
+    ``flow.fit_target(log_density, stick_the_landing)``: ``log_density`` itself for a
+    ``Flow``. For a ``Flow`` the draws use its forward pass (one parallel pass for
+    ``iaf``); ``stick_the_landing=True`` scores them with the parameters held fixed
+    (``density.log_prob_stop_gradient``), which adds one inverse pass. ``seed`` seeds a
+    private generator for the base noise.
+
+    A ``pyroflows.torch.snf.StochasticFlow`` trains on ``E[-log w]`` of its whole paths
+    (``log q`` of the path, its blocks' ``dS`` included) against its own target
+    (``log_density=None``; another target or ``stick_the_landing=True`` raise).
 
     A NaN or inf from ``log_density`` at the first step (before any update) raises at
     once: the target is broken. Later, a step whose loss or gradient is NaN or inf is
@@ -293,12 +309,12 @@ def fit_reverse_kl(
     ``max_bad_steps`` consecutive ones raise a ValueError naming the likely cause (the
     target, or the learning rate).
 
-    A ``pyroflows.torch.snf.StochasticFlow`` trains on ``E[-log w]`` of its whole paths
-    against its own target (``log_density=None``).
-
     Args:
-        flow: a flow with ``dim`` (from ``build_flow``) or a ``StochasticFlow``; trained in place.
-        log_density: maps an ``(n, dim)`` tensor to shape ``(n,)``.
+        flow: a ``pyroflows.protocols.TrainableFlow`` that is a ``torch.nn.Module`` (a
+            ``Flow`` from ``build_flow``, a ``StochasticFlow``) or a Pyro
+            ``TransformModule`` with ``dim``; trained in place.
+        log_density: maps an ``(n, dim)`` tensor to shape ``(n,)``; ``None`` for a
+            ``StochasticFlow`` (its own target).
         num_steps: Adam steps.
         num_samples: draws per step.
         lr: Adam's learning rate.
@@ -311,24 +327,43 @@ def fit_reverse_kl(
     Returns:
         ``(flow, history)``: the same ``flow``, trained, and a ``History`` with the loss of
         every step taken (skipped steps have no entry).
+
+    Raises:
+        ValueError: bad options, a ``log_density`` that is not a function or returns the
+            wrong shape or NaN at the first step, a flow without ``dim``, or
+            ``max_bad_steps`` consecutive non-finite steps.
+
+    References:
+        Roeder, Wu & Duvenaud 2017, "Sticking the landing: simple, lower-variance gradient
+        estimators for variational inference", arXiv:1703.09194.
+
+    Example:
+        >>> import pyroflows.torch as pf
+        >>> _ = torch.manual_seed(0)
+        >>> flow = pf.build_flow("realnvp", 2, num_layers=1, hidden_dims=(8,))
+        >>> def log_density(x):
+        ...     return -0.5 * ((x - 1.0) ** 2).sum(-1)
+        >>> flow, history = fit_reverse_kl(flow, log_density, num_steps=3, num_samples=16, progress=False)
+        >>> history.step
+        [1, 2, 3]
     """
     check_fit_options(
-        "fit_reverse_kl", num_steps=num_steps, num_samples=num_samples, lr=lr, anneal_steps=anneal_steps,
+        "fit_reverse_kl",
+        num_steps=num_steps,
+        num_samples=num_samples,
+        lr=lr,
+        anneal_steps=anneal_steps,
         max_bad_steps=max_bad_steps,
     )
-    from ..snf import snf_fit_target
-    from .snf import StochasticFlow
-
-    snf = isinstance(flow, StochasticFlow)  # issue 6: stochastic normalizing flows
-    if snf:
-        log_density = snf_fit_target(flow.target_log_density, log_density, stick_the_landing)
+    model = as_trainable(flow)
+    log_density = model.fit_target(log_density, stick_the_landing)
     check_log_density(log_density)
-    dim = getattr(flow, "dim", None)
+    dim = model.dim
     if dim is None:
         raise ValueError("fit_reverse_kl: the flow needs a `dim` attribute; build it with build_flow")
-    dtype, device = _like(flow)
+    _, device = dtype_and_device(model)
     generator = torch.Generator(device=device).manual_seed(seed)
-    params = list(flow.parameters())
+    params = list(model.parameters())
     optimizer = torch.optim.Adam(params, lr=lr)
     history = History()
     guard = NonFiniteGuard("fit_reverse_kl", lr, history, max_bad_steps)
@@ -336,12 +371,9 @@ def fit_reverse_kl(
     with progress_bar(num_steps, "fit_reverse_kl", progress) as bar:
         for step in range(1, num_steps + 1):
             beta = anneal_factor(step - 1, anneal_steps)
-            if snf:  # issue 6: log q of the whole path, dS of its blocks included
-                x, log_q = flow.sample_path(num_samples, generator)
-            else:
-                u = torch.randn(num_samples, dim, generator=generator, dtype=dtype, device=device)
-                x, ladj = _forward_and_ladj(flow, u)
-                log_q = log_prob_stop_gradient(flow, x) if stick_the_landing else _std_normal_log_prob(u) - ladj
+            x, log_q = model.sample_and_log_prob(num_samples, generator)
+            if stick_the_landing:
+                log_q = log_prob_stop_gradient(model, x)
             log_p = log_density(x)
             check_log_density_shape(log_p.shape, num_samples, dim)
             loss = (log_q - beta * log_p).mean()
@@ -376,14 +408,41 @@ def _max_plate_nesting(model, guide, args, kwargs):
 
 
 @torch.no_grad()
-def evaluate(model, guide, *args, num_samples=1000, **kwargs):
+def evaluate(model: Callable, guide: Callable, *args: Any, num_samples: int = 1000, **kwargs: Any) -> dict:
     """Importance diagnostics of a fitted guide: ``log w = log p(x, z) - log q(z)``, ``z ~ q``.
 
     Draws ``num_samples`` from the guide in one vectorised pass (the model must
     broadcast over an extra leading batch dimension, as for vectorised ELBO
-    particles) and returns ``pyroflows.diagnostics.summarize_weights``: ``elbo`` (mean
-    of log w), ``iwelbo`` (log mean exp), ``khat`` (PSIS, Vehtari et al.,
-    arXiv:1507.02646), ``ess``, ``ess_fraction`` and ``num_samples``.
+    particles) and summarises the log-weights with ``pyroflows.diagnostics.summarize_weights``.
+    ``log q`` is whatever the guide's sample sites report: for ``AutoFlow`` the flow's
+    exact density, for ``AutoSNF`` the log-density of the drawn path.
+
+    Args:
+        model: a Pyro model.
+        guide: a Pyro guide for ``model`` (``AutoFlow``, ``AutoSNF``, any autoguide).
+        *args: the model's and guide's positional arguments.
+        num_samples: draws of the guide.
+        **kwargs: the model's and guide's keyword arguments.
+
+    Returns:
+        A dict with ``elbo`` (mean of ``log w``), ``iwelbo`` (log mean exp), ``khat`` (PSIS),
+        ``ess``, ``ess_fraction`` and ``num_samples``.
+
+    References:
+        Vehtari, Simpson, Gelman, Yao & Gabry, "Pareto smoothed importance sampling",
+        arXiv:1507.02646.
+
+    Example:
+        >>> import pyro
+        >>> import pyro.distributions as dist
+        >>> from pyro.infer.autoguide import AutoNormal, init_to_mean
+        >>> def model():
+        ...     pyro.sample("z", dist.Normal(0.0, 1.0))
+        >>> pyro.set_rng_seed(0)
+        >>> guide = AutoNormal(model, init_loc_fn=init_to_mean, init_scale=1.0)  # q = p
+        >>> out = evaluate(model, guide, num_samples=200)
+        >>> out["num_samples"], round(out["elbo"], 6), round(out["ess_fraction"], 6)
+        (200, 0.0, 1.0)
     """
     check_fit_options("evaluate", num_samples=num_samples)
     # One plain run sets up an autoguide's prototype outside the particle plate.
@@ -394,4 +453,3 @@ def evaluate(model, guide, *args, num_samples=1000, **kwargs):
     )
     log_w = log_w.detach().to("cpu", torch.float64).reshape(-1).numpy()
     return summarize_weights(log_w)
-

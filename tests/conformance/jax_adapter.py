@@ -69,6 +69,63 @@ def _reparam_loss_and_grad(params, static, dim, dtype, n):
     return jax.value_and_grad(loss_fn)(params)
 
 
+# --------------------------------------------------------------------------- layers (tests/families)
+# Module level and keyed on the module's structure only (methods are static strings), so
+# every test that runs a family's layer at one size shares one compilation.
+@eqx.filter_jit
+def _apply(module, method, x, keys):
+    fn = getattr(module, method)
+    if keys is None:
+        return jax.vmap(fn)(x)
+    return jax.vmap(lambda v, k: fn(v, key=k))(x, keys)
+
+
+@eqx.filter_jit
+def _method(module, name, args):
+    return getattr(module, name)(*args)
+
+
+@eqx.filter_jit
+def _layer_jacobian(module, method, x):
+    return jax.jacfwd(lambda v: getattr(module, method)(v)[0])(x)
+
+
+@eqx.filter_jit
+def _method_jacobian(module, name, args, argnum):
+    def fn(v):
+        return getattr(module, name)(*args[:argnum], v, *args[argnum + 1 :])[0]
+
+    return jax.jacfwd(fn)(args[argnum])
+
+
+@functools.cache
+def _jitted(f, static_argnums):
+    return jax.jit(f, static_argnums=static_argnums)
+
+
+@functools.cache
+def _derivatives(f, order):
+    fns, g = [], f
+    for _ in range(order):
+        g = jax.grad(g)
+        fns.append(g)
+    return jax.jit(jax.vmap(lambda v: tuple(h(v) for h in fns)))
+
+
+@eqx.filter_jit
+def _layer_jacobians(module, method, xs):
+    return jax.vmap(jax.jacfwd(lambda v: getattr(module, method)(v)[0]))(xs)
+
+
+@eqx.filter_jit
+def _value_and_grads(params, static, method, x, weights, keys):
+    def loss(p, x):
+        out, ladj, *extra = _apply(eqx.combine(p, static), method, x, keys)
+        return (weights[..., :-1] * out).sum() + (weights[..., -1] * ladj).sum() + sum(e.sum() for e in extra)
+
+    return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+
+
 class JaxAdapter:
     name = "jax"
 
@@ -80,9 +137,8 @@ class JaxAdapter:
         import jax.numpy as jnp
 
         import pyroflows.jax as pf
-        from pyroflows.jax.transforms.base import astype
 
-        self.jax, self.jnp, self.eqx, self.pf, self.astype = jax, jnp, eqx, pf, astype
+        self.jax, self.jnp, self.eqx, self.pf = jax, jnp, eqx, pf
 
     def names(self):
         return self.pf.available_flows()
@@ -177,3 +233,168 @@ class JaxAdapter:
         vmapped = jax.vmap(lambda v: t.call_with_intermediates(v))(x)
         inv = jax.jit(lambda t, y: t.inv(y))(t, eager[0])
         return [np.asarray(a) for a in (*eager, *jitted, *vmapped, inv)]
+
+    # ------------------------------------------------------------------ layers, for tests/families
+    # The same interface as the torch adapter's (see backends.py): numpy in, numpy out.
+
+    def transforms(self):
+        return self.pf.transforms
+
+    def module(self, path):
+        import importlib
+
+        return importlib.import_module(f"pyroflows.jax.{path}")
+
+    def make(self, cls, *args, seed=0, perturb=0.0, dtype="float64", **kwargs):
+        import inspect
+
+        cls = getattr(self.pf.transforms, cls) if isinstance(cls, str) else cls
+        if "key" in inspect.signature(cls.__init__).parameters:
+            kwargs["key"] = jax.random.key(seed)
+        return self.perturbed(self.astype(cls(*args, **kwargs), dtype), perturb, seed)
+
+    def build_flow(self, name, dim, seed=0, perturb=0.0, dtype="float64", **kwargs):
+        flow = self.pf.build_flow(name, dim, key=jax.random.key(seed), **kwargs)
+        return self.perturbed(self.astype(flow, dtype), perturb, seed)
+
+    def perturbed(self, module, scale, seed=0):
+        if not scale:
+            return module
+        rng = np.random.default_rng(seed)
+        params = self.params(module)
+        return self.with_arrays(module, {k: v + scale * rng.standard_normal(v.shape) for k, v in params.items()})
+
+    def params(self, module):
+        from pyroflows.jax.io import named_arrays
+
+        floating = self.jnp.floating
+        return {k: np.asarray(v) for k, v in named_arrays(module).items() if self.jnp.issubdtype(v.dtype, floating)}
+
+    def arrays(self, module):
+        from pyroflows.jax.io import named_arrays
+
+        return {k: np.asarray(v) for k, v in named_arrays(module).items()}
+
+    def with_arrays(self, module, values):
+        from pyroflows.jax.io import _replace_arrays, named_arrays
+
+        current = named_arrays(module)
+        missing = set(values) - set(current)
+        assert not missing, missing
+        values = {k: self.jnp.asarray(np.asarray(v), current[k].dtype) for k, v in values.items()}
+        return _replace_arrays(module, values)
+
+    def astype(self, module, dtype):
+        from pyroflows.jax.transforms.base import astype
+
+        return astype(module, self.dtype(dtype) if isinstance(dtype, str) else dtype)
+
+    def float_dtype(self, module):
+        from pyroflows.jax.transforms.base import float_dtype
+
+        return np.dtype(float_dtype(module)).name
+
+    def _to_numpy(self, out):
+        if isinstance(out, (tuple, list)):
+            return tuple(self._to_numpy(o) for o in out)
+        return np.asarray(out) if isinstance(out, jax.Array) else out
+
+    def _input(self, module, x):
+        return self.jnp.asarray(np.asarray(x), self.float_dtype(module))
+
+    def _keys(self, seed, n):
+        return None if seed is None else jax.random.split(jax.random.key(seed), n)
+
+    def apply(self, module, method, x, seed=None, probes=None):
+        """``module.<method>`` on the rows of ``x``, vmapped and jitted; ``seed`` splits one key
+        per row for stochastic layers; ``probes`` replace a CNF's Hutchinson probes (passed
+        where the keys go, with ``CNF._probe`` returning them)."""
+        x = np.asarray(x)
+        single = x.ndim == 1
+        rows = self._input(module, x.reshape(-1, x.shape[-1]))
+        if probes is not None:
+            from pyroflows.jax.transforms import CNF
+
+            original = CNF.__dict__["_probe"]
+            CNF._probe = lambda self, v, key: key
+            try:
+                # A fresh trace: the patched probe must not reach the shared cache.
+                run = jax.jit(jax.vmap(lambda v, e: getattr(module, method)(v, key=e)))
+                out = run(rows, self._input(module, probes))
+            finally:
+                CNF._probe = original
+        else:
+            # Rows padded (with zeros) to a power of two, at least 64: every batch of up to
+            # 64 rows shares one compilation per layer structure and method.
+            n = len(rows)
+            size = max(64, 1 << (n - 1).bit_length())
+            padded = self.jnp.concatenate([rows, self.jnp.zeros((size - n, rows.shape[1]), rows.dtype)])
+            out = _apply(module, method, padded, self._keys(seed, size))
+            out = tuple(a[:n] for a in out)
+        out = tuple(np.asarray(a) for a in out)
+        if single:
+            return tuple(a[0] for a in out)
+        return tuple(a.reshape(x.shape[:-1] + a.shape[1:]) for a in out)
+
+    def method(self, module, name, *args):
+        return self._to_numpy(_method(module, name, tuple(self._input(module, a) for a in args)))
+
+    def layer_jacobian_of(self, module, method, x):
+        return np.asarray(_layer_jacobian(module, method, self._input(module, x)))
+
+    def layer_jacobians(self, module, method, xs):
+        xs = np.asarray(xs)
+        n = len(xs)
+        size = max(64, 1 << (n - 1).bit_length())  # padded like ``apply``
+        padded = np.concatenate([xs, np.zeros((size - n, xs.shape[1]))])
+        return np.asarray(_layer_jacobians(module, method, self._input(module, padded)))[:n]
+
+    def value_and_grads(self, module, method, x, weights, seed=None):
+        from pyroflows.jax.io import named_arrays
+
+        params, static = eqx.partition(module, eqx.is_inexact_array)
+        xs = self._input(module, x)
+        value, (g_params, g_x) = _value_and_grads(
+            params, static, method, xs, self._input(module, weights), self._keys(seed, len(xs))
+        )
+        grads = {k: np.asarray(v) for k, v in named_arrays(g_params).items()}
+        return float(value), grads, np.asarray(g_x)
+
+    def _function(self, f):
+        if isinstance(f, str):
+            module, name = f.rsplit(".", 1)
+            return getattr(self.module(module), name)
+        return f
+
+    def fn(self, f, *args, dtype="float64", static=()):
+        """Library functions (named by path) jitted once per function and shapes, with the
+        plain Python arguments ``static``; a test's own closures eagerly (a jit would compile
+        each new closure again)."""
+        args = [self.tensor(a, dtype) for a in args]
+        if isinstance(f, str):
+            fn = _jitted(self._function(f), tuple(range(len(args), len(args) + len(static))))
+            return self._to_numpy(fn(*args, *static))
+        return self._to_numpy(f(*args, *static))
+
+    def method_jacobian(self, module, name, args, argnum=0):
+        args = tuple(self._input(module, a) for a in args)
+        return np.asarray(_method_jacobian(module, name, args, argnum))
+
+    def derivatives(self, f, x, order=1):
+        return [np.asarray(a) for a in _derivatives(self._function(f), order)(self.tensor(x, "float64"))]
+
+    def grad_fn(self, f, x, static=()):
+        f = self._function(f)
+        return np.asarray(jax.grad(lambda v: f(v, *static))(self.tensor(x, "float64")))
+
+    def jacobian_fn(self, f, x):
+        return np.asarray(jax.jacfwd(f)(self.tensor(x, "float64")))
+
+    def call(self, flow, x):
+        return np.asarray(flow.to_transform()(self.tensor(x, "float64")))
+
+    def inv(self, flow, y):
+        return np.asarray(flow.to_transform().inv(self.tensor(y, "float64")))
+
+    def key_kwargs(self, seed):
+        return {"key": jax.random.key(seed)}

@@ -69,7 +69,11 @@ def test_log_det_matches_autodiff_jacobian(adapter, name, dim, dtype, direction)
         np.testing.assert_allclose(ladj, logdet, atol=TOL[dtype] * 10 * (1 + abs(logdet)))
 
 
-AR_CASES = [c for c in CASES if any(c.values[0].is_autoregressive(l) for l in c.values[0].layers(c.values[0].build(c.values[1], 3)))]
+AR_CASES = [
+    c
+    for c in CASES
+    if any(c.values[0].is_autoregressive(l) for l in c.values[0].layers(c.values[0].build(c.values[1], 3)))
+]
 
 
 @pytest.mark.parametrize("adapter,name", AR_CASES)

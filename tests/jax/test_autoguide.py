@@ -19,8 +19,8 @@ from numpyro.infer.util import log_density  # noqa: E402
 from scipy import stats  # noqa: E402
 
 import pyroflows.jax as pf  # noqa: E402
-from tests.laplace_reference import location_scale_mode_and_cov  # noqa: E402
 from pyroflows.jax.transforms import ElementwiseAffine, Permute  # noqa: E402
+from tests.laplace_reference import location_scale_mode_and_cov  # noqa: E402
 
 # small flows keep compile time down; three IAF layers fit the skewed scale posterior of
 # (b) (two leave its sd about 6% short), two suffice for the Gaussian posterior of (a)
@@ -166,7 +166,7 @@ def test_exact_median_and_quantiles_for_an_elementwise_flow_match_the_closed_for
     a1, s1 = np.asarray(first.loc), np.exp(np.asarray(first.log_scale()))
     a2, s2 = np.asarray(middle.loc), np.exp(np.asarray(middle.log_scale()))
     a3, s3 = np.asarray(last.loc), np.exp(np.asarray(last.log_scale()))
-    u = (a2 + s2 * (a1 + s1 * z[:, None])[:, ::-1])
+    u = a2 + s2 * (a1 + s1 * z[:, None])[:, ::-1]
     # LogTails between the flow and the affine layer: the identity up to 5, logarithmic beyond
     expected = a3 + s3 * np.sign(u) * (np.minimum(np.abs(u), 5) + np.log1p(np.maximum(np.abs(u) - 5, 0)))
     q = guide.quantiles(params, [0.1, 0.5, 0.9])
@@ -344,7 +344,9 @@ def test_laplace_start_errors_name_the_problem():
         tau = numpyro.sample("tau", dist.HalfNormal(1.0))
         numpyro.sample("theta", dist.Normal(jnp.zeros(4), tau).to_event(1))
 
-    with pytest.raises(ValueError, match="init_scale='laplace'.*(no posterior mode|neck of a funnel).*funnel.*init_scale=0.1"):
+    with pytest.raises(
+        ValueError, match="init_scale='laplace'.*(no posterior mode|neck of a funnel).*funnel.*init_scale=0.1"
+    ):
         initial_params(pf.AutoFlow(funnel, init_scale="laplace", **SMALL))
     with pytest.raises(ValueError, match="init_scale='lapalce' must be 'auto', 'laplace' or a positive float"):
         pf.AutoFlow(funnel, init_scale="lapalce")

@@ -1,5 +1,8 @@
 """JAX autoregressive layers (IAF, MAF, NAF, BNAF) against independent references.
 
+IAF, MAF and NAF are ``MaskedAutoregressive`` layers with the ``Affine`` and the
+``DeepSigmoid`` transformers; BNAF is its own layer.
+
 References: the affine formulas re-implemented naively from MADE outputs, the deep
 sigmoidal transformer evaluated directly in float64 (scipy) with finite differences,
 the jaxpr (how many MADE passes, which loops), autodiff Jacobians, ``check_grads`` of
@@ -22,12 +25,12 @@ from scipy.special import expit, logit  # noqa: E402
 import pyroflows.jax as pf  # noqa: E402
 from pyroflows.jax.io import named_arrays  # noqa: E402
 from pyroflows.jax.transforms import (  # noqa: E402
-    AffineAutoregressive,
+    Affine,
     BlockNeuralAutoregressive,
-    NeuralAutoregressive,
+    DeepSigmoid,
+    MaskedAutoregressive,
     Permute,
 )
-from pyroflows.jax.transforms.autoregressive import naf_offset  # noqa: E402
 from pyroflows.jax.transforms.base import astype  # noqa: E402
 
 
@@ -78,8 +81,8 @@ def _primitive_counts(jaxpr, counts=None):
 # --- IAF / MAF ----------------------------------------------------------------------
 
 
-def _affine(dim, conditioner, bound=2.0, scale=0.7, seed=0, hidden=(16, 16)):
-    layer = AffineAutoregressive(dim, hidden, "tanh", bound, conditioner, key=_key(seed))
+def _affine(dim, reads, bound=2.0, scale=0.7, seed=0, hidden=(16, 16)):
+    layer = MaskedAutoregressive(dim, Affine(bound), hidden, "tanh", reads=reads, key=_key(seed))
     return _perturbed(layer, scale, seed)
 
 
@@ -129,9 +132,9 @@ def test_parallel_direction_is_one_made_pass_and_the_other_a_scan_over_coordinat
     dim, hidden = 5, (16, 16)
     made_layers = len(hidden) + 1  # one dot_general per masked linear layer
     if kind == "naf":
-        layer = NeuralAutoregressive(dim, hidden, 3, key=_key())
+        layer = MaskedAutoregressive(dim, DeepSigmoid(3), hidden, key=_key())
     else:
-        layer = AffineAutoregressive(dim, hidden, conditioner={"iaf": "input", "maf": "output"}[kind], key=_key())
+        layer = MaskedAutoregressive(dim, Affine(), hidden, reads={"iaf": "input", "maf": "output"}[kind], key=_key())
     parallel, sequential = layer.call_and_ladj, layer.inverse_and_ladj
     if kind == "maf":
         parallel, sequential = sequential, parallel
@@ -156,17 +159,17 @@ def test_maf_density_path_has_no_sequential_loop():
     assert all(e.params["length"] < 8 for e in jaxpr.eqns if e.primitive.name == "scan")
 
 
-@pytest.mark.parametrize("conditioner", ["input", "output"])
-def test_sequential_direction_has_exact_gradients(conditioner):
-    layer = _affine(3, conditioner, scale=0.5)
-    fn = layer.inverse_and_ladj if conditioner == "input" else layer.call_and_ladj
+@pytest.mark.parametrize("reads", ["input", "output"])
+def test_sequential_direction_has_exact_gradients(reads):
+    layer = _affine(3, reads, scale=0.5)
+    fn = layer.inverse_and_ladj if reads == "input" else layer.call_and_ladj
     check_grads(jax.jit(lambda v: fn(v)), (_randn(3, seed=7),), order=1, modes=("rev",), eps=1e-5, atol=1e-7, rtol=1e-7)
 
 
 def test_log_scale_bound_holds_for_any_parameters():
     dim, bound = 4, 2.0  # the layers of the tests above, so their compiled functions are reused
-    for conditioner in ("input", "output"):
-        layer = _affine(dim, conditioner, bound, scale=30.0)
+    for reads in ("input", "output"):
+        layer = _affine(dim, reads, bound, scale=30.0)
         x = _randn(20, dim, seed=5, scale=3.0)
         _, s = _shift_log_scale(layer, x, bound)
         assert np.abs(s).max() <= bound
@@ -181,14 +184,14 @@ def test_log_scale_bound_holds_for_any_parameters():
 
 
 def _naf(dim=3, k=4, scale=0.5, seed=0):
-    return _perturbed(NeuralAutoregressive(dim, (16,), hidden_units=k, key=_key(seed)), scale, seed)
+    return _perturbed(MaskedAutoregressive(dim, DeepSigmoid(hidden_units=k), (16,), key=_key(seed)), scale, seed)
 
 
 def test_naf_matches_direct_float64_formula_and_finite_differences():
     layer = _naf()
     x = _randn(6, 3, seed=8, scale=2.0)
     y, ladj = _forward(layer, x)
-    a, b, log_w = (np.asarray(t) for t in jax.jit(jax.vmap(lambda v: layer.transformer_params(v)))(x))
+    a, b, log_w = (np.asarray(t) for t in jax.jit(jax.vmap(lambda v: layer.transformer.unpack(layer.made(v))))(x))
     w = np.exp(log_w)
     np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-12)
     assert (a > 0).all()
@@ -205,34 +208,38 @@ def test_naf_matches_direct_float64_formula_and_finite_differences():
 
 
 def test_naf_offsets_are_derived_from_static_config_not_trainable():
-    layer = NeuralAutoregressive(3, (8,), hidden_units=8, key=_key())
+    layer = MaskedAutoregressive(3, DeepSigmoid(hidden_units=8), (8,), key=_key())
     # Only the MADE's weights are arrays; every float array is a torch parameter.
     assert set(named_arrays(layer)) == {f"made.net.{i}.{n}" for i in (0, 2) for n in ("weight", "bias", "mask")}
     x = jnp.asarray(np.broadcast_to(np.linspace(-5, 5, 41)[:, None], (41, 3)))
-    a, b, log_w = jax.jit(jax.vmap(lambda v: layer.transformer_params(v)))(x)
+    a, b, log_w = jax.jit(jax.vmap(lambda v: layer.transformer.unpack(layer.made(v))))(x)
     np.testing.assert_allclose(a, 1.0, rtol=1e-12)
     np.testing.assert_allclose(np.exp(log_w), 1 / 8, rtol=1e-12)
     assert len(np.unique(np.asarray(b[0, 0]))) == 8  # identical units would never separate
     y, ladj = _forward(layer, x)
     assert np.abs(y - x).max() < 0.25
     assert np.all(ladj / 3 < 0) and np.all(ladj / 3 > np.log(0.8))
-    # The same numbers torch keeps in its buffer.
-    torch_ar = pytest.importorskip("pyroflows.torch.transforms.autoregressive")
-    for k in (1, 2, 16):  # torch builds it in its default float32
-        np.testing.assert_allclose(naf_offset(k), torch_ar.NeuralAutoregressive(2, (4,), k).offset.numpy(), rtol=1e-6)
+    # The same numbers torch derives: both add pyroflows.structure.sigmoid_offset in unpack.
+    torch = pytest.importorskip("torch")
+    torch_tau = pytest.importorskip("pyroflows.torch.transforms.transformers")
+    for k in (1, 2, 16):
+        ours = DeepSigmoid(hidden_units=k).unpack(jnp.zeros(3 * k))
+        theirs = torch_tau.DeepSigmoid(hidden_units=k).unpack(torch.zeros(3 * k, dtype=torch.float64))
+        for o, t in zip(ours, theirs):
+            np.testing.assert_allclose(np.asarray(o), t.numpy(), rtol=1e-12, atol=1e-15)
 
 
 def test_naf_transformer_is_increasing_and_onto_for_random_parameters():
     rng = np.random.default_rng(9)
-    layers = {k: NeuralAutoregressive(1, (4,), hidden_units=k, key=_key()) for k in (1, 8)}
+    transformers = {k: DeepSigmoid(hidden_units=k) for k in (1, 8)}
 
     @functools.partial(jax.jit, static_argnums=0)
     def curve(k, raw, u):
-        a, b, log_w = layers[k]._split(raw)
-        return NeuralAutoregressive.transformer(u, a, b, log_w)
+        a, b, log_w = transformers[k].unpack(raw)  # the fixed offsets are added by unpack
+        return DeepSigmoid.evaluate(u, a, b, log_w)
 
-    for k in layers:
-        raw = jnp.asarray(3.0 * rng.standard_normal((5, 3 * k)) + naf_offset(k))
+    for k in transformers:
+        raw = jnp.asarray(3.0 * rng.standard_normal((5, 3 * k)))
         u = np.concatenate([[-1e4], np.linspace(-60, 60, 2001), [1e4]])[:, None]
         y, log_d = curve(k, raw, jnp.asarray(u))
         assert (np.diff(y, axis=0) > 0).all() and np.isfinite(log_d).all()
@@ -320,18 +327,18 @@ def test_numerical_inverse_is_exact_to_its_tolerance_with_exact_gradients_under_
 
 
 @pytest.mark.parametrize(
-    "name,options,cls",
+    "name,options,cls,transformer",
     [
-        ("iaf", {}, AffineAutoregressive),
-        ("iaf", {"activation": "elu", "permutation": "random", "log_scale_bound": 1.0}, AffineAutoregressive),
-        ("maf", {"activation": "tanh", "log_scale_bound": 3.0}, AffineAutoregressive),
-        ("naf", {"hidden_units": 2, "permutation": "random"}, NeuralAutoregressive),
-        ("naf", {"activation": "silu"}, NeuralAutoregressive),
-        ("bnaf", {"hidden_factors": 3}, BlockNeuralAutoregressive),
-        ("bnaf", {"hidden_factors": [2, 3, 2], "permutation": "random"}, BlockNeuralAutoregressive),
+        ("iaf", {}, MaskedAutoregressive, Affine),
+        ("iaf", {"activation": "elu", "permutation": "random", "log_scale_bound": 1.0}, MaskedAutoregressive, Affine),
+        ("maf", {"activation": "tanh", "log_scale_bound": 3.0}, MaskedAutoregressive, Affine),
+        ("naf", {"hidden_units": 2, "permutation": "random"}, MaskedAutoregressive, DeepSigmoid),
+        ("naf", {"activation": "silu"}, MaskedAutoregressive, DeepSigmoid),
+        ("bnaf", {"hidden_factors": 3}, BlockNeuralAutoregressive, None),
+        ("bnaf", {"hidden_factors": [2, 3, 2], "permutation": "random"}, BlockNeuralAutoregressive, None),
     ],
 )
-def test_builders_and_options(name, options, cls):
+def test_builders_and_options(name, options, cls, transformer):
     dim, num_layers = 3, 3
     kwargs = {} if name == "bnaf" else {"hidden_dims": (8,)}
     flow = pf.build_flow(name, dim, num_layers=num_layers, key=_key(), **kwargs, **options)
@@ -343,11 +350,14 @@ def test_builders_and_options(name, options, cls):
         assert all(np.array_equal(p.permutation, np.arange(dim)[::-1]) for p in perms)
     for layer in layers:
         assert layer.autoregressive and np.array_equal(layer.get_permutation(), np.arange(dim))
-        if cls is AffineAutoregressive:
-            assert layer.conditioner == {"iaf": "input", "maf": "output"}[name]
-            assert layer.log_scale_bound == options.get("log_scale_bound", 5.0)
-        if cls is NeuralAutoregressive:
-            assert layer.hidden_units == options.get("hidden_units", 16)
+        if transformer is not None:
+            assert type(layer.transformer) is transformer
+        if transformer is Affine:
+            assert layer.reads == {"iaf": "input", "maf": "output"}[name]
+            assert layer.transformer.log_scale_bound == options.get("log_scale_bound", 5.0)
+        if transformer is DeepSigmoid:
+            assert layer.reads == "input"
+            assert layer.transformer.hidden_units == options.get("hidden_units", 16)
         if "activation" in options:
             assert layer.made.net[1].name == options["activation"]
         if cls is BlockNeuralAutoregressive:
@@ -359,10 +369,10 @@ def test_builders_and_options(name, options, cls):
 
 
 def test_bad_options_raise_value_errors():
-    with pytest.raises(ValueError, match="conditioner"):
-        AffineAutoregressive(3, (8,), conditioner="both", key=_key())
+    with pytest.raises(ValueError, match="reads"):
+        MaskedAutoregressive(3, Affine(), (8,), reads="both", key=_key())
     with pytest.raises(ValueError, match="log_scale_bound"):
-        AffineAutoregressive(3, (8,), log_scale_bound=0.0, key=_key())
+        pf.build_flow("iaf", 3, log_scale_bound=0.0, key=_key())
     with pytest.raises(ValueError, match="log_scale_bound"):
         pf.build_flow("iaf", 3, log_scale_bound=-1.0)
     with pytest.raises(ValueError, match="hidden_dims"):

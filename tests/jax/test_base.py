@@ -47,7 +47,9 @@ def test_flow_guide_trains_inside_numpyro_svi_and_constants_stay_fixed():
     params = svi.get_params(state)["flow$params"]
     trained = eqx.combine(params, eqx.partition(flow, eqx.is_inexact_array)[1])
     # Integer/boolean constants (permutations, masks) are not parameters.
-    for a, b in zip(jax.tree.leaves(eqx.filter(flow, eqx.is_array)), jax.tree.leaves(eqx.filter(trained, eqx.is_array))):
+    for a, b in zip(
+        jax.tree.leaves(eqx.filter(flow, eqx.is_array)), jax.tree.leaves(eqx.filter(trained, eqx.is_array))
+    ):
         if not jnp.issubdtype(a.dtype, jnp.inexact):
             assert jnp.array_equal(a, b)
     samples = dist.TransformedDistribution(dist.Normal(jnp.zeros(dim), 1.0).to_event(1), trained.to_transform()).sample(
@@ -128,16 +130,16 @@ def test_permute_round_trip():
 def test_log_prob_runs_one_inverse_pass_not_the_sequential_forward(monkeypatch):
     # MAF's density direction is one parallel pass; its forward is a loop over
     # coordinates. log_prob must reuse the inverse's log-det rather than rerun forward.
-    from pyroflows.jax.transforms.autoregressive import AffineAutoregressive
+    from pyroflows.jax.transforms.conditioners import MaskedAutoregressive
 
     sequential_calls = []
-    original = AffineAutoregressive._sequential
+    original = MaskedAutoregressive._sequential
 
-    def counting(self, given, forward):
-        sequential_calls.append(forward)
-        return original(self, given, forward)
+    def counting(self, given, inverse):
+        sequential_calls.append(not inverse)  # True: the forward direction
+        return original(self, given, inverse)
 
-    monkeypatch.setattr(AffineAutoregressive, "_sequential", counting)
+    monkeypatch.setattr(MaskedAutoregressive, "_sequential", counting)
     # an unusual width, so no compiled program from another test is reused
     flow = pf.build_flow("maf", 4, key=jax.random.key(0), num_layers=2, hidden_dims=(13,))
     flow = jax.tree.map(lambda a: a + 0.05 if eqx.is_inexact_array(a) else a, flow)

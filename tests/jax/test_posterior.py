@@ -105,7 +105,9 @@ def test_a_funnel_falls_back_to_a_diagonal_start_and_trains():
     assert guide.start.kind == "diagonal"
     params = svi.get_params(state)
     # scales 1/sqrt(H_ii) at (v, x) = 0: H_vv = 1/9, H_xx = e^-v = 1
-    np.testing.assert_allclose(np.diagonal(guide.get_whitening(params).scale_tril)[:2], [3.0, 1.0], rtol=1e-5)  # float32
+    np.testing.assert_allclose(
+        np.diagonal(guide.get_whitening(params).scale_tril)[:2], [3.0, 1.0], rtol=1e-5
+    )  # float32
     for _ in range(20):
         state, loss = svi.update(state)
         assert np.isfinite(float(loss))

@@ -25,8 +25,16 @@ from pyroflows.diagnostics import ess  # noqa: E402
 from pyroflows.jax import snf  # noqa: E402
 from pyroflows.jax.transforms import ElementwiseAffine  # noqa: E402
 from tests.snf_reference import (  # noqa: E402
-    COV, MEAN, NOISE, OBS, POSTERIOR_MEAN, check_evidence_bound, check_gaussian_moments, double_well_samples,
-    langevin_log_ratio, log_z_and_p_left,
+    COV,
+    MEAN,
+    NOISE,
+    OBS,
+    POSTERIOR_MEAN,
+    check_evidence_bound,
+    check_gaussian_moments,
+    double_well_samples,
+    langevin_log_ratio,
+    log_z_and_p_left,
 )
 
 DOUBLE_WELL = toys.log_density("double_well", "jax")
@@ -62,7 +70,10 @@ def test_langevin_weight_is_the_log_ratio_of_the_gaussian_transition_densities()
 def test_untrained_flow_with_annealed_metropolis_is_an_annealed_importance_sampler():
     layers = []
     for k in jax.random.split(jax.random.key(0), 10):  # identity-initialised RealNVP, then annealed Metropolis
-        layers += [pf.build_flow("realnvp", 2, num_layers=3, hidden_dims=(8,), key=k), snf.MetropolisHastings(0.5, num_steps=5)]
+        layers += [
+            pf.build_flow("realnvp", 2, num_layers=3, hidden_dims=(8,), key=k),
+            snf.MetropolisHastings(0.5, num_steps=5),
+        ]
     flow = snf.StochasticFlow(layers, 2, DOUBLE_WELL)
     assert flow.schedule == tuple((i + 1) / 10 for i in range(10))
     assert flow.segments == ((0, 2, 10),)  # one scanned program for the ten pairs
@@ -82,7 +93,8 @@ def test_untrained_flow_with_annealed_metropolis_is_an_annealed_importance_sampl
 
 
 @pytest.mark.parametrize(
-    "block", [snf.MetropolisHastings(0.8, num_steps=4), snf.MALA(0.3, num_steps=4), snf.HMC(0.3, 4, num_steps=3)],
+    "block",
+    [snf.MetropolisHastings(0.8, num_steps=4), snf.MALA(0.3, num_steps=4), snf.HMC(0.3, 4, num_steps=3)],
     ids=["mh", "mala", "hmc"],
 )
 def test_metropolis_type_blocks_leave_the_target_invariant(block):
@@ -118,7 +130,9 @@ def test_without_blocks_the_weight_is_the_flows_density_ratio():
 
 def test_gradients_flow_through_langevin_blocks():
     affine = ElementwiseAffine(2)
-    affine = eqx.tree_at(lambda m: (m.loc, m.unconstrained_log_scale), affine, (jnp.array([0.3, -0.2]), jnp.array([-0.1, 0.2])))
+    affine = eqx.tree_at(
+        lambda m: (m.loc, m.unconstrained_log_scale), affine, (jnp.array([0.3, -0.2]), jnp.array([-0.1, 0.2]))
+    )
     flow = snf.StochasticFlow(
         [affine, snf.Langevin(0.02, num_steps=2, learnable_step_size=True), snf.Langevin(0.01)], 2, DOUBLE_WELL
     )
@@ -137,7 +151,10 @@ def test_gradients_flow_through_langevin_blocks():
 
 
 def make_double_well_snf():
-    layers = [pf.build_flow("realnvp", 2, num_layers=2, hidden_dims=(16, 16), key=jax.random.key(0)), snf.MetropolisHastings(0.25, num_steps=5)]
+    layers = [
+        pf.build_flow("realnvp", 2, num_layers=2, hidden_dims=(16, 16), key=jax.random.key(0)),
+        snf.MetropolisHastings(0.25, num_steps=5),
+    ]
     return snf.StochasticFlow(layers, 2, DOUBLE_WELL)
 
 
@@ -156,7 +173,9 @@ def test_fit_mle_trains_through_reverse_paths():
     flow = make_double_well_snf()
     data = double_well_samples(1000)
     # no validation split: one compiled program (the training loss is monitored instead)
-    fitted, history = pf.fit_mle(flow, data, num_steps=60, eval_every=20, lr=3e-3, validation_fraction=0.0, progress=False)
+    fitted, history = pf.fit_mle(
+        flow, data, num_steps=60, eval_every=20, lr=3e-3, validation_fraction=0.0, progress=False
+    )
     assert np.isfinite(history.loss).all()
     assert history.loss[-1] < history.loss[0]
 
@@ -178,7 +197,9 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="stick_the_landing"):
         pf.fit_reverse_kl(flow, stick_the_landing=True, num_steps=1, progress=False)
     with pytest.raises(ValueError, match="shape"):
-        snf.StochasticFlow([snf.MALA(0.1)], 2, lambda x: x, schedule="target").sample_and_log_weight(jax.random.key(0), 3)
+        snf.StochasticFlow([snf.MALA(0.1)], 2, lambda x: x, schedule="target").sample_and_log_weight(
+            jax.random.key(0), 3
+        )
 
 
 # --------------------------------------------------------------------------- AutoSNF
@@ -192,7 +213,9 @@ def test_autosnf_elbo_is_a_lower_bound_and_its_weights_are_unbiased():
     # starts at the posterior mean, wider than the posterior (sd 0.22), so the blocks move
     # the draws and the weights stay light-tailed
     guide = pf.AutoSNF(  # householder: the cheapest flow to compile
-        conjugate_model, flow="householder", init_loc_fn=init_to_value(values={"mu": jnp.asarray(POSTERIOR_MEAN)}),
+        conjugate_model,
+        flow="householder",
+        init_loc_fn=init_to_value(values={"mu": jnp.asarray(POSTERIOR_MEAN)}),
         init_scale=0.3,
         # two identical blocks compile once (scanned); the first, at l = 1/2, changes the weights
         stochastic=[snf.MetropolisHastings(0.1, num_steps=2), snf.MetropolisHastings(0.1, num_steps=2)],

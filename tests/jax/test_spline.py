@@ -2,7 +2,8 @@
 
 Durkan, Bekasov, Murray & Papamakarios 2019, arXiv:1906.04032, eqs. (4)-(6). The
 reference below is written from the paper with numpy (masks per bin, inverse by
-bisection), sharing no code with ``pyroflows.jax.transforms.spline``.
+bisection), sharing no code with ``pyroflows.jax.transforms.transformers``. The layers are
+``Coupling`` and ``MaskedAutoregressive`` with the ``RationalQuadraticSpline`` transformer.
 """
 
 import math
@@ -20,8 +21,15 @@ from jax.test_util import check_grads  # noqa: E402
 
 import pyroflows.jax as pf  # noqa: E402
 from pyroflows.jax.io import named_arrays  # noqa: E402
-from pyroflows.jax.transforms import SplineAutoregressive, SplineCoupling  # noqa: E402
-from pyroflows.jax.transforms.spline import rational_quadratic_spline, spline_parts  # noqa: E402
+from pyroflows.jax.transforms import (  # noqa: E402
+    Coupling,
+    MaskedAutoregressive,
+    RationalQuadraticSpline,
+)
+from pyroflows.jax.transforms.transformers import (  # noqa: E402
+    rational_quadratic_spline,
+    spline_parts,
+)
 
 MIN = 1e-3  # minimum bin width, bin height and interior derivative
 
@@ -162,7 +170,9 @@ def test_inverse_is_accurate_for_extreme_bins(dtype, scale):
 
 
 def test_same_numbers_as_the_torch_spline():
-    from pyroflows.torch.transforms.spline import rational_quadratic_spline as torch_spline
+    from pyroflows.torch.transforms.transformers import (
+        rational_quadratic_spline as torch_spline,
+    )
 
     params = _params(8, 2.0, seed=9, n=20)
     y, p = _points_with_knots(params, 3.0, n=40, seed=1)
@@ -173,7 +183,7 @@ def test_same_numbers_as_the_torch_spline():
         np.testing.assert_allclose(np.asarray(ld), tld.numpy(), rtol=1e-9, atol=1e-9)
     # Large raw derivatives: torch's softplus is linear above 20; so is ours (same knots).
     big = _params(8, 40.0, seed=10, n=5)
-    from pyroflows.torch.transforms.spline import spline_parts as torch_parts
+    from pyroflows.torch.transforms.transformers import spline_parts as torch_parts
 
     for ours, theirs in zip(spline_parts(jnp.asarray(big), 3.0), torch_parts(torch.as_tensor(big), 3.0)):
         np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), rtol=1e-14, atol=1e-14)
@@ -211,6 +221,7 @@ def test_spline_gradients_check_grads_both_directions():
 def test_float32_dtype_and_finiteness():
     p = jnp.asarray(_params(8, 5.0, seed=6, n=1), jnp.float32)
     x = jnp.asarray([-30.0, -3.0, -1.0, 0.0, 0.5, 3.0, 30.0], jnp.float32)
+
     def total(a, q):
         outs = rational_quadratic_spline(a, q, 3.0) + rational_quadratic_spline(a, q, 3.0, True)
         return sum(t.sum() for t in outs), outs
@@ -229,11 +240,13 @@ def _perturb(module, scale=0.3, seed=0):
 
 def test_spline_coupling_matches_reference_and_inverts():
     dim, split = 5, 2
-    layer = _perturb(SplineCoupling(dim, (16,), count_bins=5, bound=2.0, key=jax.random.key(1)))
+    layer = _perturb(Coupling(dim, RationalQuadraticSpline(count_bins=5, bound=2.0), (16,), key=jax.random.key(1)))
     x = 2 * jnp.asarray(np.random.default_rng(2).standard_normal((7, dim)))
     y, ladj = jax.jit(jax.vmap(layer.call_and_ladj))(x)
     assert np.array_equal(np.asarray(y[:, :split]), np.asarray(x[:, :split]))
-    params = np.asarray(jax.vmap(layer._params)(x[:, :split])).reshape(-1, 14)
+    # The MLP's output is parameter-major: 14 blocks of dim - split = 3, one row per coordinate after .T
+    params = np.asarray(jax.vmap(lambda xa: layer.conditioner(xa).reshape(14, dim - split).T)(x[:, :split]))
+    params = params.reshape(-1, 14)
     y_ref, dy_ref = ref_forward(np.asarray(x[:, split:]).ravel(), params, 2.0)
     np.testing.assert_allclose(np.asarray(y[:, split:]).ravel(), y_ref, atol=1e-12)
     np.testing.assert_allclose(np.asarray(ladj), np.log(dy_ref).reshape(7, -1).sum(-1), atol=1e-10)
@@ -244,7 +257,8 @@ def test_spline_coupling_matches_reference_and_inverts():
 
 def test_spline_autoregressive_triangular_exact_inverse_and_gradients():
     dim = 4
-    layer = _perturb(SplineAutoregressive(dim, (16,), count_bins=4, bound=2.5, key=jax.random.key(2)), 0.4)
+    tau = RationalQuadraticSpline(count_bins=4, bound=2.5)
+    layer = _perturb(MaskedAutoregressive(dim, tau, (16,), key=jax.random.key(2)), 0.4)
     assert layer.autoregressive and np.array_equal(np.asarray(layer.get_permutation()), np.arange(dim))
     x = 1.5 * jnp.asarray(np.random.default_rng(3).standard_normal(dim))
     params, static = eqx.partition(layer, eqx.is_inexact_array)
@@ -281,8 +295,12 @@ def test_jit_vmap_grad_together_on_a_flow_log_prob():
     """Per-example gradients of log_prob (which runs the sequential inverse) under jit(vmap(grad))."""
     import numpyro.distributions as dist
 
-    flow = _perturb(pf.build_flow("nsf", 2, num_layers=1, hidden_dims=(8,), count_bins=4,
-                                  conditioner="autoregressive", key=jax.random.key(4)), 0.5)
+    flow = _perturb(
+        pf.build_flow(
+            "nsf", 2, num_layers=1, hidden_dims=(8,), count_bins=4, conditioner="autoregressive", key=jax.random.key(4)
+        ),
+        0.5,
+    )
     data = 2 * jnp.asarray(np.random.default_rng(5).standard_normal((3, 2)))
     params, static = eqx.partition(flow, eqx.is_inexact_array)
 
@@ -298,13 +316,25 @@ def test_jit_vmap_grad_together_on_a_flow_log_prob():
 
 
 # --- the builder, options and torch parity ----------------------------------------------
-@pytest.mark.parametrize("conditioner,cls", [("coupling", SplineCoupling), ("autoregressive", SplineAutoregressive)])
+@pytest.mark.parametrize("conditioner,cls", [("coupling", Coupling), ("autoregressive", MaskedAutoregressive)])
 def test_builder_options_and_fresh_identity(conditioner, cls):
-    flow = pf.build_flow("nsf", 3, num_layers=3, hidden_dims=(8,), count_bins=3, bound=1.5,
-                         conditioner=conditioner, permutation="random", activation="tanh", key=jax.random.key(0))
+    flow = pf.build_flow(
+        "nsf",
+        3,
+        num_layers=3,
+        hidden_dims=(8,),
+        count_bins=3,
+        bound=1.5,
+        conditioner=conditioner,
+        permutation="random",
+        activation="tanh",
+        key=jax.random.key(0),
+    )
     layers = [p for p in flow.parts if isinstance(p, cls)]
     assert len(layers) == 3 and len(flow.parts) == 5
-    assert all(lay.count_bins == 3 and lay.bound == 1.5 for lay in layers)
+    assert all(type(lay.transformer) is RationalQuadraticSpline for lay in layers)
+    assert all(lay.transformer.count_bins == 3 and lay.transformer.bound == 1.5 for lay in layers)
+    assert all(lay.reads == "input" for lay in layers if cls is MaskedAutoregressive)
     x = 4 * jnp.asarray(np.random.default_rng(0).standard_normal((4, 3)))
     y, ladj = flow.to_transform().call_with_intermediates(x)
     # Fresh layers are the identity; only the permutations move coordinates.
@@ -319,8 +349,9 @@ def _torch_autoregressive_nsf(dim):
     import pyroflows.torch as pt
 
     torch.manual_seed(3)
-    flow = pt.build_flow("nsf", dim, num_layers=2, hidden_dims=(8, 8), count_bins=5, bound=2.0,
-                         conditioner="autoregressive").double()
+    flow = pt.build_flow(
+        "nsf", dim, num_layers=2, hidden_dims=(8, 8), count_bins=5, bound=2.0, conditioner="autoregressive"
+    ).double()
     with torch.no_grad():
         for p in flow.parameters():
             p.add_(0.2 * torch.randn_like(p))

@@ -114,8 +114,11 @@ BAD_DATA = [
     (np.ones((1, 2)), "data needs at least 2 rows .*, got 1"),
     (np.zeros((10, 3)), "data has 3 columns but the flow has dim=2; build the flow with dim=3"),
     (np.zeros((10, 2, 2)), r"data must have shape \(num_points, dim\), got shape \(10, 2, 2\)"),
-    (np.zeros(10), r"data must have shape \(num_points, dim\), got shape \(10,\); reshape it \(for "
-                   r"one-dimensional data pass data\[:, None\]\)"),
+    (
+        np.zeros(10),
+        r"data must have shape \(num_points, dim\), got shape \(10,\); reshape it \(for "
+        r"one-dimensional data pass data\[:, None\]\)",
+    ),
     (np.array([["1.0", "a"], ["2.0", "b"]]), "data must be numeric, got an array of dtype <U3 .*parse it"),
     (np.ones((10, 2), dtype=bool), "data is boolean; a flow is a density on real vectors"),
     (np.ones((10, 2), dtype=complex), "data must be real, got complex dtype"),
@@ -261,18 +264,24 @@ def test_fit_mle_skips_a_step_whose_loss_is_nan():
 
 def test_fit_mle_raises_when_the_flow_is_not_finite_from_the_start():
     data = np.random.default_rng(10).normal(size=(20, 2))
-    with pytest.raises(ValueError, match=r"fit_mle: 5 consecutive steps \(steps 1 to 5\) were skipped because the "
-                                         r"loss was NaN or inf at 5 of them, from the first step, before any update: "
-                                         r".*badly scaled .*standardize=True"):
+    with pytest.raises(
+        ValueError,
+        match=r"fit_mle: 5 consecutive steps \(steps 1 to 5\) were skipped because the "
+        r"loss was NaN or inf at 5 of them, from the first step, before any update: "
+        r".*badly scaled .*standardize=True",
+    ):
         pf.fit_mle(RawScale(-1.0), data, max_bad_steps=5, progress=False)
 
 
 def test_fit_mle_raises_naming_a_too_large_learning_rate():
     # sd 0.1: the NLL pulls the scale down from 1, and Adam's first step of about lr = 5 makes it negative
     data = 0.1 * np.random.default_rng(11).normal(size=(50, 2))
-    with pytest.raises(ValueError, match=r"fit_mle: 20 consecutive steps \(steps 2 to 21\) were skipped.* after "
-                                         r"training had made progress: the learning rate lr=5 is too large"
-                                         r".*Try lr=0.5"):
+    with pytest.raises(
+        ValueError,
+        match=r"fit_mle: 20 consecutive steps \(steps 2 to 21\) were skipped.* after "
+        r"training had made progress: the learning rate lr=5 is too large"
+        r".*Try lr=0.5",
+    ):
         pf.fit_mle(RawScale(1.0), data, lr=5.0, standardize=False, progress=False)
 
 
@@ -309,8 +318,14 @@ def gaussian_kl(mean, cov):
 def test_fit_reverse_kl_reaches_the_gaussian_target(stick_the_landing):
     # annealing over the first 100 steps (beta from 0.01 to 1), then the plain loss
     flow, history = pf.fit_reverse_kl(
-        gaussian_flow(), log_target, num_steps=1000, num_samples=512, lr=5e-2, anneal_steps=100,
-        stick_the_landing=stick_the_landing, progress=False,
+        gaussian_flow(),
+        log_target,
+        num_steps=1000,
+        num_samples=512,
+        lr=5e-2,
+        anneal_steps=100,
+        stick_the_landing=stick_the_landing,
+        progress=False,
     )
     mean, cov = flow_gaussian(flow)
     kl = gaussian_kl(mean, cov)
@@ -332,9 +347,12 @@ def test_fit_reverse_kl_reaches_the_gaussian_target(stick_the_landing):
 
 def test_fit_reverse_kl_reports_a_bad_log_density():
     nan_target = eqx.tree_at(lambda t: t.offset, log_target, jnp.full_like(log_target.offset, np.nan))
-    with pytest.raises(ValueError, match=r"fit_reverse_kl: the target log-density returned NaN at 512 of 512 draws "
-                                         r"at its first evaluation \(step 1, before any update\): the target is "
-                                         r"broken, not the training.*unconstrained space"):
+    with pytest.raises(
+        ValueError,
+        match=r"fit_reverse_kl: the target log-density returned NaN at 512 of 512 draws "
+        r"at its first evaluation \(step 1, before any update\): the target is "
+        r"broken, not the training.*unconstrained space",
+    ):
         pf.fit_reverse_kl(gaussian_flow(), nan_target, num_steps=50, num_samples=512, progress=False)
     with pytest.raises(ValueError, match=r"must map an array of shape \(n, 2\) to shape \(n,\)"):
         pf.fit_reverse_kl(gaussian_flow(), lambda x: x, num_steps=5, progress=False)
@@ -390,19 +408,26 @@ def test_fit_reverse_kl_skips_a_step_with_a_nan_target():
 
 
 def test_fit_reverse_kl_raises_naming_the_target_when_it_stays_nan():
-    with pytest.raises(ValueError, match=r"fit_reverse_kl: 4 consecutive steps \(steps 3 to 6\) were skipped.*the "
-                                         r"target log-density returned NaN or inf at some of the flow's draws in 4 of "
-                                         r"them.*unconstrained space"):
-        pf.fit_reverse_kl(gaussian_flow(), TARGET.reset(range(3, 10**6), every_draw=False), max_bad_steps=4,
-                          num_steps=50, **KL_FIT)
+    with pytest.raises(
+        ValueError,
+        match=r"fit_reverse_kl: 4 consecutive steps \(steps 3 to 6\) were skipped.*the "
+        r"target log-density returned NaN or inf at some of the flow's draws in 4 of "
+        r"them.*unconstrained space",
+    ):
+        pf.fit_reverse_kl(
+            gaussian_flow(), TARGET.reset(range(3, 10**6), every_draw=False), max_bad_steps=4, num_steps=50, **KL_FIT
+        )
 
 
 def test_fit_reverse_kl_raises_naming_a_too_large_learning_rate():
     # target N(0, 0.1^2 I): the loss pulls the scale down from 1, and Adam's first step of
     # about lr = 5 makes it negative, where log|det| is NaN at every later step
-    with pytest.raises(ValueError, match=r"fit_reverse_kl: 20 consecutive steps \(steps 2 to 21\) were skipped "
-                                         r"because the loss was NaN or inf at 20 of them, after training had made "
-                                         r"progress: the learning rate lr=5 is too large for this flow.*Try lr=0.5"):
+    with pytest.raises(
+        ValueError,
+        match=r"fit_reverse_kl: 20 consecutive steps \(steps 2 to 21\) were skipped "
+        r"because the loss was NaN or inf at 20 of them, after training had made "
+        r"progress: the learning rate lr=5 is too large for this flow.*Try lr=0.5",
+    ):
         pf.fit_reverse_kl(RawScale(1.0), lambda x: -50 * jnp.sum(x**2, -1), lr=5.0, progress=False)
 
 
@@ -418,8 +443,11 @@ def exact_model():
 
 def test_evaluate_on_an_exact_guide_and_a_too_narrow_one():
     guide = pf.AutoFlow(
-        exact_model, init_loc_fn=init_to_value(values={"z": MU, "w": np.exp(0.3)}), init_scale=0.6,
-        num_layers=1, hidden_dims=(4,),
+        exact_model,
+        init_loc_fn=init_to_value(values={"z": MU, "w": np.exp(0.3)}),
+        init_scale=0.6,
+        num_layers=1,
+        hidden_dims=(4,),
     )
     trace = handlers.trace(handlers.seed(guide, rng_seed=0)).get_trace()
     params = {name: site["value"] for name, site in trace.items() if site["type"] == "param"}

@@ -67,3 +67,62 @@ def test_a_file_that_does_not_match_its_config_is_rejected(tmp_path):
         pt.load_flow(path)
     with pytest.raises(ValueError, match="missing"):
         BY_NAME["jax"] and __import__("pyroflows.jax").jax.load_flow(path)
+
+
+# Non-default options whose layers take other code paths (moved here from the JAX family
+# tests): the alternating triangular Sylvester stack, whose float masks and fixed Q arrive
+# from torch where JAX builds booleans; the dense GDN; an adaptive CNF solve at tight
+# tolerances, where each backend controls its own steps (diffrax against torchdiffeq), so
+# they agree to those tolerances.
+OPTION_CASES = [
+    pytest.param("sylvester", 3, {"variant": "triangular"}, 1e-9, id="sylvester-triangular"),
+    pytest.param("gdn", 3, {"variant": "dense", "max_exponent": 0.45}, 1e-9, id="gdn-dense"),
+    pytest.param(
+        "ffjord",
+        3,
+        {"num_layers": 1, "hidden_dims": (8, 8), "solver": "dopri5", "atol": 1e-10, "rtol": 1e-10},
+        1e-8,
+        id="ffjord-dopri5",
+    ),
+]
+
+
+@pytest.mark.parametrize("name,dim,options,tol", OPTION_CASES)
+@pytest.mark.parametrize("source,target", [("torch", "jax"), ("jax", "torch")])
+def test_non_default_options_have_the_same_numbers_on_the_other_backend(
+    name, dim, options, tol, source, target, tmp_path
+):
+    src, dst = BY_NAME[source], BY_NAME[target]
+    flow = src.build(name, dim, "float64", seed=11, perturb=0.3, **options)
+    path = tmp_path / f"{name}.npz"
+    _save(src, flow, path)
+    other = _load(dst, path)
+    assert other.config == flow.config
+    x = np.random.default_rng(12).standard_normal((5, dim)) * 2
+    y_src, ladj_src = src.forward(flow, x)
+    y_dst, ladj_dst = dst.forward(other, x)
+    np.testing.assert_allclose(y_dst, y_src, atol=tol, rtol=tol)
+    np.testing.assert_allclose(ladj_dst, ladj_src, atol=tol, rtol=tol)
+    x_src, ildj_src = src.inverse(flow, y_src)
+    x_dst, ildj_dst = dst.inverse(other, y_src)
+    np.testing.assert_allclose(x_dst, x_src, atol=tol, rtol=tol)
+    np.testing.assert_allclose(ildj_dst, ildj_src, atol=tol, rtol=tol)
+
+
+def test_adjoint_gradients_on_jax_agree_with_backpropagation_in_torch():
+    """adjoint=True on JAX: diffrax.diffeqsolve with the same tableau and steps, so the value
+    is torch's to rounding, and BacksolveAdjoint gradients, which match backpropagation
+    through torch's solver (itself checked against finite differences in
+    tests/families/test_ffjord.py) to the solver's accuracy."""
+    torch, jax = BY_NAME["torch"], BY_NAME["jax"]
+    options = dict(estimator="exact", num_steps=16)
+    layer = torch.make("CNF", 2, (8, 8), seed=0, perturb=0.3, **options)
+    adjoint = jax.with_arrays(jax.make("CNF", 2, (8, 8), adjoint=True, **options), torch.params(layer))
+    x = np.random.default_rng(13).standard_normal((5, 2))
+    weights = np.random.default_rng(14).standard_normal((5, 3))
+    value, grads, _ = torch.value_and_grads(layer, "call_and_ladj", x, weights)
+    value_jax, grads_jax, _ = jax.value_and_grads(adjoint, "call_and_ladj", x, weights)
+    assert value_jax == pytest.approx(value, abs=1e-12)
+    assert set(grads_jax) == set(grads)
+    for name, g in grads.items():
+        np.testing.assert_allclose(grads_jax[name], g, atol=1e-6 * (1 + np.abs(g).max()))

@@ -17,8 +17,8 @@ from pyro.infer.reparam import NeuTraReparam
 from scipy import stats
 
 import pyroflows.torch as pf
-from tests.laplace_reference import location_scale_mode_and_cov
 from pyroflows.torch.transforms import ElementwiseAffine, Flow, LogTails, Permute
+from tests.laplace_reference import location_scale_mode_and_cov
 
 SMALL = dict(num_layers=2, hidden_dims=(8,))
 
@@ -169,7 +169,9 @@ def test_exact_median_and_quantiles_for_an_elementwise_flow_match_the_closed_for
     # registered here, not at import, so the conformance suite's collection never sees it
     pf.register_flow("test_marginal_affine", replace=True)(_marginal_affine)
     start = {"mu": torch.tensor(0.5, dtype=torch.float64), "sigma": torch.tensor(1.5, dtype=torch.float64)}
-    guide = pf.AutoFlow(location_scale, flow="test_marginal_affine", init_loc_fn=init_to_value(values=start), init_scale=0.1)
+    guide = pf.AutoFlow(
+        location_scale, flow="test_marginal_affine", init_loc_fn=init_to_value(values=start), init_scale=0.1
+    )
     guide(DATA)
     assert guide.has_exact_quantiles
     # at the start, N(0.5, 0.1^2) for mu and LogNormal(log 1.5, 0.1) for sigma
@@ -185,9 +187,7 @@ def test_exact_median_and_quantiles_for_an_elementwise_flow_match_the_closed_for
             p.add_(torch.randn_like(p))
     first, middle, last = guide.flow.parts[0], guide.flow.parts[2], guide.affine
     a1, s1, a2, s2, a3, s3 = (
-        t.detach().numpy()
-        for layer in (first, middle, last)
-        for t in (layer.loc, layer.log_scale().exp())
+        t.detach().numpy() for layer in (first, middle, last) for t in (layer.loc, layer.log_scale().exp())
     )
     inner = a2 + s2 * (a1 + s1 * z[:, None])[:, ::-1]
     # LogTails between the flow and the affine layer: the identity up to 5, logarithmic beyond
@@ -345,7 +345,7 @@ def test_errors_name_the_problem():
         pyro.sample("k", dist.Bernoulli(0.3))
         pyro.sample("x", dist.Normal(0.0, 1.0))
 
-    def no_latents(y=torch.tensor(1.0)):
+    def no_latents(y=torch.tensor(1.0)):  # noqa: B008
         pyro.sample("y", dist.Normal(0.0, 1.0), obs=y)
 
     guide = pf.AutoFlow(discrete)
@@ -443,7 +443,9 @@ def test_laplace_start_errors_name_the_problem():
         tau = pyro.sample("tau", dist.HalfNormal(torch.tensor(1.0, dtype=torch.float64)))
         pyro.sample("theta", dist.Normal(torch.zeros(4, dtype=torch.float64), tau).to_event(1))
 
-    with pytest.raises(ValueError, match="init_scale='laplace'.*(no posterior mode|neck of a funnel).*funnel.*init_scale=0.1"):
+    with pytest.raises(
+        ValueError, match="init_scale='laplace'.*(no posterior mode|neck of a funnel).*funnel.*init_scale=0.1"
+    ):
         pf.AutoFlow(funnel, init_scale="laplace", **SMALL)()
     with pytest.raises(ValueError, match="init_scale='lapalce' must be 'auto', 'laplace' or a positive float"):
         pf.AutoFlow(funnel, init_scale="lapalce")

@@ -1,5 +1,8 @@
 """Autoregressive layers (IAF, MAF, NAF, BNAF) against independent references.
 
+IAF, MAF and NAF are ``MaskedAutoregressive`` layers with the ``Affine`` and the
+``DeepSigmoid`` transformers; BNAF is its own layer.
+
 References: the affine formulas re-implemented naively from MADE outputs, the deep
 sigmoidal transformer evaluated directly in float64 (scipy) with finite-difference
 derivatives, autodiff Jacobians, and gradcheck of the numerical inverses.
@@ -17,9 +20,10 @@ from scipy.special import expit, logit
 import pyroflows.torch as pf
 from pyroflows.torch.nn import MADE
 from pyroflows.torch.transforms import (
-    AffineAutoregressive,
+    Affine,
     BlockNeuralAutoregressive,
-    NeuralAutoregressive,
+    DeepSigmoid,
+    MaskedAutoregressive,
     Permute,
 )
 
@@ -63,9 +67,9 @@ def test_made_outputs_depend_on_strictly_earlier_inputs(dim, hidden_dims, num_pa
 # --- IAF / MAF ----------------------------------------------------------------------
 
 
-def _affine(dim, conditioner, bound=2.0, scale=0.7, seed=0):
+def _affine(dim, reads, bound=2.0, scale=0.7, seed=0):
     torch.manual_seed(seed)
-    layer = AffineAutoregressive(dim, (16, 16), "tanh", bound, conditioner).double()
+    layer = MaskedAutoregressive(dim, Affine(bound), (16, 16), "tanh", reads=reads).double()
     return _perturb(layer, scale, seed)
 
 
@@ -115,7 +119,7 @@ def test_maf_forward_and_inverse_match_naive_formulas():
 def test_parallel_directions_are_one_made_pass_and_sequential_ones_dim_passes(dim):
     x = _randn(3, dim, seed=4)
     iaf, maf = _affine(dim, "input"), _affine(dim, "output")
-    naf = _perturb(NeuralAutoregressive(dim, (8,), 3).double(), 0.1)
+    naf = _perturb(MaskedAutoregressive(dim, DeepSigmoid(3), (8,)).double(), 0.1)
     for layer, parallel in [(iaf, "forward"), (maf, "inverse"), (naf, "forward")]:
         calls = _count_calls(layer.made)
         layer.call_and_ladj(x)
@@ -127,8 +131,8 @@ def test_parallel_directions_are_one_made_pass_and_sequential_ones_dim_passes(di
 
 def test_log_scale_bound_holds_for_any_parameters():
     dim, bound = 3, 1.5
-    for conditioner in ("input", "output"):
-        layer = _affine(dim, conditioner, bound, scale=30.0)
+    for reads in ("input", "output"):
+        layer = _affine(dim, reads, bound, scale=30.0)
         x = _randn(20, dim, seed=5, scale=3.0)
         _, s = _shift_log_scale(layer, x, bound)
         assert s.abs().max() <= bound
@@ -140,19 +144,19 @@ def test_log_scale_bound_holds_for_any_parameters():
 
 
 def test_fresh_affine_layers_are_the_identity():
-    for conditioner in ("input", "output"):
-        layer = AffineAutoregressive(3, (8,), conditioner=conditioner).double()
+    for reads in ("input", "output"):
+        layer = MaskedAutoregressive(3, Affine(), (8,), reads=reads).double()
         x = _randn(4, 3, seed=6)
         y, ladj = layer.call_and_ladj(x)
         torch.testing.assert_close(y, x)
         assert torch.all(ladj == 0)
 
 
-@pytest.mark.parametrize("conditioner", ["input", "output"])
-def test_sequential_direction_has_exact_gradients(conditioner):
-    layer = _affine(3, conditioner, scale=0.5)
+@pytest.mark.parametrize("reads", ["input", "output"])
+def test_sequential_direction_has_exact_gradients(reads):
+    layer = _affine(3, reads, scale=0.5)
     y = _randn(2, 3, seed=7)
-    fn = layer.inverse_and_ladj if conditioner == "input" else layer.call_and_ladj
+    fn = layer.inverse_and_ladj if reads == "input" else layer.call_and_ladj
     assert torch.autograd.gradcheck(fn, (y.requires_grad_(),))
 
 
@@ -161,7 +165,7 @@ def test_sequential_direction_has_exact_gradients(conditioner):
 
 def _naf(dim=3, k=4, scale=0.5, seed=0):
     torch.manual_seed(seed)
-    return _perturb(NeuralAutoregressive(dim, (16,), hidden_units=k).double(), scale, seed)
+    return _perturb(MaskedAutoregressive(dim, DeepSigmoid(hidden_units=k), (16,)).double(), scale, seed)
 
 
 def _dsf_reference(x, a, b, w):
@@ -173,7 +177,7 @@ def test_naf_matches_direct_float64_formula_and_finite_differences():
     layer = _naf()
     x = _randn(6, 3, seed=8, scale=2.0)
     y, ladj = layer.call_and_ladj(x)
-    a, b, log_w = (t.detach().numpy() for t in layer.transformer_params(x))
+    a, b, log_w = (t.detach().numpy() for t in layer.transformer.unpack(layer.made(x)))
     w = np.exp(log_w)
     np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-12)
     assert (a > 0).all()
@@ -206,20 +210,20 @@ def test_naf_transformer_is_increasing_and_onto_for_random_parameters():
     gen = torch.Generator().manual_seed(9)
     for k in (1, 3, 8):
         raw = 3.0 * torch.randn(5, 1, 3 * k, generator=gen, dtype=torch.float64)
-        layer = NeuralAutoregressive(1, (4,), hidden_units=k).double()
-        a, b, log_w = layer._split(raw + layer.offset)
+        tau = DeepSigmoid(hidden_units=k)
+        a, b, log_w = tau.unpack(raw)  # the fixed offsets are added by unpack
         u = torch.linspace(-60, 60, 2001, dtype=torch.float64)[:, None]
-        y, log_d = layer.transformer(u, a[:, 0], b[:, 0], log_w[:, 0])
+        y, log_d = tau.evaluate(u, a[:, 0], b[:, 0], log_w[:, 0])
         assert (y.diff(dim=0) > 0).all() and torch.isfinite(log_d).all()
         far = torch.tensor([[-1e4], [1e4]], dtype=torch.float64)
-        y_far, _ = layer.transformer(far, a[:, 0], b[:, 0], log_w[:, 0])
+        y_far, _ = tau.evaluate(far, a[:, 0], b[:, 0], log_w[:, 0])
         assert (y_far[0] < -5).all() and (y_far[1] > 5).all()
 
 
 def test_naf_fresh_layer_is_a_smooth_near_identity_with_distinct_units():
-    layer = NeuralAutoregressive(3, (8,), hidden_units=8).double()
+    layer = MaskedAutoregressive(3, DeepSigmoid(hidden_units=8), (8,)).double()
     x = torch.linspace(-5, 5, 41, dtype=torch.float64)[:, None].expand(41, 3)
-    a, b, log_w = layer.transformer_params(x)
+    a, b, log_w = layer.transformer.unpack(layer.made(x))
     torch.testing.assert_close(a, torch.ones_like(a))
     torch.testing.assert_close(log_w.exp(), torch.full_like(log_w, 1 / 8))
     assert len(torch.unique(b[0, 0])) == 8  # identical units would never separate
@@ -227,7 +231,7 @@ def test_naf_fresh_layer_is_a_smooth_near_identity_with_distinct_units():
     assert (y - x).abs().max() < 0.25
     assert torch.all(ladj / 3 < 0) and torch.all(ladj / 3 > math.log(0.8))
     # One unit at zero output is exactly the identity.
-    single = NeuralAutoregressive(2, (4,), hidden_units=1).double()
+    single = MaskedAutoregressive(2, DeepSigmoid(hidden_units=1), (4,)).double()
     torch.testing.assert_close(single(x[:, :2]), x[:, :2])
 
 
@@ -348,18 +352,18 @@ def test_numerical_inverse_gradients_are_exact(make, param):
 
 
 @pytest.mark.parametrize(
-    "name,options,cls",
+    "name,options,cls,transformer",
     [
-        ("iaf", {}, AffineAutoregressive),
-        ("iaf", {"activation": "elu", "permutation": "random", "log_scale_bound": 1.0}, AffineAutoregressive),
-        ("maf", {"activation": "tanh", "log_scale_bound": 3.0}, AffineAutoregressive),
-        ("naf", {"hidden_units": 2, "permutation": "random"}, NeuralAutoregressive),
-        ("naf", {"activation": "silu"}, NeuralAutoregressive),
-        ("bnaf", {"hidden_factors": 3}, BlockNeuralAutoregressive),
-        ("bnaf", {"hidden_factors": [2, 3, 2], "permutation": "random"}, BlockNeuralAutoregressive),
+        ("iaf", {}, MaskedAutoregressive, Affine),
+        ("iaf", {"activation": "elu", "permutation": "random", "log_scale_bound": 1.0}, MaskedAutoregressive, Affine),
+        ("maf", {"activation": "tanh", "log_scale_bound": 3.0}, MaskedAutoregressive, Affine),
+        ("naf", {"hidden_units": 2, "permutation": "random"}, MaskedAutoregressive, DeepSigmoid),
+        ("naf", {"activation": "silu"}, MaskedAutoregressive, DeepSigmoid),
+        ("bnaf", {"hidden_factors": 3}, BlockNeuralAutoregressive, None),
+        ("bnaf", {"hidden_factors": [2, 3, 2], "permutation": "random"}, BlockNeuralAutoregressive, None),
     ],
 )
-def test_builders_and_options(name, options, cls):
+def test_builders_and_options(name, options, cls, transformer):
     dim, num_layers = 3, 3
     kwargs = {} if name == "bnaf" else {"hidden_dims": (8,)}
     flow = pf.build_flow(name, dim, num_layers=num_layers, **kwargs, **options).double()
@@ -370,11 +374,14 @@ def test_builders_and_options(name, options, cls):
         assert all(torch.equal(p.permutation, torch.arange(dim - 1, -1, -1)) for p in perms)
     for layer in layers:
         assert layer.autoregressive and torch.equal(layer.get_permutation(), torch.arange(dim))
-        if cls is AffineAutoregressive:
-            assert layer.conditioner == {"iaf": "input", "maf": "output"}[name]
-            assert layer.log_scale_bound == options.get("log_scale_bound", 5.0)
-        if cls is NeuralAutoregressive:
-            assert layer.hidden_units == options.get("hidden_units", 16)
+        if transformer is not None:
+            assert type(layer.transformer) is transformer
+        if transformer is Affine:
+            assert layer.reads == {"iaf": "input", "maf": "output"}[name]
+            assert layer.transformer.log_scale_bound == options.get("log_scale_bound", 5.0)
+        if transformer is DeepSigmoid:
+            assert layer.reads == "input"
+            assert layer.transformer.hidden_units == options.get("hidden_units", 16)
         if "activation" in options:
             assert any(type(m).__name__.lower() == options["activation"].replace("_", "") for m in layer.modules())
         if cls is BlockNeuralAutoregressive:
@@ -388,10 +395,10 @@ def test_builders_and_options(name, options, cls):
 
 
 def test_bad_options_raise_value_errors():
-    with pytest.raises(ValueError, match="conditioner"):
-        AffineAutoregressive(3, (8,), conditioner="both")
+    with pytest.raises(ValueError, match="reads"):
+        MaskedAutoregressive(3, Affine(), (8,), reads="both")
     with pytest.raises(ValueError, match="log_scale_bound"):
-        AffineAutoregressive(3, (8,), log_scale_bound=0.0)
+        pf.build_flow("iaf", 3, log_scale_bound=0.0)
     with pytest.raises(ValueError, match="log_scale_bound"):
         pf.build_flow("iaf", 3, log_scale_bound=-1.0)
     with pytest.raises(ValueError, match="hidden_dims"):

@@ -150,9 +150,17 @@ def test_integer_and_boolean_inputs_are_cast_to_the_flow_dtype():
 def test_a_float_dtype_mismatch_names_both_dtypes_and_the_fix():
     flow = _small_flow()
     x64 = torch.zeros(3, 2, dtype=torch.float64)
-    message = r"torch.float32 parameters but the input has dtype torch.float64; cast the flow with flow.to\(torch.float64\)"
-    for call in (flow.call_and_ladj, flow.inverse_and_ladj, flow, flow.inv, lambda v: flow.log_abs_det_jacobian(v, v),
-                 dist.TransformedDistribution(_normal(2), [flow]).log_prob):
+    message = (
+        r"torch.float32 parameters but the input has dtype torch.float64; cast the flow with flow.to\(torch.float64\)"
+    )
+    for call in (
+        flow.call_and_ladj,
+        flow.inverse_and_ladj,
+        flow,
+        flow.inv,
+        lambda v: flow.log_abs_det_jacobian(v, v),
+        dist.TransformedDistribution(_normal(2), [flow]).log_prob,
+    ):
         with pytest.raises(TypeError, match=message):
             call(x64)
     with pytest.raises(TypeError, match="torch.as_tensor"):
@@ -174,7 +182,14 @@ def test_layers_without_float_parameters_take_any_float_dtype():
 def test_wrong_event_shapes_are_clear_errors_at_every_entry_point():
     flow = _small_flow()
     for bad in (torch.zeros(4, 3), torch.zeros(()), torch.zeros(2, 1)):
-        for call in (flow.call_and_ladj, flow.inverse_and_ladj, flow, flow.inv,
-                     lambda v: flow.log_abs_det_jacobian(v, v), flow.parts[0], flow.parts[0].inv):
+        for call in (
+            flow.call_and_ladj,
+            flow.inverse_and_ladj,
+            flow,
+            flow.inv,
+            lambda v: flow.log_abs_det_jacobian(v, v),
+            flow.parts[0],
+            flow.parts[0].inv,
+        ):
             with pytest.raises(ValueError, match="the last dimension must be 2"):
                 call(bad)

@@ -18,8 +18,16 @@ from pyroflows.diagnostics import ess
 from pyroflows.torch import snf
 from pyroflows.torch.transforms import ElementwiseAffine
 from tests.snf_reference import (
-    COV, MEAN, NOISE, OBS, POSTERIOR_MEAN, check_evidence_bound, check_gaussian_moments, double_well_samples,
-    langevin_log_ratio, log_z_and_p_left,
+    COV,
+    MEAN,
+    NOISE,
+    OBS,
+    POSTERIOR_MEAN,
+    check_evidence_bound,
+    check_gaussian_moments,
+    double_well_samples,
+    langevin_log_ratio,
+    log_z_and_p_left,
 )
 
 DOUBLE_WELL = toys.log_density("double_well", "torch")
@@ -57,7 +65,10 @@ def test_untrained_flow_with_annealed_metropolis_is_an_annealed_importance_sampl
     torch.manual_seed(0)
     layers = []
     for _ in range(10):  # identity-initialised RealNVP, then an annealed Metropolis block
-        layers += [pf.build_flow("realnvp", 2, num_layers=3, hidden_dims=(8,)), snf.MetropolisHastings(0.5, num_steps=5)]
+        layers += [
+            pf.build_flow("realnvp", 2, num_layers=3, hidden_dims=(8,)),
+            snf.MetropolisHastings(0.5, num_steps=5),
+        ]
     flow = snf.StochasticFlow(layers, 2, DOUBLE_WELL).double()
     assert flow.schedule == tuple((i + 1) / 10 for i in range(10))
     z = torch.randn(5, 2, dtype=torch.float64)
@@ -79,7 +90,8 @@ def test_untrained_flow_with_annealed_metropolis_is_an_annealed_importance_sampl
 
 
 @pytest.mark.parametrize(
-    "block", [snf.MetropolisHastings(0.8, num_steps=4), snf.MALA(0.3, num_steps=4), snf.HMC(0.3, 4, num_steps=3)],
+    "block",
+    [snf.MetropolisHastings(0.8, num_steps=4), snf.MALA(0.3, num_steps=4), snf.HMC(0.3, 4, num_steps=3)],
     ids=["mh", "mala", "hmc"],
 )
 def test_metropolis_type_blocks_leave_the_target_invariant(block):
@@ -152,7 +164,10 @@ def test_gradients_flow_through_langevin_blocks():
 
 def make_double_well_snf():
     torch.manual_seed(0)
-    layers = [pf.build_flow("realnvp", 2, num_layers=2, hidden_dims=(16, 16)), snf.MetropolisHastings(0.25, num_steps=5)]
+    layers = [
+        pf.build_flow("realnvp", 2, num_layers=2, hidden_dims=(16, 16)),
+        snf.MetropolisHastings(0.25, num_steps=5),
+    ]
     return snf.StochasticFlow(layers, 2, DOUBLE_WELL).double()
 
 
@@ -214,14 +229,18 @@ def test_autosnf_elbo_is_a_lower_bound_and_its_weights_are_unbiased():
     # the draws and the weights stay light-tailed
     data = torch.as_tensor(OBS)
     guide = pf.AutoSNF(
-        conjugate_model, hidden_dims=(8,), init_loc_fn=init_to_value(values={"mu": torch.as_tensor(POSTERIOR_MEAN)}),
+        conjugate_model,
+        hidden_dims=(8,),
+        init_loc_fn=init_to_value(values={"mu": torch.as_tensor(POSTERIOR_MEAN)}),
         init_scale=0.3,
         stochastic=[snf.MALA(0.02, num_steps=2), snf.MetropolisHastings(0.1, num_steps=2)],
     )
     svi = SVI(conjugate_model, guide, pyro.optim.Adam({"lr": 5e-3}), Trace_ELBO())
     losses = [svi.step(data) for _ in range(30)]
     assert np.all(np.isfinite(losses))
-    vectorized = SVI(conjugate_model, guide, pyro.optim.Adam({"lr": 5e-3}), Trace_ELBO(num_particles=4, vectorize_particles=True))
+    vectorized = SVI(
+        conjugate_model, guide, pyro.optim.Adam({"lr": 5e-3}), Trace_ELBO(num_particles=4, vectorize_particles=True)
+    )
     assert np.isfinite(vectorized.step(data))
 
     with torch.no_grad():

@@ -1,7 +1,8 @@
 """Neural spline flows against a loop-based re-implementation of the paper's formulas.
 
 Durkan, Bekasov, Murray & Papamakarios 2019, arXiv:1906.04032, eqs. (4)-(6) and
-appendix A (the inverse).
+appendix A (the inverse). The layers are ``Coupling`` and ``MaskedAutoregressive``
+with the ``RationalQuadraticSpline`` transformer.
 """
 
 import math
@@ -11,8 +12,15 @@ import pytest
 import torch
 
 import pyroflows.torch as pf
-from pyroflows.torch.transforms import SplineAutoregressive, SplineCoupling
-from pyroflows.torch.transforms.spline import rational_quadratic_spline, spline_parts
+from pyroflows.torch.transforms import (
+    Coupling,
+    MaskedAutoregressive,
+    RationalQuadraticSpline,
+)
+from pyroflows.torch.transforms.transformers import (
+    rational_quadratic_spline,
+    spline_parts,
+)
 
 MIN = 1e-3  # minimum bin width, bin height and interior derivative
 
@@ -238,15 +246,22 @@ def _jacobian(fn, x):
     return torch.autograd.functional.jacobian(lambda v: fn(v)[0], x)
 
 
+def _coupling_params(layer, xa):
+    """The spline parameters ``(..., dim - split, 3K - 1)`` a coupling gives its moved half:
+    its MLP's output read parameter-major (``3K - 1`` blocks of ``dim - split``)."""
+    out = layer.conditioner(xa)
+    return out.unflatten(-1, (layer.transformer.num_params, layer.dim - layer.split)).transpose(-1, -2)
+
+
 @pytest.mark.parametrize("dim", [1, 2, 5])
 def test_spline_coupling(dim):
-    layer = _perturb(SplineCoupling(dim, (16,), count_bins=5, bound=2.0)).double()
+    layer = _perturb(Coupling(dim, RationalQuadraticSpline(count_bins=5, bound=2.0), (16,))).double()
     split = dim // 2
     x = 2 * torch.randn(7, dim, dtype=torch.float64)
     y, ladj = layer.call_and_ladj(x)
     assert torch.equal(y[:, :split], x[:, :split])
     # The moved half is the reference spline with the MLP's parameters.
-    params = layer._params(x[:, :split])
+    params = _coupling_params(layer, x[:, :split])
     for n in range(7):
         for i in range(dim - split):
             ref = ref_spline(x[n, split + i].item(), params[n, i].tolist(), 2.0)
@@ -261,7 +276,7 @@ def test_spline_coupling(dim):
 
 def test_spline_autoregressive_is_triangular_and_inverts_exactly():
     dim = 5
-    layer = _perturb(SplineAutoregressive(dim, (32, 32), count_bins=6, bound=2.5)).double()
+    layer = _perturb(MaskedAutoregressive(dim, RationalQuadraticSpline(count_bins=6, bound=2.5), (32, 32))).double()
     assert layer.autoregressive and torch.equal(layer.get_permutation(), torch.arange(dim))
     x = 1.5 * torch.randn(dim, dtype=torch.float64)
     jac = _jacobian(layer.call_and_ladj, x)
@@ -285,31 +300,43 @@ def test_spline_autoregressive_is_triangular_and_inverts_exactly():
 
 
 def test_autoregressive_inverse_gradcheck():
-    layer = _perturb(SplineAutoregressive(3, (8,), count_bins=3, bound=2.0)).double()
+    layer = _perturb(MaskedAutoregressive(3, RationalQuadraticSpline(count_bins=3, bound=2.0), (8,))).double()
     y = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda v: layer.inverse_and_ladj(v), (y,), fast_mode=True)
 
 
 def test_fresh_layers_are_the_identity():
     x = torch.randn(6, 4, dtype=torch.float64) * 4
-    for layer in (SplineCoupling(4, (8,)), SplineAutoregressive(4, (8,))):
+    for layer in (
+        Coupling(4, RationalQuadraticSpline(), (8,)),
+        MaskedAutoregressive(4, RationalQuadraticSpline(), (8,)),
+    ):
         y, ladj = layer.double().call_and_ladj(x)
         np.testing.assert_allclose(y.detach().numpy(), x.numpy(), atol=1e-12)
         np.testing.assert_allclose(ladj.detach().numpy(), 0.0, atol=1e-12)
 
 
 # --- the builder and its options -----------------------------------------------------
-@pytest.mark.parametrize("conditioner,cls", [("coupling", SplineCoupling), ("autoregressive", SplineAutoregressive)])
+@pytest.mark.parametrize("conditioner,cls", [("coupling", Coupling), ("autoregressive", MaskedAutoregressive)])
 @pytest.mark.parametrize("count_bins,bound", [(1, 3.0), (4, 1.0), (10, 5.0)])
 def test_builder_options(conditioner, cls, count_bins, bound):
     torch.manual_seed(0)
     flow = pf.build_flow(
-        "nsf", 3, num_layers=3, hidden_dims=(8,), count_bins=count_bins, bound=bound,
-        conditioner=conditioner, permutation="random", activation="tanh",
+        "nsf",
+        3,
+        num_layers=3,
+        hidden_dims=(8,),
+        count_bins=count_bins,
+        bound=bound,
+        conditioner=conditioner,
+        permutation="random",
+        activation="tanh",
     ).double()
     layers = [p for p in flow.parts if isinstance(p, cls)]
     assert len(layers) == 3 and len(flow.parts) == 5
-    assert all(l.count_bins == count_bins and l.bound == bound for l in layers)
+    assert all(type(l.transformer) is RationalQuadraticSpline for l in layers)
+    assert all(l.transformer.count_bins == count_bins and l.transformer.bound == bound for l in layers)
+    assert all(l.reads == "input" for l in layers if cls is MaskedAutoregressive)
     _perturb(flow, 0.5)
     x = torch.randn(5, 3, dtype=torch.float64) * bound
     y, ladj = flow.call_and_ladj(x)

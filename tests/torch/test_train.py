@@ -68,7 +68,14 @@ def test_fit_mle_early_stopping_stops_and_restores_the_best_weights():
     torch.manual_seed(0)
     flow = pf.build_flow("maf", 2, num_layers=2, hidden_dims=(32, 32)).double()
     flow, history = pf.fit_mle(
-        flow, data, num_steps=1000, lr=1e-2, batch_size=64, validation_fraction=0.5, eval_every=10, patience=3,
+        flow,
+        data,
+        num_steps=1000,
+        lr=1e-2,
+        batch_size=64,
+        validation_fraction=0.5,
+        eval_every=10,
+        patience=3,
         progress=False,
     )
     assert history.stopped_early and history.step[-1] < 1000
@@ -95,8 +102,11 @@ BAD_DATA = [
     (np.ones((1, 2)), "data needs at least 2 rows .*, got 1"),
     (np.zeros((10, 3)), "data has 3 columns but the flow has dim=2; build the flow with dim=3"),
     (np.zeros((10, 2, 2)), r"data must have shape \(num_points, dim\), got shape \(10, 2, 2\)"),
-    (np.zeros(10), r"data must have shape \(num_points, dim\), got shape \(10,\); reshape it \(for "
-                   r"one-dimensional data pass data\[:, None\]\)"),
+    (
+        np.zeros(10),
+        r"data must have shape \(num_points, dim\), got shape \(10,\); reshape it \(for "
+        r"one-dimensional data pass data\[:, None\]\)",
+    ),
     (np.array([["1.0", "a"], ["2.0", "b"]]), "data must be numeric, got an array of dtype <U3 .*parse it"),
     (np.ones((10, 2), dtype=bool), "data is boolean; a flow is a density on real vectors"),
     (np.ones((10, 2), dtype=complex), "data must be real, got complex dtype"),
@@ -176,8 +186,9 @@ def test_fit_mle_standardizes_data_far_outside_the_spline_bound():
     assert again is fitted and torch.equal(fitted.parts[-1].loc, torch.as_tensor(m))
     # without it the splines see only their identity tails: the gradient is zero, nothing is learnt
     torch.manual_seed(0)
-    raw, history = pf.fit_mle(pf.build_flow("nsf", 2, num_layers=1, hidden_dims=(16, 16)).double(), data,
-                              standardize=False, **options)
+    raw, history = pf.fit_mle(
+        pf.build_flow("nsf", 2, num_layers=1, hidden_dims=(16, 16)).double(), data, standardize=False, **options
+    )
     assert raw is not fitted and min(history.validation_loss) > entropy + 20
 
 
@@ -251,9 +262,12 @@ def test_fit_mle_skips_a_step_whose_loss_is_nan():
 
 def test_fit_mle_raises_when_the_flow_is_not_finite_from_the_start():
     data = np.random.default_rng(10).normal(size=(20, 2))
-    with pytest.raises(ValueError, match=r"fit_mle: 5 consecutive steps \(steps 1 to 5\) were skipped because the "
-                                         r"loss was NaN or inf at 5 of them, from the first step, before any update: "
-                                         r".*badly scaled .*standardize=True"):
+    with pytest.raises(
+        ValueError,
+        match=r"fit_mle: 5 consecutive steps \(steps 1 to 5\) were skipped because the "
+        r"loss was NaN or inf at 5 of them, from the first step, before any update: "
+        r".*badly scaled .*standardize=True",
+    ):
         pf.fit_mle(RawScale(-1.0), data, max_bad_steps=5, progress=False)
 
 
@@ -261,9 +275,12 @@ def test_fit_mle_raises_naming_a_too_large_learning_rate():
     # sd 0.1: the NLL pulls the scale down from 1, and Adam's first step of about lr = 5 makes it negative
     data = 0.1 * np.random.default_rng(11).normal(size=(50, 2))
     flow = RawScale(1.0)
-    with pytest.raises(ValueError, match=r"fit_mle: 20 consecutive steps \(steps 2 to 21\) were skipped.* after "
-                                         r"training had made progress: the learning rate lr=5 is too large"
-                                         r".*Try lr=0.5"):
+    with pytest.raises(
+        ValueError,
+        match=r"fit_mle: 20 consecutive steps \(steps 2 to 21\) were skipped.* after "
+        r"training had made progress: the learning rate lr=5 is too large"
+        r".*Try lr=0.5",
+    ):
         pf.fit_mle(flow, data, lr=5.0, standardize=False, progress=False)
     assert (flow.scale < 0).all()  # trained in place: the last update taken
 
@@ -367,9 +384,12 @@ class CountingTarget:
 def test_fit_reverse_kl_raises_at_once_on_a_nan_target_at_its_first_evaluation():
     target = CountingTarget(range(1, 10**6))
     flow = pf.build_flow("iaf", 2, num_layers=1, hidden_dims=(4,)).double()
-    with pytest.raises(ValueError, match=r"fit_reverse_kl: the target log-density returned NaN at 256 of 256 "
-                                         r"draws at its first evaluation \(step 1, before any update\): the target "
-                                         r"is broken, not the training.*unconstrained space"):
+    with pytest.raises(
+        ValueError,
+        match=r"fit_reverse_kl: the target log-density returned NaN at 256 of 256 "
+        r"draws at its first evaluation \(step 1, before any update\): the target "
+        r"is broken, not the training.*unconstrained space",
+    ):
         pf.fit_reverse_kl(flow, target, num_steps=100, progress=False)
     assert target.calls == 1
     with pytest.raises(ValueError, match="returned inf at 1 of 256 draws at its first evaluation"):
@@ -397,9 +417,12 @@ def test_fit_reverse_kl_skips_a_step_with_a_nan_target():
 def test_fit_reverse_kl_raises_naming_the_target_when_it_stays_nan():
     target = CountingTarget(range(3, 10**6), every_draw=False)
     flow = pf.build_flow("iaf", 2, num_layers=1, hidden_dims=(4,)).double()
-    with pytest.raises(ValueError, match=r"fit_reverse_kl: 4 consecutive steps \(steps 3 to 6\) were skipped.*the "
-                                         r"target log-density returned NaN or inf at some of the flow's draws in 4 of "
-                                         r"them.*unconstrained space"):
+    with pytest.raises(
+        ValueError,
+        match=r"fit_reverse_kl: 4 consecutive steps \(steps 3 to 6\) were skipped.*the "
+        r"target log-density returned NaN or inf at some of the flow's draws in 4 of "
+        r"them.*unconstrained space",
+    ):
         pf.fit_reverse_kl(flow, target, max_bad_steps=4, progress=False)
 
 
@@ -407,9 +430,12 @@ def test_fit_reverse_kl_raises_naming_a_too_large_learning_rate():
     # target N(0, 0.1^2 I): the loss pulls the scale down from 1, and Adam's first step of
     # about lr = 5 makes it negative, where log|det| is NaN at every later step
     flow = RawScale(1.0)
-    with pytest.raises(ValueError, match=r"fit_reverse_kl: 20 consecutive steps \(steps 2 to 21\) were skipped "
-                                         r"because the loss was NaN or inf at 20 of them, after training had made "
-                                         r"progress: the learning rate lr=5 is too large for this flow.*Try lr=0.5"):
+    with pytest.raises(
+        ValueError,
+        match=r"fit_reverse_kl: 20 consecutive steps \(steps 2 to 21\) were skipped "
+        r"because the loss was NaN or inf at 20 of them, after training had made "
+        r"progress: the learning rate lr=5 is too large for this flow.*Try lr=0.5",
+    ):
         pf.fit_reverse_kl(flow, lambda x: -50 * (x**2).sum(-1), lr=5.0, progress=False)
 
 
@@ -429,8 +455,9 @@ def normal_model(y):
 def guide_at(scale_factor):
     """The untrained AutoFlow: exactly N(POST_MEAN, (scale_factor * POST_SD)^2)."""
     start = init_to_value(values={"theta": torch.tensor(POST_MEAN, dtype=torch.float64)})
-    guide = pf.AutoFlow(normal_model, init_loc_fn=start, init_scale=scale_factor * POST_SD, num_layers=2,
-                        hidden_dims=(4,))
+    guide = pf.AutoFlow(
+        normal_model, init_loc_fn=start, init_scale=scale_factor * POST_SD, num_layers=2, hidden_dims=(4,)
+    )
     guide(Y)
     return guide
 

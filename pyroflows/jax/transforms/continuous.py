@@ -1,5 +1,4 @@
-"""Continuous normalizing flows: FFJORD (Grathwohl, Chen, Bettencourt, Sutskever & Duvenaud 2018,
-"FFJORD: Free-form continuous dynamics for scalable reversible generative models", arXiv:1810.01367).
+"""Continuous normalizing flows: FFJORD (Grathwohl, Chen, Bettencourt, Sutskever & Duvenaud 2018).
 
 JAX mirror of ``pyroflows.torch.transforms.continuous``: the same dynamics, estimators,
 solver names and time grids, for one unbatched vector. Fixed-step solves run the
@@ -7,11 +6,18 @@ solver's tableau (``pyroflows.ode.TABLEAUX``) in a ``lax.scan`` over the grid: t
 compiles two to three times faster than ``diffrax.diffeqsolve`` and supports forward
 and reverse mode (diffrax's default adjoint is reverse-only). Adaptive solvers and
 ``adjoint=True`` use ``diffrax.diffeqsolve``.
+
+References:
+    Grathwohl, Chen, Bettencourt, Sutskever & Duvenaud 2018, "FFJORD: free-form
+    continuous dynamics for scalable reversible generative models", arXiv:1810.01367.
+    Finlay, Jacobsen, Nurbekyan & Oberman 2020, "How to train your neural ODE: the
+    world of Jacobian and kinetic regularization", arXiv:2002.02798 (RNODE).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import diffrax
 import equinox as eqx
@@ -37,8 +43,9 @@ def _interpolation(*, t0, t1, y0, y1, k):
 def _butcher(tableau) -> diffrax.ButcherTableau:
     a, b, c = tableau
     # no embedded error estimate: a fixed-step method
-    return diffrax.ButcherTableau(c=np.array(c[1:]), b_sol=np.array(b), b_error=np.zeros(len(b)),
-                          a_lower=tuple(np.array(row) for row in a))
+    return diffrax.ButcherTableau(
+        c=np.array(c[1:]), b_sol=np.array(b), b_error=np.zeros(len(b)), a_lower=tuple(np.array(row) for row in a)
+    )
 
 
 class _RK38(diffrax.AbstractERK):
@@ -52,8 +59,11 @@ class _RK38(diffrax.AbstractERK):
 
 
 _DIFFRAX_SOLVERS = {
-    "rk4": _RK38, "midpoint": diffrax.Midpoint, "euler": diffrax.Euler,
-    "dopri5": diffrax.Dopri5, "bosh3": diffrax.Bosh3,
+    "rk4": _RK38,
+    "midpoint": diffrax.Midpoint,
+    "euler": diffrax.Euler,
+    "dopri5": diffrax.Dopri5,
+    "bosh3": diffrax.Bosh3,
 }
 
 
@@ -99,8 +109,9 @@ def _fixed_step(dynamics, state, args, grid, tableau):
         terms = [(w, k) for w, k in zip(coeffs, ks) if w != 0.0]
         if not terms:
             return y0
-        return jax.tree.map(lambda y, *kk: y + h * sum(w * k for (w, _), k in zip(terms, kk)), y0,
-                            *[k for _, k in terms])
+        return jax.tree.map(
+            lambda y, *kk: y + h * sum(w * k for (w, _), k in zip(terms, kk)), y0, *[k for _, k in terms]
+        )
 
     def step(y, times):
         t0, t1 = times
@@ -115,7 +126,7 @@ def _fixed_step(dynamics, state, args, grid, tableau):
 
 
 class CNF(FlowTransform):
-    r"""A continuous normalizing flow layer (FFJORD, Grathwohl, Chen et al. 2018, arXiv:1810.01367).
+    r"""A continuous normalizing flow layer (FFJORD; Grathwohl, Chen et al. 2018).
 
     The same map, options and estimators as ``pyroflows.torch.transforms.CNF``: forward
     ``y = x(T)`` for ``dx/dt = f(x, t)`` with ``log|det dy/dx| = integral_0^T tr(df/dx) dt``,
@@ -135,12 +146,35 @@ class CNF(FlowTransform):
     between backends only to the tolerances. ``adjoint=True`` uses
     ``diffrax.BacksolveAdjoint`` (the same tableau; fixed steps of ``T / num_steps``).
 
-    Arguments as torch's ``CNF`` (``dim``, ``hidden_dims`` and the options of ``ffjord``),
-    plus ``key`` for the initial weights.
-
     ``call_ladj_and_regularization(x, key=None)`` also returns the weighted RNODE
     regulariser ``kinetic_energy * int |f|^2 dt + jacobian_norm * int |df/dx|_F^2 dt``
-    (Finlay et al. 2020, arXiv:2002.02798), 0 when both weights are 0.
+    (Finlay et al. 2020), 0 when both weights are 0.
+
+    Args:
+        dim: size of the vectors.
+        hidden_dims: hidden widths of the dynamics network (default: the family's).
+        key: JAX key for the initial weights.
+        **options: the options of ``ffjord`` (``estimator``, ``noise``, ``activation``,
+            ``solver``, ``num_steps``, ``atol``, ``rtol``, ``adjoint``, ``time_length``,
+            ``kinetic_energy``, ``jacobian_norm``; ``pyroflows.registry.SPECS["ffjord"]``),
+            as torch's ``CNF`` takes them.
+
+    Raises:
+        ValueError: an option ``pyroflows.registry.SPECS["ffjord"]`` rejects.
+
+    References:
+        Grathwohl, Chen, Bettencourt, Sutskever & Duvenaud 2018, "FFJORD: free-form
+        continuous dynamics for scalable reversible generative models", arXiv:1810.01367.
+        Finlay, Jacobsen, Nurbekyan & Oberman 2020, "How to train your neural ODE: the
+        world of Jacobian and kinetic regularization", arXiv:2002.02798.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> layer = CNF(2, (8,), estimator="exact", solver="euler", num_steps=4, key=jax.random.key(0))
+        >>> y, ladj = layer.call_and_ladj(jnp.array([0.5, -1.0]))
+        >>> x, ildj = layer.inverse_and_ladj(y)
+        >>> [round(float(v), 2) for v in x], round(float(ladj + ildj), 2)
+        ([0.5, -1.0], 0.0)
     """
 
     net: TimeMLP | HollowMLP
@@ -158,7 +192,7 @@ class CNF(FlowTransform):
     numerical_inverse: ClassVar[bool] = True
     stochastic: ClassVar[bool] = True
 
-    def __init__(self, dim: int, hidden_dims=None, *, key, **options):
+    def __init__(self, dim: int, hidden_dims: Sequence[int] | None = None, *, key: jax.Array, **options: Any):
         config = SPECS["ffjord"].resolve(dim, None, hidden_dims, options)
         self.dim = int(dim)
         for name in SPECS["ffjord"].options:
@@ -168,10 +202,24 @@ class CNF(FlowTransform):
 
     @property
     def is_stochastic(self) -> bool:
+        """Whether the log-determinant draws noise (``estimator="hutchinson"``).
+
+        Example:
+            >>> import jax
+            >>> CNF(2, (8,), estimator="hutchinson", key=jax.random.key(0)).is_stochastic
+            True
+        """
         return self.estimator == "hutchinson"
 
     @property
     def regularized(self) -> bool:
+        """Whether a RNODE weight (``kinetic_energy``, ``jacobian_norm``) is above 0.
+
+        Example:
+            >>> import jax
+            >>> CNF(2, (8,), kinetic_energy=0.1, key=jax.random.key(0)).regularized
+            True
+        """
         return self.kinetic_energy > 0 or self.jacobian_norm > 0
 
     def _probe(self, x, key):
@@ -210,9 +258,17 @@ class CNF(FlowTransform):
                 dt0, controller, max_steps = None, diffrax.PIDController(rtol=rtol, atol=atol), 4096
             adjoint = diffrax.BacksolveAdjoint() if self.adjoint else diffrax.RecursiveCheckpointAdjoint()
             solution = diffrax.diffeqsolve(
-                diffrax.ODETerm(dynamics), _DIFFRAX_SOLVERS[self.solver](), jnp.zeros((), x.dtype),
-                jnp.asarray(self.time_length, x.dtype), dt0, state, args, stepsize_controller=controller,
-                saveat=diffrax.SaveAt(t1=True), max_steps=max_steps, adjoint=adjoint,
+                diffrax.ODETerm(dynamics),
+                _DIFFRAX_SOLVERS[self.solver](),
+                jnp.zeros((), x.dtype),
+                jnp.asarray(self.time_length, x.dtype),
+                dt0,
+                state,
+                args,
+                stepsize_controller=controller,
+                saveat=diffrax.SaveAt(t1=True),
+                max_steps=max_steps,
+                adjoint=adjoint,
             )
             final = jax.tree.map(lambda a: a[-1], solution.ys)
         if not log_det:
@@ -220,25 +276,107 @@ class CNF(FlowTransform):
         reg = self.kinetic_energy * final[2] + self.jacobian_norm * final[3] if regularized else zero
         return final[0], final[1], reg
 
-    def call_and_ladj(self, x, key=None):
+    def call_and_ladj(self, x: jax.Array, key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """``y = x(T)`` and ``integral_0^T tr(df/dx) dt``, for one vector.
+
+        Args:
+            x: one vector, shape ``(dim,)``.
+            key: draws the Hutchinson probe (``estimator="hutchinson"`` only).
+
+        Returns:
+            ``(y, log|det dy/dx|)``: shape ``(dim,)`` and a scalar.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> layer = CNF(2, (8,), estimator="exact", solver="euler", num_steps=4, key=jax.random.key(0))
+            >>> y, ladj = layer.call_and_ladj(jnp.full(2, 0.5))
+            >>> y.shape, ladj.shape
+            ((2,), ())
+        """
         return self._solve(x, 1.0, key)[:2]
 
-    def inverse_and_ladj(self, y, key=None):
+    def inverse_and_ladj(self, y: jax.Array, key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """``x(0)`` from ``y = x(T)`` (the ODE backwards in time) and its log-determinant, for one vector.
+
+        Args:
+            y: one vector, shape ``(dim,)``.
+            key: draws the Hutchinson probe (``estimator="hutchinson"`` only).
+
+        Returns:
+            ``(x, log|det dx/dy|)``: shape ``(dim,)`` and a scalar.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> layer = CNF(2, (8,), estimator="exact", solver="euler", num_steps=4, key=jax.random.key(0))
+            >>> x, ladj = layer.inverse_and_ladj(jnp.full(2, 0.5))
+            >>> x.shape, ladj.shape
+            ((2,), ())
+        """
         return self._solve(y, -1.0, key)[:2]
 
-    def forward_map(self, x):
-        """``x(T)`` alone: the ODE without the log-det, so it needs no key for any estimator."""
+    def forward_map(self, x: jax.Array) -> jax.Array:
+        """``x(T)`` alone: the ODE without the log-det, so it needs no key for any estimator.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> layer = CNF(2, (8,), solver="euler", num_steps=4, key=jax.random.key(0))  # hutchinson
+            >>> layer.forward_map(jnp.ones(2)).shape
+            (2,)
+        """
         return self._solve(x, 1.0, None, log_det=False)[0]
 
-    def inverse_map(self, y):
-        """``x(0)`` from ``y = x(T)`` alone (see ``forward_map``)."""
+    def inverse_map(self, y: jax.Array) -> jax.Array:
+        """``x(0)`` from ``y = x(T)`` alone (see ``forward_map``).
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> layer = CNF(2, (8,), solver="euler", num_steps=4, key=jax.random.key(0))
+            >>> layer.inverse_map(jnp.ones(2)).shape
+            (2,)
+        """
         return self._solve(y, -1.0, None, log_det=False)[0]
 
-    def call_ladj_and_regularization(self, x, key=None):
-        """``(y, log|det dy/dx|, regularizer)`` for one vector; the regulariser is 0 unless a weight is above 0."""
+    def call_ladj_and_regularization(
+        self, x: jax.Array, key: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``call_and_ladj`` plus the weighted RNODE regulariser (Finlay et al. 2020), for one vector.
+
+        Args:
+            x: one vector, shape ``(dim,)``.
+            key: draws the Hutchinson probe (``estimator="hutchinson"`` only).
+
+        Returns:
+            ``(y, log|det dy/dx|, regularizer)``; the regulariser is 0 unless a weight is
+            above 0.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> layer = CNF(2, (8,), estimator="exact", solver="euler", num_steps=4, kinetic_energy=0.1,
+            ...             key=jax.random.key(0))
+            >>> y, ladj, reg = layer.call_ladj_and_regularization(jnp.ones(2))
+            >>> y.shape, ladj.shape, reg.shape
+            ((2,), (), ())
+        """
         return self._solve(x, 1.0, key)
 
 
 @register_flow("ffjord")
-def ffjord(dim, num_layers, hidden_dims, *, key, **options):
+def ffjord(dim: int, num_layers: int, hidden_dims: Sequence[int], *, key: jax.Array, **options: Any) -> list[CNF]:
+    """The ``ffjord`` family: ``num_layers`` ``CNF`` layers (Grathwohl et al. 2018).
+
+    Args:
+        dim: size of the vectors.
+        num_layers: how many layers.
+        hidden_dims: hidden widths of each dynamics network.
+        key: JAX key, split once per layer.
+        **options: the ``CNF`` options.
+
+    Returns:
+        The layers, in order.
+
+    Example:
+        >>> import jax
+        >>> [layer.solver for layer in ffjord(2, 2, (8,), solver="euler", key=jax.random.key(0))]
+        ['euler', 'euler']
+    """
     return [CNF(dim, hidden_dims, **options, key=k) for k in jax.random.split(key, num_layers)]

@@ -1,9 +1,13 @@
 """Generalised divisive normalisation (GDN) as a flow layer (JAX mirror of torch).
 
-Balle, Laparra & Simoncelli 2016, arXiv:1511.06281. GDN divides each coordinate by a
+GDN (Balle, Laparra & Simoncelli 2016) divides each coordinate by a
 power of a weighted sum of squares, the normalisation seen in early sensory neurons;
 between invertible linear maps it Gaussianizes natural data. Normalising is the
 data-to-noise direction (``inverse_and_ladj``); the forward (noise to data) is solved.
+
+References:
+    Balle, Laparra & Simoncelli 2016, "Density modeling of images using a generalized
+    normalization transformation", arXiv:1511.06281.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ def _log_softplus(x):
 
 
 class GDN(FlowTransform):
-    """Generalised divisive normalisation (Balle, Laparra & Simoncelli 2016, arXiv:1511.06281).
+    """Generalised divisive normalisation (Balle, Laparra & Simoncelli 2016).
 
     Data to noise (``inverse_and_ladj``), for data ``z`` and noise ``y``::
 
@@ -88,8 +92,20 @@ class GDN(FlowTransform):
         max_exponent: upper bound on ``eps``, in ``(0, 1/2)``.
         beta_min: lower bound on ``beta``.
 
-    >>> layer = GDN(3, variant="dense")
-    >>> y, ladj = layer.call_and_ladj(jnp.zeros(3))  # doctest: +SKIP
+    Raises:
+        ValueError: an unknown variant, or ``max_exponent`` outside ``(0, 1/2)``.
+
+    References:
+        Balle, Laparra & Simoncelli 2016, "Density modeling of images using a
+        generalized normalization transformation", arXiv:1511.06281.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> layer = GDN(2, variant="dense")
+        >>> y, ladj = layer.inverse_and_ladj(jnp.array([0.5, -1.0]))
+        >>> x, ildj = layer.call_and_ladj(y)
+        >>> [round(float(v), 4) for v in x], round(float(ladj + ildj), 4)
+        ([0.5, -1.0], 0.0)
     """
 
     numerical_inverse: ClassVar[bool] = True
@@ -123,14 +139,31 @@ class GDN(FlowTransform):
         self.unconstrained_exponent = jnp.asarray(np.full(dim, math.log(1.0 / 3.0)), dtype=float)  # sigmoid = 1/4
 
     # --- parameters --------------------------------------------------------------------
-    def beta(self):
+    def beta(self) -> jax.Array:
+        """``beta = beta_min + softplus(.)``, shape ``(dim,)``.
+
+        Example:
+            >>> [round(float(v), 4) for v in GDN(2).beta()]
+            [1.0, 1.0]
+        """
         return self.beta_min + jax.nn.softplus(self.unconstrained_beta)
 
-    def gamma(self):
-        """``gamma`` as a vector (diagonal variant) or a ``dim x dim`` matrix (dense)."""
+    def gamma(self) -> jax.Array:
+        """``gamma`` as a vector (diagonal variant) or a ``dim x dim`` matrix (dense).
+
+        Example:
+            >>> GDN(2).gamma().shape, GDN(2, variant="dense").gamma().shape
+            ((2,), (2, 2))
+        """
         return jax.nn.softplus(self.unconstrained_gamma)
 
-    def exponent(self):
+    def exponent(self) -> jax.Array:
+        """``eps = max_exponent * sigmoid(.)``, shape ``(dim,)``, in ``(0, max_exponent)``.
+
+        Example:
+            >>> [round(float(v), 4) for v in GDN(2, max_exponent=0.4).exponent()]
+            [0.1, 0.1]
+        """
         return self.max_exponent * jax.nn.sigmoid(self.unconstrained_exponent)
 
     def _tol(self, dtype):
@@ -170,7 +203,21 @@ class GDN(FlowTransform):
             return y, (-eps * log_d + self._log_slopes(zs, inner, gamma, eps)).sum()
         return y, (-eps * log_d).sum() + jnp.linalg.slogdet(self._i_minus_m(zs, inner, gamma, eps))[1]
 
-    def inverse_and_ladj(self, y):
+    def inverse_and_ladj(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Data to noise in closed form, ``z_i / D_i^eps_i`` of the data ``z``, with its log-determinant.
+
+        Args:
+            y: one data vector, shape ``(dim,)``.
+
+        Returns:
+            ``(x, log|det dx/dy|)``: shape ``(dim,)`` and a scalar.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> x, ladj = GDN(2, variant="dense").inverse_and_ladj(jnp.full(2, 0.5))
+            >>> x.shape, ladj.shape
+            ((2,), ())
+        """
         return self._normalise(y, self.beta(), self.gamma(), self.exponent())
 
     # --- noise to data -----------------------------------------------------------------
@@ -184,7 +231,21 @@ class GDN(FlowTransform):
         log_gamma = _log_softplus(jax.lax.stop_gradient(self.unconstrained_gamma))
         return log_y, log_beta, log_gamma, eps
 
-    def call_and_ladj(self, y):
+    def call_and_ladj(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Noise to data, solved in log-magnitudes (bisection or Newton), with its log-determinant.
+
+        Args:
+            y: one noise vector, shape ``(dim,)``.
+
+        Returns:
+            ``(y, log|det dy/dx|)``: shape ``(dim,)`` and a scalar.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> y, ladj = GDN(2, variant="dense").call_and_ladj(jnp.full(2, 0.5))
+            >>> y.shape, ladj.shape
+            ((2,), ())
+        """
         beta, gamma, eps = self.beta(), self.gamma(), self.exponent()
         tol = self._tol(y.dtype)
         log_y, log_beta, log_gamma, e = self._log_magnitudes(y)
@@ -207,8 +268,23 @@ class GDN(FlowTransform):
         _, ladj = self._normalise(z, beta, gamma, eps)
         return z, -ladj
 
-    def newton_steps(self, y):
-        """Dense variant: how many Newton steps the forward solve took for ``y`` (one vector)."""
+    def newton_steps(self, y: jax.Array) -> jax.Array:
+        """Dense variant: how many Newton steps the forward solve took for ``y`` (one vector).
+
+        Args:
+            y: one noise vector, shape ``(dim,)``.
+
+        Returns:
+            The integer step count.
+
+        Raises:
+            ValueError: the diagonal variant (which bisects).
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> int(GDN(2, variant="dense").newton_steps(jnp.ones(2))) < 10
+            True
+        """
         if self.variant != "dense":
             raise ValueError("newton_steps is for the dense variant (the diagonal one bisects)")
         return self._solve_dense(*self._log_magnitudes(y), self._tol(y.dtype))[1]
@@ -258,7 +334,27 @@ class GDN(FlowTransform):
 
 
 @register_flow("gdn")
-def gdn(dim, num_layers, variant, max_exponent, *, key):
+def gdn(dim: int, num_layers: int, variant: str, max_exponent: float, *, key: jax.Array) -> list[FlowTransform]:
+    """The ``gdn`` family: ``GDN`` and ``InvertibleLinear`` blocks, then an ``ElementwiseAffine`` map.
+
+    Read from data to noise, each block is Balle et al.'s stage (2016): a linear map of
+    the data, then the divisive normalisation.
+
+    Args:
+        dim: size of the vectors.
+        num_layers: how many ``GDN`` / ``InvertibleLinear`` pairs.
+        variant: the ``GDN`` variant.
+        max_exponent: the ``GDN`` layers' bound on ``eps``.
+        key: JAX key, split once per pair.
+
+    Returns:
+        The layers, in order.
+
+    Example:
+        >>> import jax
+        >>> [type(layer).__name__ for layer in gdn(2, 1, "diagonal", 0.4, key=jax.random.key(0))]
+        ['GDN', 'InvertibleLinear', 'ElementwiseAffine']
+    """
     layers = []
     for k in jax.random.split(key, num_layers):
         # Forward order noise -> data; read backwards (data -> noise) each block is Balle's

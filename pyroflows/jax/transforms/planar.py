@@ -1,8 +1,11 @@
 """Planar and radial flows: one-unit residual maps whose Jacobian determinant is a scalar (JAX mirror of torch).
 
-Rezende & Mohamed 2015, "Variational Inference with Normalizing Flows", arXiv:1505.05770.
 Both layers move every point along one direction (planar) or one radius (radial), so the
 matrix determinant lemma gives log|det J| in O(dim).
+
+References:
+    Rezende & Mohamed 2015, "Variational inference with normalizing flows",
+    arXiv:1505.05770.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def _safe_norm(v):
 class Planar(FlowTransform):
     r"""Planar flow ``y = x + u_hat * tanh(w.x + b)``.
 
-    Rezende & Mohamed 2015, arXiv:1505.05770 (appendix A.1). The raw ``u`` is mapped to
+    The raw ``u`` is mapped to (Rezende & Mohamed 2015, appendix A.1)
 
         u_hat = u + (m(w.u) - w.u) w / |w|^2,   m(a) = -1 + softplus(a),
 
@@ -67,6 +70,22 @@ class Planar(FlowTransform):
     (1e-10; at least 8 machine epsilons in lower precision) inside a ``while_loop`` that
     is never differentiated, refined by one implicit Newton step (exact first
     derivatives), and then ``x = y - u_hat tanh(a + b)``.
+
+    Args:
+        dim: size of the vectors.
+        key: JAX key for the initial weights.
+
+    References:
+        Rezende & Mohamed 2015, "Variational inference with normalizing flows",
+        arXiv:1505.05770, appendix A.1.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> layer = Planar(2, key=jax.random.key(0))
+        >>> y, ladj = layer.call_and_ladj(jnp.array([0.5, -1.0]))
+        >>> x, ildj = layer.inverse_and_ladj(y)
+        >>> [round(float(v), 4) for v in x], round(float(ladj + ildj), 4)
+        ([0.5, -1.0], 0.0)
     """
 
     numerical_inverse: ClassVar[bool] = True
@@ -76,7 +95,7 @@ class Planar(FlowTransform):
     w: jax.Array
     b: jax.Array
 
-    def __init__(self, dim: int, *, key):
+    def __init__(self, dim: int, *, key: jax.Array):
         self.dim = int(dim)
         rng = host_rng(key)
         w = rng.standard_normal(dim)
@@ -90,8 +109,18 @@ class Planar(FlowTransform):
         self.w = jnp.asarray(w, dtype=float)
         self.b = jnp.asarray(np.zeros(()), dtype=float)
 
-    def constrained(self):
-        """``(u_hat, 1 + w.u_hat)``, the second computed without cancellation."""
+    def constrained(self) -> tuple[jax.Array, jax.Array]:
+        """The invertible parametrisation: ``(u_hat, 1 + w.u_hat)``, the second without cancellation.
+
+        Returns:
+            ``u_hat`` of shape ``(dim,)`` and the scalar ``1 + w.u_hat`` (positive).
+
+        Example:
+            >>> import jax
+            >>> u_hat, one_plus_c = Planar(2, key=jax.random.key(0)).constrained()
+            >>> u_hat.shape, bool(one_plus_c > 0)
+            ((2,), True)
+        """
         w, u = self.w, self.u
         a = w @ u
         w_sq = w @ w
@@ -103,7 +132,14 @@ class Planar(FlowTransform):
         one_plus_c = (1.0 + a) * ((denom - w_sq) / denom) + sp * (w_sq / denom)
         return u_hat, one_plus_c
 
-    def u_hat(self):
+    def u_hat(self) -> jax.Array:
+        """``u_hat``, the direction the layer moves points along (``constrained()[0]``).
+
+        Example:
+            >>> import jax
+            >>> Planar(3, key=jax.random.key(0)).u_hat().shape
+            (3,)
+        """
         return self.constrained()[0]
 
     @staticmethod
@@ -111,13 +147,41 @@ class Planar(FlowTransform):
         th2 = jnp.square(jnp.tanh(z))
         return _safe_log(th2 + one_plus_c * (1.0 - th2))
 
-    def call_and_ladj(self, x):
+    def call_and_ladj(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``y = x + u_hat tanh(w.x + b)`` and its log-determinant, for one vector.
+
+        Args:
+            x: one vector, shape ``(dim,)``.
+
+        Returns:
+            ``(y, log|det dy/dx|)``: shape ``(dim,)`` and a scalar.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> y, ladj = Planar(2, key=jax.random.key(0)).call_and_ladj(jnp.full(2, 0.5))
+            >>> y.shape, ladj.shape
+            ((2,), ())
+        """
         u_hat, one_plus_c = self.constrained()
         z = x @ self.w + self.b
         y = x + jnp.tanh(z) * u_hat
         return y, self._log_slope(z, one_plus_c)
 
-    def inverse_and_ladj(self, y):
+    def inverse_and_ladj(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The numerical inverse (bisection along ``w``, one implicit Newton step) and its log-determinant.
+
+        Args:
+            y: one vector, shape ``(dim,)``.
+
+        Returns:
+            ``(x, log|det dx/dy|)``: shape ``(dim,)`` and a scalar.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> x, ladj = Planar(2, key=jax.random.key(0)).inverse_and_ladj(jnp.full(2, 0.5))
+            >>> x.shape, ladj.shape
+            ((2,), ())
+        """
         u_hat, one_plus_c = self.constrained()
         c = one_plus_c - 1.0
         target = y @ self.w
@@ -140,7 +204,7 @@ class Planar(FlowTransform):
 class Radial(FlowTransform):
     r"""Radial flow ``y = x + beta_hat h(r) (x - x0)``, ``r = |x - x0|``, ``h(r) = 1 / (alpha + r)``.
 
-    Rezende & Mohamed 2015, arXiv:1505.05770 (appendix A.2). ``alpha = softplus(raw_alpha)``
+    Rezende & Mohamed 2015, appendix A.2. ``alpha = softplus(raw_alpha)``
     and ``beta_hat = -alpha + softplus(raw_beta)`` (both softplus outputs floored at 1e-6),
     so ``beta_hat > -alpha`` and the radius map ``r -> r (1 + beta_hat h(r))`` is increasing:
     the layer is invertible for every parameter value. With ``s = alpha + beta_hat`` the
@@ -155,13 +219,29 @@ class Radial(FlowTransform):
     its non-negative root is taken with the cancellation-free branch of the quadratic
     formula, and ``x = x0 + (y - x0) (alpha + r) / (r + s)``, which needs no division by
     ``r_y`` and so is exact at ``y = x0``. The norm has a zero gradient at ``x = x0``.
+
+    Args:
+        dim: size of the vectors.
+        key: JAX key for the initial centre ``x0`` and ``raw_beta``.
+
+    References:
+        Rezende & Mohamed 2015, "Variational inference with normalizing flows",
+        arXiv:1505.05770, appendix A.2.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> layer = Radial(2, key=jax.random.key(0))
+        >>> y, ladj = layer.call_and_ladj(jnp.array([0.5, -1.0]))
+        >>> x, ildj = layer.inverse_and_ladj(y)
+        >>> [round(float(v), 4) for v in x], round(float(ladj + ildj), 4)
+        ([0.5, -1.0], 0.0)
     """
 
     x0: jax.Array
     raw_alpha: jax.Array
     raw_beta: jax.Array
 
-    def __init__(self, dim: int, *, key):
+    def __init__(self, dim: int, *, key: jax.Array):
         self.dim = int(dim)
         rng = host_rng(key)
         self.x0 = jnp.asarray(rng.standard_normal(dim), dtype=float)
@@ -169,8 +249,18 @@ class Radial(FlowTransform):
         # raw_beta near raw_alpha gives beta_hat near 0: a mild radial contraction or expansion.
         self.raw_beta = jnp.asarray(0.1 * rng.standard_normal(()), dtype=float)
 
-    def constrained(self):
-        """``(alpha, beta_hat, s = alpha + beta_hat)``."""
+    def constrained(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The invertible parametrisation: ``(alpha, beta_hat, s = alpha + beta_hat)``, ``s > 0``.
+
+        Returns:
+            Three scalars.
+
+        Example:
+            >>> import jax
+            >>> alpha, beta_hat, s = Radial(2, key=jax.random.key(0)).constrained()
+            >>> bool(alpha > 0), bool(s > 0)
+            (True, True)
+        """
         alpha = jnp.maximum(jax.nn.softplus(self.raw_alpha), _FLOOR)
         s = jnp.maximum(jax.nn.softplus(self.raw_beta), _FLOOR)
         return alpha, s - alpha, s
@@ -180,14 +270,42 @@ class Radial(FlowTransform):
         radial = jnp.log(r * (r + 2.0 * alpha) + alpha * s) - 2.0 * log_ar
         return (self.dim - 1) * (jnp.log(r + s) - log_ar) + radial
 
-    def call_and_ladj(self, x):
+    def call_and_ladj(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``y = x + beta_hat (x - x0) / (alpha + |x - x0|)`` and its log-determinant, for one vector.
+
+        Args:
+            x: one vector, shape ``(dim,)``.
+
+        Returns:
+            ``(y, log|det dy/dx|)``: shape ``(dim,)`` and a scalar.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> y, ladj = Radial(2, key=jax.random.key(0)).call_and_ladj(jnp.full(2, 0.5))
+            >>> y.shape, ladj.shape
+            ((2,), ())
+        """
         alpha, beta, s = self.constrained()
         diff = x - self.x0
         r = _safe_norm(diff)
         y = x + (beta / (alpha + r)) * diff
         return y, self._ladj(r, alpha, s)
 
-    def inverse_and_ladj(self, y):
+    def inverse_and_ladj(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The closed-form inverse (the radius from a quadratic) and its log-determinant.
+
+        Args:
+            y: one vector, shape ``(dim,)``.
+
+        Returns:
+            ``(x, log|det dx/dy|)``: shape ``(dim,)`` and a scalar.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> x, ladj = Radial(2, key=jax.random.key(0)).inverse_and_ladj(jnp.full(2, 0.5))
+            >>> x.shape, ladj.shape
+            ((2,), ())
+        """
         alpha, _, s = self.constrained()
         diff = y - self.x0
         r_y = _safe_norm(diff)
@@ -206,10 +324,40 @@ class Radial(FlowTransform):
 
 
 @register_flow("planar")
-def planar(dim, num_layers, *, key):
+def planar(dim: int, num_layers: int, *, key: jax.Array) -> list[Planar]:
+    """The ``planar`` family: ``num_layers`` ``Planar`` layers (Rezende & Mohamed 2015).
+
+    Args:
+        dim: size of the vectors.
+        num_layers: how many layers.
+        key: JAX key, split once per layer.
+
+    Returns:
+        The layers, in order (``build_flow("planar", ...)`` wraps them in a ``Flow``).
+
+    Example:
+        >>> import jax
+        >>> [type(layer).__name__ for layer in planar(2, 2, key=jax.random.key(0))]
+        ['Planar', 'Planar']
+    """
     return [Planar(dim, key=k) for k in jax.random.split(key, num_layers)]
 
 
 @register_flow("radial")
-def radial(dim, num_layers, *, key):
+def radial(dim: int, num_layers: int, *, key: jax.Array) -> list[Radial]:
+    """The ``radial`` family: ``num_layers`` ``Radial`` layers (Rezende & Mohamed 2015).
+
+    Args:
+        dim: size of the vectors.
+        num_layers: how many layers.
+        key: JAX key, split once per layer.
+
+    Returns:
+        The layers, in order.
+
+    Example:
+        >>> import jax
+        >>> [type(layer).__name__ for layer in radial(2, 2, key=jax.random.key(0))]
+        ['Radial', 'Radial']
+    """
     return [Radial(dim, key=k) for k in jax.random.split(key, num_layers)]

@@ -1,12 +1,17 @@
 """Residual flows: invertible residual blocks whose log-determinant is a power series (JAX mirror of torch).
 
-i-ResNet: Behrmann, Grathwohl, Chen, Duvenaud & Jacobsen 2019, arXiv:1811.00995.
-Residual Flows: Chen, Behrmann, Duvenaud & Jacobsen 2019, arXiv:1906.02735.
+References:
+    Behrmann, Grathwohl, Chen, Duvenaud & Jacobsen 2019, "Invertible residual
+    networks", arXiv:1811.00995 (i-ResNet).
+    Chen, Behrmann, Duvenaud & Jacobsen 2019, "Residual flows for invertible generative
+    modeling", arXiv:1906.02735.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import equinox as eqx
 import equinox.internal as eqxi
@@ -14,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ...lipschitz import block_options
+from ...registry import residual_block_options as block_options
 from ..flows import register_flow
 from ..nn import LipschitzMLP
 from .base import ElementwiseAffine, FlowTransform
@@ -29,7 +34,7 @@ class ResidualBlock(FlowTransform):
 
     ``g`` is a ``LipschitzMLP``: spectrally normalised linear layers (each of norm at
     most ``lipschitz`` < 1) and 1-Lipschitz LipSwish activations, so ``Lip(g) < 1`` and
-    ``y -> y + g(y)`` is a bijection of R^d (Behrmann et al. 2019, arXiv:1811.00995).
+    ``y -> y + g(y)`` is a bijection of R^d (Behrmann et al. 2019).
 
     Direction: the explicit residual map is ``inverse_and_ladj`` (data to noise), so
     density evaluation (``log_prob``, maximum likelihood) is one pass. The forward
@@ -50,7 +55,7 @@ class ResidualBlock(FlowTransform):
       (i-ResNet).
     - ``"roulette"``: ``N = num_terms + M`` terms, ``M ~ Geometric(roulette_p)`` on
       {0, 1, ...}, term ``k`` divided by ``P(N >= k) = (1 - p)^max(0, k - num_terms)``:
-      unbiased for the whole series (Chen et al. 2019, arXiv:1906.02735).
+      unbiased for the whole series (Chen et al. 2019).
 
     The stochastic estimators take a ``key`` per vector (``call_and_ladj(x, key)``; the
     flow's ``EqxTransform`` splits one per batch row and layer, from an explicit key or
@@ -72,8 +77,22 @@ class ResidualBlock(FlowTransform):
             ``neumann_gradient``, ``lipschitz``, ``power_iterations``, ``inverse_tol``,
             ``max_inverse_iter``; defaults and checks in ``pyroflows.registry.SPECS["residual"]``.
 
-    >>> block = ResidualBlock(2, (32, 32), estimator="exact", key=jax.random.key(0))
-    >>> x, ildj = block.inverse_and_ladj(jnp.ones(2))  # data -> noise, one pass
+    Raises:
+        ValueError: an option ``pyroflows.registry.SPECS["residual"]`` rejects.
+
+    References:
+        Behrmann, Grathwohl, Chen, Duvenaud & Jacobsen 2019, "Invertible residual
+        networks", arXiv:1811.00995.
+        Chen, Behrmann, Duvenaud & Jacobsen 2019, "Residual flows for invertible
+        generative modeling", arXiv:1906.02735.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> layer = ResidualBlock(2, (8,), estimator="exact", key=jax.random.key(0))
+        >>> y, ladj = layer.inverse_and_ladj(jnp.array([0.5, -1.0]))
+        >>> x, ildj = layer.call_and_ladj(y)
+        >>> [round(float(v), 4) for v in x], round(float(ladj + ildj), 4)
+        ([0.5, -1.0], 0.0)
     """
 
     g: LipschitzMLP
@@ -86,7 +105,7 @@ class ResidualBlock(FlowTransform):
     max_inverse_iter: int = eqx.field(static=True)
     numerical_inverse = True
 
-    def __init__(self, dim: int, hidden_dims=(64, 64), *, key, **options):
+    def __init__(self, dim: int, hidden_dims: Sequence[int] = (64, 64), *, key: jax.Array, **options: Any):
         opts = block_options(**options)
         self.dim = int(dim)
         self.estimator, self.num_terms, self.noise = opts["estimator"], opts["num_terms"], opts["noise"]
@@ -96,7 +115,13 @@ class ResidualBlock(FlowTransform):
 
     @property
     def is_stochastic(self) -> bool:
-        """Whether the log-determinant draws noise (every estimator but ``"exact"``)."""
+        """Whether the log-determinant draws noise (every estimator but ``"exact"``).
+
+        Example:
+            >>> import jax
+            >>> ResidualBlock(2, (8,), estimator="roulette", key=jax.random.key(0)).is_stochastic
+            True
+        """
         return self.estimator != "exact"
 
     # --- log-determinant -----------------------------------------------------------------
@@ -161,12 +186,35 @@ class ResidualBlock(FlowTransform):
         return out, self._series(weights, slopes, y, key)
 
     # --- the two directions -----------------------------------------------------------
-    def inverse_and_ladj(self, y, key=None):
+    def inverse_and_ladj(self, y: jax.Array, key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Data to noise in one pass, ``x = y + g(y)``, with ``log det(I + J_g)`` by the chosen estimator.
+
+        Args:
+            y: one vector, shape ``(dim,)``.
+            key: draws the probe and series length of a stochastic estimator.
+
+        Returns:
+            ``(x, log|det dx/dy|)``: shape ``(dim,)`` and a scalar.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> layer = ResidualBlock(2, (8,), estimator="exact", key=jax.random.key(0))
+            >>> x, ladj = layer.inverse_and_ladj(jnp.full(2, 0.5))
+            >>> x.shape, ladj.shape
+            ((2,), ())
+        """
         out, log_det = self._residual_and_log_det(y, self.g.weights(), key)
         return y + out, log_det
 
-    def inverse_map(self, y):
-        """``y + g(y)`` alone: no log-det, so no key for any estimator."""
+    def inverse_map(self, y: jax.Array) -> jax.Array:
+        """``y + g(y)`` alone: no log-det, so no key for any estimator.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> block = ResidualBlock(2, (8,), estimator="roulette", key=jax.random.key(0))
+            >>> block.inverse_map(jnp.ones(2)).shape
+            (2,)
+        """
         return y + self.g.forward_and_slopes(y, self.g.weights(), slopes=False)[0]
 
     def _fixed_point(self, x, weights):
@@ -192,18 +240,64 @@ class ResidualBlock(FlowTransform):
         newton = jnp.eye(self.dim, dtype=x.dtype) + LipschitzMLP.jacobian(fixed, _stop(slopes))
         return root - jnp.linalg.solve(newton, root + out - x)
 
-    def call_and_ladj(self, x, key=None):
+    def call_and_ladj(self, x: jax.Array, key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Noise to data, solving ``y + g(y) = x`` (fixed point, one Newton step), with its log-determinant.
+
+        Args:
+            x: one vector, shape ``(dim,)``.
+            key: draws the probe and series length of a stochastic estimator.
+
+        Returns:
+            ``(y, log|det dy/dx|)``: shape ``(dim,)`` and a scalar.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> layer = ResidualBlock(2, (8,), estimator="exact", key=jax.random.key(0))
+            >>> y, ladj = layer.call_and_ladj(jnp.full(2, 0.5))
+            >>> y.shape, ladj.shape
+            ((2,), ())
+        """
         weights = self.g.weights()
         y = self._solve(x, weights)
         return y, -self._residual_and_log_det(y, weights, key)[1]
 
-    def forward_map(self, x):
-        """The solve of ``y + g(y) = x`` alone: no log-det, so no key for any estimator."""
+    def forward_map(self, x: jax.Array) -> jax.Array:
+        """The solve of ``y + g(y) = x`` alone: no log-det, so no key for any estimator.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> block = ResidualBlock(2, (8,), estimator="roulette", key=jax.random.key(0))
+            >>> y = block.forward_map(jnp.ones(2))
+            >>> [round(float(v), 4) for v in block.inverse_map(y)]
+            [1.0, 1.0]
+        """
         return self._solve(x, self.g.weights())
 
 
 @register_flow("residual")
-def residual(dim, num_layers, hidden_dims, *, key, **options):
+def residual(
+    dim: int, num_layers: int, hidden_dims: Sequence[int], *, key: jax.Array, **options: Any
+) -> list[FlowTransform]:
+    """The ``residual`` family: ``ResidualBlock`` / ``ElementwiseAffine`` pairs (Chen et al. 2019).
+
+    Read from data to noise, each block follows an elementwise affine map (the ActNorm
+    of Chen et al.), which sets the scale the contraction ``g`` works at.
+
+    Args:
+        dim: size of the vectors.
+        num_layers: how many pairs.
+        hidden_dims: hidden widths of each ``g``.
+        key: JAX key, split once per pair.
+        **options: the ``ResidualBlock`` options.
+
+    Returns:
+        The layers, in order.
+
+    Example:
+        >>> import jax
+        >>> [type(layer).__name__ for layer in residual(2, 1, (8,), key=jax.random.key(0))]
+        ['ResidualBlock', 'ElementwiseAffine']
+    """
     layers = []
     for k in jax.random.split(key, num_layers):
         # Read from data to noise, each block follows an elementwise affine map (the

@@ -1,7 +1,10 @@
 """Sylvester flows and Householder reflections (JAX mirror of torch).
 
-Sylvester: van den Berg, Hasenclever, Tomczak & Welling 2018, arXiv:1803.05649.
-Householder: Tomczak & Welling 2016, arXiv:1611.09630.
+References:
+    van den Berg, Hasenclever, Tomczak & Welling 2018, "Sylvester normalizing flows for
+    variational inference", arXiv:1803.05649 (``Sylvester``).
+    Tomczak & Welling 2016, "Improving variational auto-encoders using Householder
+    flow", arXiv:1611.09630 (``Householder``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ def _log_cosh(x):
     return a + jax.nn.softplus(-2.0 * a) - math.log(2.0)
 
 
-def expm(a, terms: int = 18, max_squarings: int = 40):
+def expm(a: jax.Array, terms: int = 18, max_squarings: int = 40) -> jax.Array:
     """``exp(a)`` for a square matrix by scaling and squaring a Taylor polynomial.
 
     ``a`` is scaled by ``2^-s`` so that its 1-norm is at most 1/2, where ``terms`` = 18
@@ -41,6 +44,20 @@ def expm(a, terms: int = 18, max_squarings: int = 40):
     without gradients, so this compiles in a fraction of a second and is differentiable in
     reverse mode (``jax.scipy.linalg.expm`` took seconds to compile per traced function).
     Accurate to about 1e-13 (float64) for entries up to ~50.
+
+    Args:
+        a: a square matrix, shape ``(n, n)``.
+        terms: Taylor terms.
+        max_squarings: the most squarings (the loop's fixed length).
+
+    Returns:
+        ``exp(a)``, shape ``(n, n)``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> rotation = expm(jnp.array([[0.0, -jnp.pi / 2], [jnp.pi / 2, 0.0]]))
+        >>> [[round(float(v), 4) + 0.0 for v in row] for row in rotation]
+        [[0.0, -1.0], [1.0, 0.0]]
     """
     n = a.shape[-1]
     eye = jnp.eye(n, dtype=a.dtype)
@@ -59,12 +76,25 @@ def expm(a, terms: int = 18, max_squarings: int = 40):
     return jax.lax.fori_loop(0, max_squarings, square, p)
 
 
-def reflect(x, vectors, reverse: bool = False):
-    """Apply ``H_1``, then ``H_2``, ... (``reverse``: ``H_K`` first) to ``x`` of shape ``(..., dim)``.
+def reflect(x: jax.Array, vectors: jax.Array, reverse: bool = False) -> jax.Array:
+    """Apply ``H_1``, then ``H_2``, ... (``reverse``: ``H_K`` first) to ``x``.
 
     ``H_k = I - 2 v_k v_k^T / |v_k|^2`` for the rows ``v_k`` of ``vectors``. ``|v|^2`` is
     floored at the dtype's smallest normal number, so ``v = 0`` acts as the identity.
     A ``scan`` over the reflections, so compile time does not grow with their number.
+
+    Args:
+        x: points of shape ``(..., dim)``.
+        vectors: the reflection vectors, shape ``(K, dim)``.
+        reverse: apply them in reverse order (the inverse map).
+
+    Returns:
+        The reflected points, shape ``(..., dim)``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> [float(v) for v in reflect(jnp.array([1.0, 2.0]), jnp.array([[1.0, 0.0]]))]
+        [-1.0, 2.0]
     """
     sq = jnp.sum(vectors * vectors, -1, keepdims=True)
     units = vectors / jnp.sqrt(jnp.maximum(sq, jnp.finfo(vectors.dtype).tiny))
@@ -78,16 +108,35 @@ def reflect(x, vectors, reverse: bool = False):
 class Householder(FlowTransform):
     r"""A product of Householder reflections ``y = H_K ... H_1 x``, ``H_k = I - 2 v_k v_k^T / |v_k|^2``.
 
-    Tomczak & Welling 2016, "Improving Variational Auto-Encoders using Householder Flow",
-    arXiv:1611.09630. Orthogonal, so log|det J| = 0. Inverse: exact, the same
+    Tomczak & Welling 2016. Orthogonal, so log|det J| = 0. Inverse: exact, the same
     reflections in reverse order. ``|v|^2`` is floored at the smallest normal number of
     the dtype, so a vector at 0 gives the identity instead of 0/0.
+
+    Args:
+        dim: size of the vectors.
+        num_reflections: how many reflections ``K`` (default ``dim``).
+        key: JAX key for the random vectors.
+
+    Raises:
+        ValueError: ``num_reflections < 1``.
+
+    References:
+        Tomczak & Welling 2016, "Improving variational auto-encoders using Householder
+        flow", arXiv:1611.09630.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> layer = Householder(2, key=jax.random.key(0))
+        >>> y, ladj = layer.call_and_ladj(jnp.array([0.5, -1.0]))
+        >>> x, ildj = layer.inverse_and_ladj(y)
+        >>> [round(float(v), 4) for v in x], round(float(ladj + ildj), 4)
+        ([0.5, -1.0], 0.0)
     """
 
     vectors: jax.Array
     num_reflections: int = eqx.field(static=True)
 
-    def __init__(self, dim: int, num_reflections: int | None = None, *, key):
+    def __init__(self, dim: int, num_reflections: int | None = None, *, key: jax.Array):
         self.dim = int(dim)
         self.num_reflections = self.dim if num_reflections is None else int(num_reflections)
         if self.num_reflections < 1:
@@ -95,22 +144,56 @@ class Householder(FlowTransform):
         # Gaussian vectors give a random orthogonal map.
         self.vectors = jnp.asarray(host_rng(key).standard_normal((self.num_reflections, self.dim)), dtype=float)
 
-    def matrix(self):
-        """The orthogonal matrix ``H_K ... H_1`` (for inspection and tests)."""
+    def matrix(self) -> jax.Array:
+        """The orthogonal matrix ``H_K ... H_1`` (for inspection and tests).
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> q = Householder(3, key=jax.random.key(0)).matrix()
+            >>> bool(jnp.allclose(q @ q.T, jnp.eye(3), atol=1e-5))
+            True
+        """
         return reflect(jnp.eye(self.dim, dtype=self.vectors.dtype), self.vectors).T
 
-    def call_and_ladj(self, x):
+    def call_and_ladj(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``y = H_K ... H_1 x`` and its log-determinant 0, for one vector.
+
+        Args:
+            x: one vector, shape ``(dim,)``.
+
+        Returns:
+            ``(y, log|det dy/dx|)``: shape ``(dim,)`` and a scalar.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> y, ladj = Householder(2, key=jax.random.key(0)).call_and_ladj(jnp.full(2, 0.5))
+            >>> y.shape, ladj.shape
+            ((2,), ())
+        """
         return reflect(x, self.vectors), jnp.zeros((), x.dtype)
 
-    def inverse_and_ladj(self, y):
+    def inverse_and_ladj(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``x = H_1 ... H_K y`` and its log-determinant 0, for one vector.
+
+        Args:
+            y: one vector, shape ``(dim,)``.
+
+        Returns:
+            ``(x, log|det dx/dy|)``: shape ``(dim,)`` and a scalar.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> x, ladj = Householder(2, key=jax.random.key(0)).inverse_and_ladj(jnp.full(2, 0.5))
+            >>> x.shape, ladj.shape
+            ((2,), ())
+        """
         return reflect(y, self.vectors, reverse=True), jnp.zeros((), y.dtype)
 
 
 class Sylvester(FlowTransform):
     r"""Sylvester flow ``y = x + Q R tanh(R~ Q^T x + b)``.
 
-    van den Berg, Hasenclever, Tomczak & Welling 2018, "Sylvester Normalizing Flows for
-    Variational Inference", arXiv:1803.05649. ``Q`` is ``dim x M`` with orthonormal
+    van den Berg, Hasenclever, Tomczak & Welling 2018. ``Q`` is ``dim x M`` with orthonormal
     columns; ``R`` and ``R~`` are ``M x M`` upper triangular with diagonals
     ``r_ii = tanh(p_i)`` and ``r~_ii = tanh(q_i)`` (as in the paper), so
     ``r_ii r~_ii > -1`` and the layer is invertible for every parameter value. By
@@ -140,6 +223,29 @@ class Sylvester(FlowTransform):
     precision) and refined by an implicit Newton step, one coordinate after another so
     the first derivatives are exact. Then ``x = y - Q R tanh(R~ v + b)``, which also
     restores the part of ``x`` outside the span of ``Q`` when ``M < dim``.
+
+    Args:
+        dim: size of the vectors.
+        variant: ``"orthogonal"``, ``"householder"`` or ``"triangular"``.
+        num_vectors: ``M`` for the orthogonal variant (default ``dim``).
+        reverse: the triangular variant's ``Q`` is the reversal permutation.
+        key: JAX key for the initial weights.
+
+    Raises:
+        ValueError: an unknown variant, or a ``num_vectors`` out of ``[1, dim]`` or given
+            to another variant.
+
+    References:
+        van den Berg, Hasenclever, Tomczak & Welling 2018, "Sylvester normalizing flows
+        for variational inference", arXiv:1803.05649.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> layer = Sylvester(2, key=jax.random.key(0))
+        >>> y, ladj = layer.call_and_ladj(jnp.array([0.5, -1.0]))
+        >>> x, ildj = layer.inverse_and_ladj(y)
+        >>> [round(float(v), 4) for v in x], round(float(ladj + ildj), 4)
+        ([0.5, -1.0], 0.0)
     """
 
     numerical_inverse: ClassVar[bool] = True
@@ -160,7 +266,13 @@ class Sylvester(FlowTransform):
     reverse: bool = eqx.field(static=True)
 
     def __init__(
-        self, dim: int, variant: str = "orthogonal", num_vectors: int | None = None, reverse: bool = False, *, key
+        self,
+        dim: int,
+        variant: str = "orthogonal",
+        num_vectors: int | None = None,
+        reverse: bool = False,
+        *,
+        key: jax.Array,
     ):
         self.dim = dim = int(dim)
         if variant not in VARIANTS:
@@ -201,8 +313,14 @@ class Sylvester(FlowTransform):
         self.bias = jnp.asarray(np.zeros(m), dtype=float)
 
     # --- parametrisation -----------------------------------------------------------
-    def q(self):
-        """``Q``, ``dim x M`` with orthonormal columns."""
+    def q(self) -> jax.Array:
+        """``Q``, ``dim x M`` with orthonormal columns.
+
+        Example:
+            >>> import jax
+            >>> Sylvester(3, num_vectors=2, key=jax.random.key(0)).q().shape
+            (3, 2)
+        """
         if self.variant == "orthogonal":
             upper = jnp.where(self.skew_mask, self.skew, 0.0)
             return expm(upper - upper.T)[:, : self.num_vectors]
@@ -210,8 +328,15 @@ class Sylvester(FlowTransform):
             return reflect(jnp.eye(self.dim, dtype=self.vectors.dtype), self.vectors)
         return self.q_fixed.astype(self.r_offdiag.dtype)
 
-    def triangles(self):
-        """``(R, R~, log(1 + r_ii r~_ii))``."""
+    def triangles(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``(R, R~, log(1 + r_ii r~_ii))``: the ``M x M`` triangles and the diagonal's log-factors.
+
+        Example:
+            >>> import jax
+            >>> r, r_tilde, log_one_plus_d = Sylvester(3, key=jax.random.key(0)).triangles()
+            >>> r.shape, r_tilde.shape, log_one_plus_d.shape
+            ((3, 3), (3, 3), (3,))
+        """
         p, q = self.raw_r_diag, self.raw_r_tilde_diag
         r = jnp.where(self.upper_mask, self.r_offdiag, 0.0) + jnp.diag(jnp.tanh(p))
         r_tilde = jnp.where(self.upper_mask, self.r_tilde_offdiag, 0.0) + jnp.diag(jnp.tanh(q))
@@ -224,14 +349,42 @@ class Sylvester(FlowTransform):
         return _safe_log(th2 + one_plus_d * (1.0 - th2))
 
     # --- the map ---------------------------------------------------------------------
-    def call_and_ladj(self, x):
+    def call_and_ladj(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``y = x + Q R tanh(R~ Q^T x + b)`` and its log-determinant, for one vector.
+
+        Args:
+            x: one vector, shape ``(dim,)``.
+
+        Returns:
+            ``(y, log|det dy/dx|)``: shape ``(dim,)`` and a scalar.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> y, ladj = Sylvester(2, key=jax.random.key(0)).call_and_ladj(jnp.full(2, 0.5))
+            >>> y.shape, ladj.shape
+            ((2,), ())
+        """
         q = self.q()
         r, r_tilde, log_one_plus_d = self.triangles()
         z = (x @ q) @ r_tilde.T + self.bias
         y = x + (jnp.tanh(z) @ r.T) @ q.T
         return y, self._log_slopes(z, jnp.exp(log_one_plus_d)).sum()
 
-    def inverse_and_ladj(self, y):
+    def inverse_and_ladj(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The numerical inverse (a triangular solve, coordinate by coordinate) and its log-determinant.
+
+        Args:
+            y: one vector, shape ``(dim,)``.
+
+        Returns:
+            ``(x, log|det dx/dy|)``: shape ``(dim,)`` and a scalar.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> x, ladj = Sylvester(2, key=jax.random.key(0)).inverse_and_ladj(jnp.full(2, 0.5))
+            >>> x.shape, ladj.shape
+            ((2,), ())
+        """
         q = self.q()
         r, r_tilde, log_one_plus_d = self.triangles()
         one_plus_d = jnp.exp(log_one_plus_d)
@@ -271,7 +424,24 @@ class Sylvester(FlowTransform):
 
 
 @register_flow("sylvester")
-def sylvester(dim, num_layers, variant, num_vectors, *, key):
+def sylvester(dim: int, num_layers: int, variant: str, num_vectors: int | None, *, key: jax.Array) -> list[Sylvester]:
+    """The ``sylvester`` family: ``num_layers`` ``Sylvester`` layers (van den Berg et al. 2018).
+
+    Args:
+        dim: size of the vectors.
+        num_layers: how many layers.
+        variant: the layers' ``variant``.
+        num_vectors: ``M`` of the orthogonal variant (None: ``dim``).
+        key: JAX key, split once per layer.
+
+    Returns:
+        The layers, in order; the triangular variant alternates ``reverse``.
+
+    Example:
+        >>> import jax
+        >>> [layer.reverse for layer in sylvester(2, 2, "triangular", None, key=jax.random.key(0))]
+        [False, True]
+    """
     # The triangular variant alternates Q = I and Q = reversal, so both triangles get mixed.
     return [
         Sylvester(dim, variant, num_vectors, reverse=(variant == "triangular" and i % 2 == 1), key=k)
@@ -280,7 +450,28 @@ def sylvester(dim, num_layers, variant, num_vectors, *, key):
 
 
 @register_flow("householder")
-def householder(dim, num_layers, num_reflections, *, key):
+def householder(
+    dim: int, num_layers: int, num_reflections: int | None, *, key: jax.Array
+) -> list[ElementwiseAffine | Householder]:
+    """The ``householder`` family: an ``ElementwiseAffine`` map, then ``Householder`` layers.
+
+    Forward (noise to sample), ``Q (loc + scale * x)`` is a Gaussian with a full
+    covariance (Tomczak & Welling 2016).
+
+    Args:
+        dim: size of the vectors.
+        num_layers: how many ``Householder`` layers.
+        num_reflections: reflections per layer (None: ``dim``).
+        key: JAX key, split once per layer.
+
+    Returns:
+        The layers, in order.
+
+    Example:
+        >>> import jax
+        >>> [type(layer).__name__ for layer in householder(2, 1, None, key=jax.random.key(0))]
+        ['ElementwiseAffine', 'Householder']
+    """
     # The affine map first (forward = noise to sample): Q (loc + scale * x) has a full covariance.
     return [ElementwiseAffine(dim)] + [
         Householder(dim, num_reflections, key=k) for k in jax.random.split(key, num_layers)

@@ -1,21 +1,33 @@
 """Flow layers for Pyro, one module per family; importing this registers their builders."""
 
-from . import autoregressive, base, coupling, gaussianization, gdn, glow, planar, spline, sylvester
+from . import autoregressive, base, conditioners, gaussianization, gdn, glow, planar, sylvester, transformers
 from .autoregressive import *  # noqa: F401,F403
-from .continuous import *  # noqa: F401,F403
 from .base import CholeskyAffine, ElementwiseAffine, Flow, FlowTransform, LogTails, Permute
-from .coupling import *  # noqa: F401,F403
+from .conditioners import *  # noqa: F401,F403
+from .continuous import *  # noqa: F401,F403
 from .gaussianization import *  # noqa: F401,F403
 from .gdn import *  # noqa: F401,F403
 from .glow import *  # noqa: F401,F403
 from .planar import *  # noqa: F401,F403
 from .residual import *  # noqa: F401,F403
-from .spline import *  # noqa: F401,F403
 from .sylvester import *  # noqa: F401,F403
+from .transformers import Additive, Affine, DeepSigmoid, RationalQuadraticSpline, Transformer
 
-__all__ = ["FlowTransform", "Flow", "Permute", "ElementwiseAffine", "CholeskyAffine", "LogTails"] + [
+__all__ = [
+    "FlowTransform",
+    "Flow",
+    "Permute",
+    "ElementwiseAffine",
+    "CholeskyAffine",
+    "LogTails",
+    "Transformer",
+    "Additive",
+    "Affine",
+    "RationalQuadraticSpline",
+    "DeepSigmoid",
+] + [
     name
-    for module in (planar, sylvester, coupling, glow, autoregressive, spline, gaussianization, gdn)
+    for module in (planar, sylvester, conditioners, glow, autoregressive, gaussianization, gdn)
     for name in module.__all__
 ]
 __all__ += continuous.__all__  # noqa: F405

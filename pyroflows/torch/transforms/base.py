@@ -16,21 +16,45 @@ no backward pass has run through it yet.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable, Sequence
 
 import torch
 from pyro.distributions.torch_transform import ComposeTransformModule, TransformModule
 from torch.distributions import constraints
 
 from ...registry import check_event_dim
+from ...structure import reverse_permutation
 
 __all__ = [
-    "FlowTransform", "Flow", "Permute", "ElementwiseAffine", "CholeskyAffine", "LogTails", "bisect_increasing", "soft_clamp",
+    "FlowTransform",
+    "Flow",
+    "Permute",
+    "ElementwiseAffine",
+    "CholeskyAffine",
+    "LogTails",
+    "bisect_increasing",
+    "soft_clamp",
     "check_input",
 ]
 
 
 def soft_clamp(x: torch.Tensor, bound: float) -> torch.Tensor:
-    """``bound * tanh(x / bound)``: smooth, the identity near 0, and inside (-bound, bound)."""
+    """``bound * tanh(x / bound)``: smooth, the identity near 0, and inside (-bound, bound).
+
+    The layers keep their log-scales in range with it, so a scale can neither vanish nor
+    overflow however far an optimiser pushes the raw parameter.
+
+    Args:
+        x: any tensor.
+        bound: the half-width of the range.
+
+    Returns:
+        The clamped tensor, shaped like ``x``.
+
+    Example:
+        >>> soft_clamp(torch.tensor([0.0, 100.0]), 5.0).tolist()
+        [0.0, 5.0]
+    """
     return bound * torch.tanh(x / bound)
 
 
@@ -43,8 +67,9 @@ def _float_dtype(module: torch.nn.Module):
     return None
 
 
-def check_input(x: torch.Tensor, dim: int, dtype: torch.dtype | None, what: str = "input",
-                owner: str = "this flow") -> torch.Tensor:
+def check_input(
+    x: torch.Tensor, dim: int, dtype: torch.dtype | None, what: str = "input", owner: str = "this flow"
+) -> torch.Tensor:
     """``x`` ready for a flow on vectors of size ``dim`` with floating-point ``dtype``.
 
     Integer and boolean inputs are cast to ``dtype`` (their values are exact there); a
@@ -65,10 +90,19 @@ def check_input(x: torch.Tensor, dim: int, dtype: torch.dtype | None, what: str 
     Raises:
         ValueError: the last dimension of ``x`` is not ``dim``.
         TypeError: ``x`` is not a tensor, or is a floating (or complex) tensor of another dtype.
+
+    Example:
+        >>> check_input(torch.tensor([[1, 2]]), 2, torch.float64).dtype  # integers are cast
+        torch.float64
+        >>> check_input(torch.zeros(3, dtype=torch.float64), 3, torch.float32)
+        Traceback (most recent call last):
+            ...
+        TypeError: this flow has torch.float32 parameters but the input has dtype torch.float64; ...
     """
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{owner} expects a torch.Tensor as {what}, got {type(x).__name__}; "
-                        "convert it with torch.as_tensor(x)")
+        raise TypeError(
+            f"{owner} expects a torch.Tensor as {what}, got {type(x).__name__}; convert it with torch.as_tensor(x)"
+        )
     shape = x.shape
     if not shape or shape[-1] != dim:
         check_event_dim(shape, dim, what)
@@ -77,8 +111,9 @@ def check_input(x: torch.Tensor, dim: int, dtype: torch.dtype | None, what: str 
     if not (x.is_floating_point() or x.is_complex()):
         return x.to(torch.get_default_dtype() if dtype is None else dtype)
     if dtype is None or x.is_complex():
-        raise TypeError(f"{owner} maps real vectors, but the {what} has dtype {x.dtype}; pass a real "
-                        "floating-point tensor")
+        raise TypeError(
+            f"{owner} maps real vectors, but the {what} has dtype {x.dtype}; pass a real floating-point tensor"
+        )
     raise TypeError(
         f"{owner} has {dtype} parameters but the {what} has dtype {x.dtype}; cast the flow with "
         f"flow.to({x.dtype}) or the {what} with .to({dtype})"
@@ -93,12 +128,29 @@ class _Entry:
 
 
 class FlowTransform(TransformModule):
-    """A bijection of vectors of size ``dim`` (event dim 1) with its log|det J|.
+    """The base of every layer: a bijection of vectors of size ``dim`` (event dim 1) with its log|det J|.
 
     Subclasses implement ``call_and_ladj(x) -> (y, log|det dy/dx|)`` and
     ``inverse_and_ladj(y) -> (x, log|det dx/dy|)`` for inputs of shape ``(..., dim)``;
     the log-determinants have shape ``(...)``. Direction: ``forward`` maps base noise to
-    the sample space.
+    the sample space. The Pyro interface (``layer(x)``, ``layer.inv(y)``,
+    ``log_abs_det_jacobian``) is built on the two methods, with a one-entry cache that is
+    used only while it is valid (see the module docstring), so a layer is a
+    ``pyro.distributions.TransformModule`` that trains safely.
+
+    Args:
+        dim: the event size.
+
+    Example:
+        >>> class Shift(FlowTransform):
+        ...     def call_and_ladj(self, x):
+        ...         return x + 1.0, x.new_zeros(x.shape[:-1])
+        ...     def inverse_and_ladj(self, y):
+        ...         return y - 1.0, y.new_zeros(y.shape[:-1])
+        >>> layer = Shift(2)
+        >>> y = layer(torch.zeros(1, 2))
+        >>> y.tolist(), layer.inv(y).tolist(), layer.log_abs_det_jacobian(torch.zeros(1, 2), y).tolist()
+        ([[1.0, 1.0]], [[0.0, 0.0]], [0.0])
     """
 
     domain = constraints.real_vector
@@ -120,7 +172,12 @@ class FlowTransform(TransformModule):
 
     @property
     def flow_dtype(self) -> torch.dtype | None:
-        """The floating-point dtype of this layer's parameters (``None`` if it has none)."""
+        """The floating-point dtype of this layer's parameters (``None`` if it has none).
+
+        Example:
+            >>> ElementwiseAffine(2).double().flow_dtype, Permute.reverse(2).flow_dtype
+            (torch.float64, None)
+        """
         cache = self.__dict__.get("_dtype_cache")
         if cache is None:
             cache = self.__dict__["_dtype_cache"] = (_float_dtype(self),)
@@ -131,10 +188,36 @@ class FlowTransform(TransformModule):
         return check_input(x, self.dim, self.flow_dtype, what, type(self).__name__)
 
     # --- the two methods a layer implements -------------------------------------------
-    def call_and_ladj(self, x):
+    def call_and_ladj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward map (noise to samples) and its log-determinant, in one pass.
+
+        Args:
+            x: points, shape ``(..., dim)``.
+
+        Returns:
+            ``(y, log|det dy/dx|)`` with shapes ``(..., dim)`` and ``(...)``.
+
+        Example:
+            >>> y, ladj = LogTails(2).call_and_ladj(torch.zeros(3, 2))
+            >>> tuple(y.shape), tuple(ladj.shape)
+            ((3, 2), (3,))
+        """
         raise NotImplementedError
 
-    def inverse_and_ladj(self, y):
+    def inverse_and_ladj(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inverse map (samples to noise) and its log-determinant, in one pass.
+
+        Args:
+            y: points, shape ``(..., dim)``.
+
+        Returns:
+            ``(x, log|det dx/dy|)`` with shapes ``(..., dim)`` and ``(...)``.
+
+        Example:
+            >>> x, ladj = LogTails(2).inverse_and_ladj(torch.zeros(3, 2))
+            >>> tuple(x.shape), tuple(ladj.shape)
+            ((3, 2), (3,))
+        """
         raise NotImplementedError
 
     # --- torch.distributions.Transform interface ------------------------------------
@@ -190,16 +273,41 @@ class FlowTransform(TransformModule):
     def _inverse(self, y):
         return self.inverse_and_ladj(self._checked(y))[0]
 
-    def log_abs_det_jacobian(self, x, y):
+    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``log|det dy/dx|`` (Pyro's interface): from the cache when ``(x, y)`` is its pair.
+
+        Example:
+            >>> layer = ElementwiseAffine(2)
+            >>> x = torch.zeros(3, 2)
+            >>> layer.log_abs_det_jacobian(x, layer(x)).tolist()
+            [0.0, 0.0, 0.0]
+        """
         e = self._lookup(x=x) or self._lookup(y=y)
         if e is not None:
             return e.ladj
         return self.call_and_ladj(self._checked(x))[1]
 
-    def with_cache(self, cache_size=1):
+    def with_cache(self, cache_size: int = 1) -> FlowTransform:
+        """The layer itself: it keeps its own cache, so Pyro's ``cache_size`` is ignored.
+
+        Example:
+            >>> layer = LogTails(2)
+            >>> layer.with_cache(0) is layer
+            True
+        """
         return self
 
-    def clear_cache(self):
+    def clear_cache(self) -> None:
+        """Forget the cached ``(x, y, log-det)`` entry.
+
+        Example:
+            >>> layer = LogTails(2)
+            >>> x = torch.zeros(1, 2)
+            >>> y = layer(x)
+            >>> layer.clear_cache()
+            >>> layer.inv(y) is x  # recomputed, not the cached input
+            False
+        """
         self._entry = None
 
     def __getstate__(self):
@@ -213,18 +321,37 @@ class FlowTransform(TransformModule):
         self.__dict__["_dtype_cache"] = None  # .to(), .double(), .float() change it
         return super()._apply(fn, *args, **kwargs)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
+        """The layer's options, for its ``repr``.
+
+        Example:
+            >>> LogTails(3).extra_repr()
+            'dim=3'
+        """
         return f"dim={self.dim}"
 
 
 class Flow(ComposeTransformModule):
     """A stack of ``FlowTransform`` layers: what ``build_flow`` returns.
 
-    ``config`` records the builder's name and arguments. ``call_and_ladj`` and
-    ``inverse_and_ladj`` run the whole stack in one pass.
+    A Pyro ``ComposeTransformModule`` (so ``flow(x)``, ``flow.inv(y)`` and its use in a
+    ``TransformedDistribution`` work as for any Pyro transform) whose ``call_and_ladj``
+    and ``inverse_and_ladj`` run the whole stack in one pass. It also implements
+    ``pyroflows.protocols.TrainableFlow``, so ``fit_mle`` and ``fit_reverse_kl`` train it.
+
+    Args:
+        parts: the layers, in the forward order (noise to samples).
+        dim: the event size.
+        config: the builder's name and arguments (``save_flow`` stores them).
+
+    Example:
+        >>> flow = Flow([ElementwiseAffine(2), Permute.reverse(2)], 2, {"name": "mine"})
+        >>> y, ladj = flow.call_and_ladj(torch.ones(3, 2))
+        >>> tuple(y.shape), ladj.tolist()
+        ((3, 2), [0.0, 0.0, 0.0])
     """
 
-    def __init__(self, parts, dim: int, config: dict | None = None):
+    def __init__(self, parts: Sequence[FlowTransform], dim: int, config: dict | None = None):
         super().__init__(list(parts))
         self.dim = int(dim)
         self.config = dict(config or {})
@@ -236,11 +363,17 @@ class Flow(ComposeTransformModule):
             return x
         return check_input(x, self.dim, _float_dtype(self), what, "Flow")
 
-    def call_and_ladj(self, x):
+    def call_and_ladj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(y, log|det dy/dx|)`` of the whole stack for ``x`` of shape ``(..., dim)``.
 
         Integer or boolean ``x`` is cast to the flow's dtype; a floating ``x`` of another
         dtype than the parameters raises a ``TypeError`` that names both.
+
+        Example:
+            >>> flow = Flow([LogTails(2, threshold=1.0)], 2)
+            >>> y, ladj = flow.call_and_ladj(torch.tensor([[0, 3]]))  # integers are cast
+            >>> [round(v, 4) for v in y[0].tolist()], round(ladj.item(), 4)
+            ([0.0, 2.0986], -1.0986)
         """
         x = self._checked(x, "input")
         total = x.new_zeros(x.shape[:-1])
@@ -250,8 +383,16 @@ class Flow(ComposeTransformModule):
             x = y
         return x, total
 
-    def inverse_and_ladj(self, y):
-        """``(x, log|det dx/dy|)`` of the whole stack (the inverse of ``call_and_ladj``)."""
+    def inverse_and_ladj(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, log|det dx/dy|)`` of the whole stack (the inverse of ``call_and_ladj``).
+
+        Example:
+            >>> flow = Flow([LogTails(2, threshold=1.0), Permute.reverse(2)], 2)
+            >>> y, ladj = flow.call_and_ladj(torch.tensor([[0.5, 3.0]]))
+            >>> x, inv_ladj = flow.inverse_and_ladj(y)
+            >>> [round(v, 4) for v in x[0].tolist()], bool(torch.allclose(inv_ladj, -ladj))
+            ([0.5, 3.0], True)
+        """
         y = self._checked(y, "input")
         total = y.new_zeros(y.shape[:-1])
         for part in reversed(self.parts):
@@ -260,39 +401,146 @@ class Flow(ComposeTransformModule):
             y = x
         return y, total
 
-    def with_cache(self, cache_size=1):
+    def with_cache(self, cache_size: int = 1) -> Flow:
+        """The flow itself: its layers keep their own caches.
+
+        Example:
+            >>> flow = Flow([LogTails(2)], 2)
+            >>> flow.with_cache() is flow
+            True
+        """
         return self
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
+        """The event size and the builder's name, for the ``repr``.
+
+        Example:
+            >>> Flow([LogTails(2)], 2, {"name": "tails"}).extra_repr()
+            "dim=2, name='tails'"
+        """
         return f"dim={self.dim}, name={self.config.get('name')!r}"
+
+    # --- pyroflows.protocols.TrainableFlow (what fit_mle and fit_reverse_kl call) --------
+    #: ``fit_mle(standardize=True)`` may append a fixed ``Standardize`` layer.
+    standardizable = True
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """``log q(x)`` of ``q`` = ``N(0, I)`` pushed through the stack (one inverse pass), shape ``(...)``.
+
+        Example:
+            >>> _ = torch.manual_seed(0)
+            >>> from pyroflows.torch import build_flow
+            >>> build_flow("realnvp", 2).log_prob(torch.zeros(3, 2)).shape
+            torch.Size([3])
+        """
+        from ..density import pushforward_log_prob
+
+        return pushforward_log_prob(self, x)
+
+    def sample_and_log_prob(self, num_samples: int, rng: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``num_samples`` draws ``x = f(u)``, ``u ~ N(0, I)`` from ``rng``, and ``log q(x)``.
+
+        One forward pass; both outputs are differentiable in the weights.
+
+        Example:
+            >>> from pyroflows.torch import build_flow
+            >>> x, log_q = build_flow("realnvp", 2).sample_and_log_prob(4, torch.Generator().manual_seed(0))
+            >>> tuple(x.shape), tuple(log_q.shape)
+            ((4, 2), (4,))
+        """
+        from ..density import pushforward_sample_and_log_prob
+
+        return pushforward_sample_and_log_prob(self, num_samples, rng)
+
+    def fit_target(
+        self, log_density: Callable[[torch.Tensor], torch.Tensor], stick_the_landing: bool
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The user's ``log_density`` unchanged: a flow fits any target, with or without
+        sticking the landing."""
+        return log_density
+
+    # --- end of the TrainableFlow block ----------------------------------------------------
 
 
 class Permute(FlowTransform):
-    """A fixed permutation of the coordinates (log-det 0)."""
+    """A fixed permutation of the coordinates (log-det 0): ``y = x[..., permutation]``.
 
-    def __init__(self, permutation):
+    Builders put one between the layers of a stack, so that every coordinate is
+    transformed and conditioned on in turn. The permutation is a buffer, not trained.
+
+    Args:
+        permutation: a permutation of ``0..dim-1``.
+
+    Example:
+        >>> Permute([2, 0, 1])(torch.tensor([[10.0, 11.0, 12.0]])).tolist()
+        [[12.0, 10.0, 11.0]]
+    """
+
+    def __init__(self, permutation: Sequence[int] | torch.Tensor):
         permutation = torch.as_tensor(permutation, dtype=torch.long)
         super().__init__(len(permutation))
         self.register_buffer("permutation", permutation)
         self.register_buffer("inverse_permutation", torch.argsort(permutation))
 
     @classmethod
-    def reverse(cls, dim):
-        return cls(torch.arange(dim - 1, -1, -1))
+    def reverse(cls, dim: int) -> Permute:
+        """The permutation that reverses the coordinates.
+
+        Example:
+            >>> Permute.reverse(3).permutation.tolist()
+            [2, 1, 0]
+        """
+        return cls(reverse_permutation(dim))
 
     @classmethod
-    def random(cls, dim):
+    def random(cls, dim: int) -> Permute:
+        """A permutation drawn from torch's global generator (``torch.manual_seed`` fixes it).
+
+        Example:
+            >>> _ = torch.manual_seed(0)
+            >>> sorted(Permute.random(3).permutation.tolist())
+            [0, 1, 2]
+        """
         return cls(torch.randperm(dim))
 
-    def call_and_ladj(self, x):
+    def call_and_ladj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x[..., permutation], 0)``.
+
+        Example:
+            >>> y, ladj = Permute.reverse(2).call_and_ladj(torch.tensor([[1.0, 2.0]]))
+            >>> y.tolist(), ladj.tolist()
+            ([[2.0, 1.0]], [0.0])
+        """
         return x[..., self.permutation], x.new_zeros(x.shape[:-1])
 
-    def inverse_and_ladj(self, y):
+    def inverse_and_ladj(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y[..., inverse_permutation], 0)``.
+
+        Example:
+            >>> Permute([1, 2, 0]).inverse_and_ladj(torch.tensor([[1.0, 2.0, 0.0]]))[0].tolist()
+            [[0.0, 1.0, 2.0]]
+        """
         return y[..., self.inverse_permutation], y.new_zeros(y.shape[:-1])
 
 
 class ElementwiseAffine(FlowTransform):
-    """y = loc + exp(log_scale) * x per coordinate, with a soft-clamped log-scale."""
+    """``y = loc + exp(log_scale) * x`` per coordinate, with a soft-clamped log-scale.
+
+    ``log_scale = soft_clamp(unconstrained_log_scale, log_scale_bound)``; both parameters
+    start at zero (the identity). Families whose spec sets ``final_scale`` end with one,
+    and ``AutoFlow`` uses it as the learned location and scale of the guide.
+
+    Args:
+        dim: the event size.
+        log_scale_bound: the bound on ``|log_scale|``.
+
+    Example:
+        >>> layer = ElementwiseAffine(2)
+        >>> with torch.no_grad():
+        ...     _ = layer.loc.fill_(1.0)
+        >>> layer(torch.zeros(1, 2)).tolist()
+        [[1.0, 1.0]]
+    """
 
     def __init__(self, dim: int, log_scale_bound: float = 5.0):
         super().__init__(dim)
@@ -300,14 +548,38 @@ class ElementwiseAffine(FlowTransform):
         self.loc = torch.nn.Parameter(torch.zeros(dim))
         self.unconstrained_log_scale = torch.nn.Parameter(torch.zeros(dim))
 
-    def log_scale(self):
+    def log_scale(self) -> torch.Tensor:
+        """The clamped log-scale, shape ``(dim,)``.
+
+        Example:
+            >>> layer = ElementwiseAffine(2, log_scale_bound=1.0)
+            >>> with torch.no_grad():
+            ...     _ = layer.unconstrained_log_scale.fill_(50.0)
+            >>> layer.log_scale().tolist()
+            [1.0, 1.0]
+        """
         return soft_clamp(self.unconstrained_log_scale, self.log_scale_bound)
 
-    def call_and_ladj(self, x):
+    def call_and_ladj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loc + exp(log_scale) * x, sum(log_scale))``.
+
+        Example:
+            >>> y, ladj = ElementwiseAffine(2).call_and_ladj(torch.ones(3, 2))
+            >>> y.tolist(), ladj.tolist()
+            ([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]], [0.0, 0.0, 0.0])
+        """
         s = self.log_scale()
         return self.loc + torch.exp(s) * x, s.sum().expand(x.shape[:-1])
 
-    def inverse_and_ladj(self, y):
+    def inverse_and_ladj(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``((y - loc) * exp(-log_scale), -sum(log_scale))``.
+
+        Example:
+            >>> layer = ElementwiseAffine(2)
+            >>> y, _ = layer.call_and_ladj(torch.tensor([[0.5, -2.0]]))
+            >>> layer.inverse_and_ladj(y)[0].tolist()
+            [[0.5, -2.0]]
+        """
         s = self.log_scale()
         return (y - self.loc) * torch.exp(-s), (-s.sum()).expand(y.shape[:-1])
 
@@ -318,6 +590,16 @@ class CholeskyAffine(FlowTransform):
     ``loc`` and ``scale_tril`` are buffers, not parameters: ``AutoFlow(init_scale="laplace")``
     puts the Laplace approximation ``N(loc, L L^T)`` here, so that the layers before it
     learn in coordinates where the posterior is close to ``N(0, I)``.
+
+    Args:
+        loc: the shift, shape ``(dim,)``.
+        scale_tril: ``L``, shape ``(dim, dim)``, lower triangular with a positive diagonal.
+
+    Example:
+        >>> layer = CholeskyAffine(torch.zeros(2), torch.tensor([[2.0, 0.0], [1.0, 1.0]]))
+        >>> y, ladj = layer.call_and_ladj(torch.ones(1, 2))
+        >>> y.tolist(), round(ladj.item(), 4)  # log|det L| = log 2
+        ([[2.0, 2.0]], 0.6931)
     """
 
     def __init__(self, loc: torch.Tensor, scale_tril: torch.Tensor):
@@ -325,11 +607,25 @@ class CholeskyAffine(FlowTransform):
         self.register_buffer("loc", loc.detach().clone())
         self.register_buffer("scale_tril", scale_tril.detach().clone())
 
-    def call_and_ladj(self, x):
+    def call_and_ladj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loc + L x, sum(log diag(L)))``.
+
+        Example:
+            >>> layer = CholeskyAffine(torch.ones(2), torch.eye(2))
+            >>> layer.call_and_ladj(torch.zeros(1, 2))[0].tolist()
+            [[1.0, 1.0]]
+        """
         ladj = torch.log(torch.diagonal(self.scale_tril)).sum()
         return self.loc + x @ self.scale_tril.T, ladj.expand(x.shape[:-1])
 
-    def inverse_and_ladj(self, y):
+    def inverse_and_ladj(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(L^-1 (y - loc), -sum(log diag(L)))``, by a triangular solve.
+
+        Example:
+            >>> layer = CholeskyAffine(torch.zeros(2), torch.tensor([[2.0, 0.0], [1.0, 1.0]]))
+            >>> layer.inverse_and_ladj(torch.tensor([[2.0, 2.0]]))[0].tolist()
+            [[1.0, 1.0]]
+        """
         x = torch.linalg.solve_triangular(self.scale_tril, (y - self.loc).unsqueeze(-1), upper=False).squeeze(-1)
         ladj = -torch.log(torch.diagonal(self.scale_tril)).sum()
         return x, ladj.expand(y.shape[:-1])
@@ -345,19 +641,42 @@ class LogTails(FlowTransform):
     ``inf`` and the ELBO gradient NaN. After ``LogTails`` such a sample is ``t + 69``, so
     the guide stays finite at learning rates where the flow alone diverges; the bulk of
     the distribution (``|x| <= t``, in whitened coordinates) is untouched.
+
+    Args:
+        dim: the event size.
+        threshold: ``t``, where the logarithmic tails begin.
+
+    Example:
+        >>> y = LogTails(1, threshold=1.0)(torch.tensor([[0.5], [2.0]]))
+        >>> [round(v, 4) for v in y.flatten().tolist()]  # 2 -> 1 + log 2
+        [0.5, 1.6931]
     """
 
     def __init__(self, dim: int, threshold: float = 5.0):
         super().__init__(dim)
         self.threshold = float(threshold)
 
-    def call_and_ladj(self, x):
+    def call_and_ladj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tails map and ``-sum log(1 + excess)``, ``excess = max(|x| - t, 0)``.
+
+        Example:
+            >>> _, ladj = LogTails(2, threshold=1.0).call_and_ladj(torch.tensor([[0.0, 2.0]]))
+            >>> [round(v, 4) for v in ladj.tolist()]
+            [-0.6931]
+        """
         excess = (x.abs() - self.threshold).clamp(min=0)
         log_slope = torch.log1p(excess)
         y = torch.sign(x) * (x.abs().clamp(max=self.threshold) + log_slope)
         return y, -log_slope.sum(-1)
 
-    def inverse_and_ladj(self, y):
+    def inverse_and_ladj(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inverse, ``sign(y) (t + expm1(|y| - t))`` beyond ``t``, and its log-det.
+
+        Example:
+            >>> x, _ = LogTails(1, threshold=1.0).inverse_and_ladj(torch.tensor([[1.6931]]))
+            >>> round(x.item(), 3)
+            2.0
+        """
         excess = (y.abs() - self.threshold).clamp(min=0)
         x = torch.sign(y) * (y.abs().clamp(max=self.threshold) + torch.expm1(excess))
         # log(1 + |x| - t) = excess exactly: no expm1/log1p round trip
@@ -365,11 +684,33 @@ class LogTails(FlowTransform):
 
 
 def permutation_layer(kind: str, dim: int) -> Permute:
+    """The ``Permute`` a builder's ``permutation`` option names: ``"reverse"`` or ``"random"``.
+
+    Example:
+        >>> permutation_layer("reverse", 3).permutation.tolist()
+        [2, 1, 0]
+    """
     return Permute.reverse(dim) if kind == "reverse" else Permute.random(dim)
 
 
-def interleave(blocks, dim: int, permutation: str):
-    """``blocks`` with a permutation between consecutive ones (none after the last)."""
+def interleave(
+    blocks: Sequence[FlowTransform | Sequence[FlowTransform]], dim: int, permutation: str
+) -> list[FlowTransform]:
+    """``blocks`` with a permutation between consecutive ones (none after the last).
+
+    Args:
+        blocks: layers, or lists of layers that stay together.
+        dim: the event size.
+        permutation: ``"reverse"`` or ``"random"`` (see ``permutation_layer``).
+
+    Returns:
+        The flat list of layers.
+
+    Example:
+        >>> layers = interleave([LogTails(2), [LogTails(2), LogTails(2)]], 2, "reverse")
+        >>> [type(layer).__name__ for layer in layers]
+        ['LogTails', 'Permute', 'LogTails', 'LogTails']
+    """
     out = []
     for i, block in enumerate(blocks):
         if i:
@@ -378,12 +719,37 @@ def interleave(blocks, dim: int, permutation: str):
     return out
 
 
-def bisect_increasing(fn, target, *, tol, max_iter=200, lo=None, hi=None):
+def bisect_increasing(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    target: torch.Tensor,
+    *,
+    tol: float,
+    max_iter: int = 200,
+    lo: torch.Tensor | None = None,
+    hi: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Solve ``fn(x) = target`` elementwise for an increasing ``fn``, without gradients.
 
     The bracket starts at ``[lo, hi]`` (default ``target -+ 1``) and doubles outwards
     until it holds the root; bisection then stops when every interval is shorter than
-    ``tol * (1 + |x|)``. Callers attach gradients with ``implicit_step``.
+    ``tol * (1 + |x|)``. Callers attach gradients with ``implicit_step``. The layers with
+    a numerical inverse (``numerical_inverse = True``) solve with it.
+
+    Args:
+        fn: an elementwise, increasing function.
+        target: the values to reach.
+        tol: the relative tolerance of the root.
+        max_iter: the most bisection steps.
+        lo: a start for the lower ends of the bracket.
+        hi: a start for the upper ends.
+
+    Returns:
+        The roots, shaped like ``target``, detached from the graph.
+
+    Example:
+        >>> target = torch.tensor([8.0, -1.0], dtype=torch.float64)
+        >>> [round(v, 9) for v in bisect_increasing(lambda x: x**3, target, tol=1e-12).tolist()]
+        [2.0, -1.0]
     """
     with torch.no_grad():
         t = target.detach()
@@ -408,11 +774,30 @@ def bisect_increasing(fn, target, *, tol, max_iter=200, lo=None, hi=None):
         return 0.5 * (lo + hi)
 
 
-def implicit_step(root, value, derivative, target):
+def implicit_step(
+    root: torch.Tensor, value: torch.Tensor, derivative: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
     """One Newton step from a detached root: same value, exact first derivatives.
 
     At a root of ``g(x) = target``, ``x = root - (g(root) - target) / g'(root)`` equals
     ``root`` to the solver's tolerance, and its gradients are those of the implicit
     function theorem: dx/dtarget = 1/g', dx/dtheta = -(dg/dtheta)/g'.
+
+    Args:
+        root: the solver's root (no gradient needed).
+        value: ``g(root)``, computed with gradients.
+        derivative: ``g'(root)`` (used detached).
+        target: the right-hand side, possibly with gradients.
+
+    Returns:
+        ``root`` with the implicit function theorem's gradients attached.
+
+    Example:
+        >>> target = torch.tensor(8.0, dtype=torch.float64, requires_grad=True)
+        >>> root = bisect_increasing(lambda x: x**3, target, tol=1e-12)
+        >>> x = implicit_step(root, root**3, 3 * root**2, target)
+        >>> x.backward()
+        >>> round(x.item(), 6), round(target.grad.item(), 6)  # dx/dtarget = 1 / (3 x^2)
+        (2.0, 0.083333)
     """
     return root - (value - target) / derivative.detach()

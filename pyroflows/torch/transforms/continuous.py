@@ -9,6 +9,9 @@ by torchdiffeq.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import nn
 from torchdiffeq import odeint, odeint_adjoint
@@ -20,6 +23,7 @@ from ..nn import HollowMLP, TimeMLP
 from .base import FlowTransform
 
 __all__ = ["CNF"]
+
 
 class _Dynamics(nn.Module):
     """The augmented right-hand side in solver time ``s`` in [0, T].
@@ -58,15 +62,15 @@ class _Dynamics(nn.Module):
 
 
 class CNF(FlowTransform):
-    r"""A continuous normalizing flow layer (FFJORD, Grathwohl, Chen et al. 2018, arXiv:1810.01367).
+    r"""A continuous normalizing flow layer (FFJORD): the flow of an ODE ``dx/dt = f(x, t)``.
 
     Forward (noise to sample): ``y = x(T)`` for ``dx/dt = f(x, t)``, ``x(0) = x``, with
     ``log|det dy/dx| = integral_0^T tr(df/dx)(x(t), t) dt``. The inverse integrates the
     same ODE from ``T`` back to ``0`` and returns ``-`` that integral along its path.
 
     Dynamics: ``TimeMLP`` (``t`` concatenated to every layer's input) or, for
-    ``estimator="hollow"``, ``HollowMLP`` (Chen & Duvenaud 2019, arXiv:1912.03579). Both
-    start at ``f = 0``, the identity map.
+    ``estimator="hollow"``, ``HollowMLP`` (Chen & Duvenaud 2019). Both start at ``f = 0``,
+    the identity map.
 
     Log-det estimators (the divergence ``tr(df/dx)`` at each evaluation):
 
@@ -86,25 +90,46 @@ class CNF(FlowTransform):
     suites' perturbed networks and 1e-5 on the stronger dynamics of the solver test
     (tests/torch/test_ffjord.py); raise ``num_steps`` or use ``dopri5`` for stiffer flows.
 
-    Regularisers (RNODE, Finlay et al. 2020, arXiv:2002.02798): with ``kinetic_energy`` or
+    Regularisers (RNODE, Finlay et al. 2020): with ``kinetic_energy`` or
     ``jacobian_norm`` above 0, each solve also integrates ``|f|^2`` and ``|df/dx|_F^2``
     (Hutchinson: ``|(df/dx) e|^2``; exact and hollow: the full norm) and stores their
     weighted sum per sample in ``regularization``; ``call_ladj_and_regularization(x)``
     returns it with the map.
 
-    Arguments: ``dim``, ``hidden_dims`` (default (64, 64); for ``"hollow"`` the widths of
-    each coordinate's conditioner) and the options of ``ffjord``: ``estimator``,
-    ``noise``, ``activation``, ``solver``, ``num_steps``, ``atol``, ``rtol``,
-    ``adjoint``, ``time_length``, ``kinetic_energy``, ``jacobian_norm`` (defaults and
-    checks: ``pyroflows.registry.describe("ffjord")``).
+    Args:
+        dim: size of the vectors.
+        hidden_dims: hidden widths of ``f`` (default (64, 64); for ``"hollow"`` the widths
+            of each coordinate's conditioner).
+        **options: the options of ``ffjord``: ``estimator``, ``noise``, ``activation``,
+            ``solver``, ``num_steps``, ``atol``, ``rtol``, ``adjoint``, ``time_length``,
+            ``kinetic_energy``, ``jacobian_norm`` (defaults and checks:
+            ``pyroflows.registry.describe("ffjord")``).
 
-    >>> layer = CNF(2, hidden_dims=(32, 32), estimator="exact")
-    >>> y, ladj = layer.call_and_ladj(torch.randn(5, 2))
+    Raises:
+        ValueError: an unknown option or a bad value.
+
+    References:
+        Grathwohl, Chen, Bettencourt, Sutskever & Duvenaud 2018, "FFJORD: Free-form
+        continuous dynamics for scalable reversible generative models", arXiv:1810.01367.
+        Chen, Rubanova, Bettencourt & Duvenaud 2018, "Neural Ordinary Differential
+        Equations", arXiv:1806.07366.
+        Chen & Duvenaud 2019, "Neural Networks with Cheap Differential Operators",
+        arXiv:1912.03579.
+        Finlay, Jacobsen, Nurbekyan & Oberman 2020, "How to train your neural ODE: the
+        world of Jacobian and kinetic regularization", arXiv:2002.02798.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> layer = CNF(2, hidden_dims=(8,), estimator="exact", num_steps=4).double()
+        >>> x = torch.randn(5, 2, dtype=torch.float64)
+        >>> y, ladj = layer.call_and_ladj(x)  # f starts at 0: the identity
+        >>> bool(torch.equal(y, x)), ladj.abs().max().item()
+        (True, 0.0)
     """
 
     numerical_inverse = True
 
-    def __init__(self, dim: int, hidden_dims=None, **options):
+    def __init__(self, dim: int, hidden_dims: Sequence[int] | None = None, **options: Any):
         config = SPECS["ffjord"].resolve(dim, None, hidden_dims, options)
         super().__init__(dim)
         for name in SPECS["ffjord"].options:
@@ -131,8 +156,15 @@ class CNF(FlowTransform):
             atol, rtol = tolerances(self.atol, self.rtol, torch.finfo(x.dtype).eps)
         grid = torch.as_tensor(grid, dtype=x.dtype, device=x.device)
         if self.adjoint:
-            out = odeint_adjoint(dynamics, state, grid, method=self.solver, atol=atol, rtol=rtol,
-                                 adjoint_params=tuple(self.net.parameters()))
+            out = odeint_adjoint(
+                dynamics,
+                state,
+                grid,
+                method=self.solver,
+                atol=atol,
+                rtol=rtol,
+                adjoint_params=tuple(self.net.parameters()),
+            )
         else:
             out = odeint(dynamics, state, grid, method=self.solver, atol=atol, rtol=rtol)
         final = [o[-1] for o in out]
@@ -140,23 +172,31 @@ class CNF(FlowTransform):
             self.regularization = self.kinetic_energy * final[2] + self.jacobian_norm * final[3]
         return final[0], final[1]
 
-    def call_and_ladj(self, x):
+    def call_and_ladj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._solve(x, 1.0)
 
-    def inverse_and_ladj(self, y):
+    def inverse_and_ladj(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._solve(y, -1.0)
 
-    def call_ladj_and_regularization(self, x):
+    def call_ladj_and_regularization(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(y, log|det dy/dx|, regularizer)``: the regulariser is 0 unless a weight is above 0."""
         y, ladj = self._solve(x, 1.0)
         reg = self.regularization if self.regularized else torch.zeros_like(ladj)
         return y, ladj, reg
 
-    def extra_repr(self):
-        return (f"dim={self.dim}, estimator={self.estimator!r}, solver={self.solver!r}, "
-                f"num_steps={self.num_steps}, time_length={self.time_length}")
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, estimator={self.estimator!r}, solver={self.solver!r}, "
+            f"num_steps={self.num_steps}, time_length={self.time_length}"
+        )
 
 
 @register_flow("ffjord")
-def ffjord(dim, num_layers, hidden_dims, **options):
+def ffjord(dim: int, num_layers: int, hidden_dims: Sequence[int] | None, **options: Any) -> list[CNF]:
+    """The ``ffjord`` family: ``num_layers`` ``CNF`` layers.
+
+    Example:
+        >>> [layer.estimator for layer in ffjord(2, 1, (8,), estimator="exact")]
+        ['exact']
+    """
     return [CNF(dim, hidden_dims, **options) for _ in range(num_layers)]

@@ -6,14 +6,14 @@ Kingma & Dhariwal 2018, arXiv:1807.03039, for vectors: the 1x1 convolution becom
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from ..flows import register_flow
 from .base import ElementwiseAffine, FlowTransform, soft_clamp
-from .coupling import AffineCoupling
+from .conditioners import conditioned_layer
 
 __all__ = ["ActNorm", "InvertibleLinear"]
 
@@ -24,7 +24,23 @@ class ActNorm(ElementwiseAffine):
     The first inverse call in training mode on a batch of two or more points (the data
     side, as in maximum likelihood) sets ``loc`` and ``log_scale`` so that the inverse
     maps that batch to zero mean and unit variance per coordinate. A forward call first,
-    or a loaded state dict, marks it initialised without touching the weights.
+    or a loaded state dict, marks it initialised without touching the weights (the
+    buffer ``initialized`` records it).
+
+    Args:
+        dim: the event size.
+        log_scale_bound: the bound on ``|log_scale|``.
+
+    References:
+        Kingma & Dhariwal 2018, "Glow: Generative Flow with Invertible 1x1
+        Convolutions", arXiv:1807.03039.
+
+    Example:
+        >>> layer = ActNorm(2)
+        >>> data = torch.tensor([[0.0, 1.0], [2.0, 5.0], [4.0, 3.0]])
+        >>> z, _ = layer.inverse_and_ladj(data)  # the first inverse call initialises
+        >>> [round(v, 4) for v in z.mean(0).tolist()], [round(v, 4) for v in z.std(0).tolist()]
+        ([0.0, 0.0], [1.0, 1.0])
     """
 
     def __init__(self, dim: int, log_scale_bound: float = 5.0):
@@ -32,7 +48,17 @@ class ActNorm(ElementwiseAffine):
         self.register_buffer("initialized", torch.tensor(False))
 
     def initialize(self, y: torch.Tensor) -> None:
-        """Set the weights from data ``y`` of shape ``(n, dim)`` (or any batch shape)."""
+        """Set the weights from data ``y`` of shape ``(n, dim)`` (or any batch shape), in place.
+
+        ``loc`` becomes the mean and ``log_scale`` the log standard deviation (clamped
+        inside the bound) of each coordinate.
+
+        Example:
+            >>> layer = ActNorm(2)
+            >>> layer.initialize(torch.tensor([[1.0, 0.0], [3.0, 4.0]]))
+            >>> layer.loc.tolist(), bool(layer.initialized)
+            ([2.0, 2.0], True)
+        """
         with torch.no_grad():
             flat = y.detach().reshape(-1, self.dim)
             log_std = torch.log(flat.std(0).clamp_min(1e-6))
@@ -42,12 +68,27 @@ class ActNorm(ElementwiseAffine):
             self.unconstrained_log_scale.copy_(self.log_scale_bound * torch.atanh(log_std / self.log_scale_bound))
             self.initialized.fill_(True)
 
-    def call_and_ladj(self, x):
+    def call_and_ladj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The affine map and its log-det; marks the layer initialised, weights unchanged.
+
+        Example:
+            >>> layer = ActNorm(2)
+            >>> y, _ = layer.call_and_ladj(torch.ones(3, 2))
+            >>> y.tolist()[0], bool(layer.initialized)
+            ([1.0, 1.0], True)
+        """
         if not self.initialized:
             self.initialized.fill_(True)
         return super().call_and_ladj(x)
 
-    def inverse_and_ladj(self, y):
+    def inverse_and_ladj(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inverse and its log-det; the first call in training mode on two or more points initialises.
+
+        Example:
+            >>> layer = ActNorm(1).eval()  # no initialisation outside training mode
+            >>> layer.inverse_and_ladj(torch.tensor([[5.0], [7.0]]))[0].tolist()
+            [[5.0], [7.0]]
+        """
         if not self.initialized:
             if self.training and y.reshape(-1, self.dim).shape[0] > 1:
                 self.initialize(y)
@@ -61,7 +102,23 @@ class InvertibleLinear(FlowTransform):
 
     ``P`` and the signs of the diagonal are fixed, ``L`` is unit lower triangular, ``U`` strictly upper
     triangular; log|det W| = sum(log_s), with ``log_s`` soft-clamped to ``(-bound, bound)``.
-    Initialised at a random rotation.
+    Initialised at a random rotation (from torch's global generator), so both directions
+    cost ``O(dim^2)`` per point: a product, or two triangular solves.
+
+    Args:
+        dim: the event size.
+        log_scale_bound: the bound on ``|log_s|``.
+
+    References:
+        Kingma & Dhariwal 2018, "Glow: Generative Flow with Invertible 1x1
+        Convolutions", arXiv:1807.03039.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> layer = InvertibleLinear(3)
+        >>> _, ladj = layer.call_and_ladj(torch.zeros(1, 3))
+        >>> bool(torch.isclose(ladj[0], torch.linalg.slogdet(layer.weight())[1], atol=1e-5))
+        True
     """
 
     def __init__(self, dim: int, log_scale_bound: float = 5.0):
@@ -87,16 +144,40 @@ class InvertibleLinear(FlowTransform):
         upper = self.upper * self.upper_mask + torch.diag(self.diag_sign * torch.exp(log_s))
         return lower, upper, log_s
 
-    def weight(self):
+    def weight(self) -> torch.Tensor:
+        """The matrix ``W = P L U``, shape ``(dim, dim)``.
+
+        Example:
+            >>> _ = torch.manual_seed(0)
+            >>> w = InvertibleLinear(2).weight()  # a rotation at initialisation
+            >>> bool(torch.allclose(w @ w.T, torch.eye(2), atol=1e-5))
+            True
+        """
         lower, upper, _ = self._factors()
         return self.permutation @ lower @ upper
 
-    def call_and_ladj(self, x):
+    def call_and_ladj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W x, sum(log_s))``.
+
+        Example:
+            >>> y, ladj = InvertibleLinear(2).call_and_ladj(torch.zeros(4, 2))
+            >>> tuple(y.shape), tuple(ladj.shape)
+            ((4, 2), (4,))
+        """
         lower, upper, log_s = self._factors()
         y = x @ (self.permutation @ lower @ upper).transpose(-1, -2)
         return y, log_s.sum().expand(x.shape[:-1])
 
-    def inverse_and_ladj(self, y):
+    def inverse_and_ladj(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W^-1 y, -sum(log_s))`` by two triangular solves.
+
+        Example:
+            >>> _ = torch.manual_seed(0)
+            >>> layer = InvertibleLinear(3)
+            >>> x = torch.tensor([[0.3, -1.2, 0.5]])
+            >>> bool(torch.allclose(layer.inverse_and_ladj(layer(x))[0], x, atol=1e-5))
+            True
+        """
         lower, upper, log_s = self._factors()
         # x = U^-1 L^-1 P^T y, solved on row vectors: x^T = y^T P L^-T U^-T.
         rows = y.reshape(-1, self.dim) @ self.permutation
@@ -106,12 +187,20 @@ class InvertibleLinear(FlowTransform):
 
 
 @register_flow("glow")
-def glow(dim, num_layers, hidden_dims, activation, log_scale_bound):
+def glow(
+    dim: int, num_layers: int, hidden_dims: Sequence[int], activation: str, log_scale_bound: float
+) -> list[FlowTransform]:
+    """The layers of ``build_flow("glow", ...)``: ``num_layers`` steps of coupling, linear map, ActNorm.
+
+    Example:
+        >>> [type(layer).__name__ for layer in glow(2, 1, (8,), "relu", 5.0)]
+        ['Coupling', 'InvertibleLinear', 'ActNorm']
+    """
     layers = []
     for _ in range(num_layers):
         # Forward order, noise to data: the inverse (data side) meets ActNorm first, as in Glow.
         layers += [
-            AffineCoupling(dim, hidden_dims, activation, log_scale_bound),
+            conditioned_layer("glow", dim, hidden_dims, activation, log_scale_bound=log_scale_bound),
             InvertibleLinear(dim, log_scale_bound),
             ActNorm(dim, log_scale_bound),
         ]

@@ -29,11 +29,23 @@ def _log_cosh(x):
     return a + F.softplus(-2.0 * a) - math.log(2.0)
 
 
-def reflect(x, vectors, reverse: bool = False):
-    """Apply ``H_1``, then ``H_2``, ... (``reverse``: ``H_K`` first) to ``x`` of shape ``(..., dim)``.
+def reflect(x: torch.Tensor, vectors: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """Apply ``H_1``, then ``H_2``, ... (``reverse``: ``H_K`` first) to ``x``.
 
     ``H_k = I - 2 v_k v_k^T / |v_k|^2`` for the rows ``v_k`` of ``vectors``. ``|v|^2`` is
     floored at the dtype's smallest normal number, so ``v = 0`` acts as the identity.
+
+    Args:
+        x: vectors of shape ``(..., dim)``.
+        vectors: the reflection vectors, shape ``(K, dim)``.
+        reverse: apply the reflections in reverse order (the inverse map).
+
+    Returns:
+        The reflected vectors, shape ``(..., dim)``.
+
+    Example:
+        >>> reflect(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 0.0]]))
+        tensor([[-1.,  2.]])
     """
     sq = (vectors * vectors).sum(-1, keepdim=True)
     units = vectors / torch.sqrt(sq.clamp_min(torch.finfo(vectors.dtype).tiny))
@@ -47,10 +59,27 @@ def reflect(x, vectors, reverse: bool = False):
 class Householder(FlowTransform):
     r"""A product of Householder reflections ``y = H_K ... H_1 x``, ``H_k = I - 2 v_k v_k^T / |v_k|^2``.
 
-    Tomczak & Welling 2016, "Improving Variational Auto-Encoders using Householder Flow",
-    arXiv:1611.09630. Orthogonal, so log|det J| = 0. Inverse: exact, the same
-    reflections in reverse order. ``|v|^2`` is floored at the smallest normal number of
-    the dtype, so a vector at 0 gives the identity instead of 0/0.
+    Orthogonal, so log|det J| = 0. Inverse: exact, the same reflections in reverse
+    order. ``|v|^2`` is floored at the smallest normal number of the dtype, so a vector
+    at 0 gives the identity instead of 0/0.
+
+    Args:
+        dim: size of the vectors.
+        num_reflections: ``K``, at least 1 (default ``dim``).
+
+    Raises:
+        ValueError: ``num_reflections`` below 1.
+
+    References:
+        Tomczak & Welling 2016, "Improving Variational Auto-Encoders using Householder
+        Flow", arXiv:1611.09630.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> layer = Householder(2, num_reflections=3)
+        >>> q = layer.matrix()
+        >>> bool(torch.allclose(q @ q.T, torch.eye(2), atol=1e-6)), layer.call_and_ladj(torch.ones(4, 2))[1].tolist()
+        (True, [0.0, 0.0, 0.0, 0.0])
     """
 
     def __init__(self, dim: int, num_reflections: int | None = None):
@@ -61,26 +90,25 @@ class Householder(FlowTransform):
         # Gaussian vectors give a random orthogonal map.
         self.vectors = nn.Parameter(torch.randn(self.num_reflections, dim))
 
-    def matrix(self):
-        """The orthogonal matrix ``H_K ... H_1`` (for inspection and tests)."""
+    def matrix(self) -> torch.Tensor:
+        """The orthogonal matrix ``H_K ... H_1`` (for inspection and tests), shape ``(dim, dim)``."""
         eye = torch.eye(self.dim, dtype=self.vectors.dtype, device=self.vectors.device)
         return reflect(eye, self.vectors).transpose(0, 1)
 
-    def call_and_ladj(self, x):
+    def call_and_ladj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return reflect(x, self.vectors), x.new_zeros(x.shape[:-1])
 
-    def inverse_and_ladj(self, y):
+    def inverse_and_ladj(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return reflect(y, self.vectors, reverse=True), y.new_zeros(y.shape[:-1])
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"dim={self.dim}, num_reflections={self.num_reflections}"
 
 
 class Sylvester(FlowTransform):
-    r"""Sylvester flow ``y = x + Q R tanh(R~ Q^T x + b)``.
+    r"""Sylvester flow ``y = x + Q R tanh(R~ Q^T x + b)`` (van den Berg et al. 2018).
 
-    van den Berg, Hasenclever, Tomczak & Welling 2018, "Sylvester Normalizing Flows for
-    Variational Inference", arXiv:1803.05649. ``Q`` is ``dim x M`` with orthonormal
+    ``Q`` is ``dim x M`` with orthonormal
     columns; ``R`` and ``R~`` are ``M x M`` upper triangular with diagonals
     ``r_ii = tanh(p_i)`` and ``r~_ii = tanh(q_i)`` (as in the paper), so
     ``r_ii r~_ii > -1`` and the layer is invertible for every parameter value. By
@@ -107,6 +135,29 @@ class Sylvester(FlowTransform):
     one coordinate after another so the first derivatives are exact. Then
     ``x = y - Q R tanh(R~ v + b)``, which also restores the part of ``x`` outside the
     span of ``Q`` when ``M < dim``. Vectorised over the batch.
+
+    Args:
+        dim: size of the vectors.
+        variant: ``"orthogonal"``, ``"householder"`` or ``"triangular"``.
+        num_vectors: ``M`` for the orthogonal variant, in ``[1, dim]`` (default ``dim``).
+        reverse: use the reversal permutation as ``Q`` (triangular variant).
+
+    Raises:
+        ValueError: an unknown variant, or a ``num_vectors`` out of range or given to
+            another variant.
+
+    References:
+        van den Berg, Hasenclever, Tomczak & Welling 2018, "Sylvester Normalizing Flows
+        for Variational Inference", arXiv:1803.05649.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> layer = Sylvester(2, variant="orthogonal", num_vectors=1)
+        >>> x = torch.randn(5, 2)
+        >>> y, ladj = layer.call_and_ladj(x)
+        >>> x_back, ildj = layer.inverse_and_ladj(y)
+        >>> tuple(ladj.shape), bool(torch.allclose(x_back, x, atol=1e-5)), bool(torch.allclose(ildj, -ladj, atol=1e-5))
+        ((5,), True, True)
     """
 
     numerical_inverse = True
@@ -151,7 +202,7 @@ class Sylvester(FlowTransform):
         self.bias = nn.Parameter(torch.zeros(m))
 
     # --- parametrisation -----------------------------------------------------------
-    def q(self):
+    def q(self) -> torch.Tensor:
         """``Q``, ``dim x M`` with orthonormal columns."""
         if self.variant == "orthogonal":
             upper = self.skew * self.skew_mask
@@ -161,7 +212,7 @@ class Sylvester(FlowTransform):
             return reflect(eye, self.vectors)
         return self.q_fixed
 
-    def triangles(self):
+    def triangles(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(R, R~, log(1 + r_ii r~_ii))``."""
         p, q = self.raw_r_diag, self.raw_r_tilde_diag
         r = self.r_offdiag * self.upper_mask + torch.diag(torch.tanh(p))
@@ -175,14 +226,14 @@ class Sylvester(FlowTransform):
         return _safe_log(th2 + one_plus_d * (1.0 - th2))
 
     # --- the map ---------------------------------------------------------------------
-    def call_and_ladj(self, x):
+    def call_and_ladj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = self.q()
         r, r_tilde, log_one_plus_d = self.triangles()
         z = (x @ q) @ r_tilde.transpose(0, 1) + self.bias
         y = x + (torch.tanh(z) @ r.transpose(0, 1)) @ q.transpose(0, 1)
         return y, self._log_slopes(z, torch.exp(log_one_plus_d)).sum(-1)
 
-    def inverse_and_ladj(self, y):
+    def inverse_and_ladj(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = self.q()
         r, r_tilde, log_one_plus_d = self.triangles()
         one_plus_d = torch.exp(log_one_plus_d)
@@ -214,14 +265,22 @@ class Sylvester(FlowTransform):
         x = y - (torch.tanh(z) @ r.transpose(0, 1)) @ q.transpose(0, 1)
         return x, -self._log_slopes(z, one_plus_d).sum(-1)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         extra = f", reverse={self.reverse}" if self.variant == "triangular" else ""
         return f"dim={self.dim}, variant={self.variant!r}, num_vectors={self.num_vectors}{extra}"
 
 
 @register_flow("sylvester")
-def sylvester(dim, num_layers, variant, num_vectors):
-    # The triangular variant alternates Q = I and Q = reversal, so both triangles get mixed.
+def sylvester(dim: int, num_layers: int, variant: str, num_vectors: int | None) -> list[Sylvester]:
+    """The ``sylvester`` family: ``num_layers`` ``Sylvester`` layers of one variant.
+
+    The triangular variant alternates ``Q = I`` and ``Q = reversal``, so both triangles
+    get mixed.
+
+    Example:
+        >>> [layer.reverse for layer in sylvester(2, 2, "triangular", None)]
+        [False, True]
+    """
     return [
         Sylvester(dim, variant, num_vectors, reverse=(variant == "triangular" and i % 2 == 1))
         for i in range(num_layers)
@@ -229,6 +288,14 @@ def sylvester(dim, num_layers, variant, num_vectors):
 
 
 @register_flow("householder")
-def householder(dim, num_layers, num_reflections):
-    # The affine map first (forward = noise to sample): Q (loc + scale * x) has a full covariance.
+def householder(dim: int, num_layers: int, num_reflections: int | None) -> list[FlowTransform]:
+    """The ``householder`` family: an ``ElementwiseAffine`` map, then ``num_layers`` ``Householder`` layers.
+
+    The affine map comes first (forward = noise to sample), so ``Q (loc + scale * x)``
+    has a full covariance.
+
+    Example:
+        >>> [type(layer).__name__ for layer in householder(2, 1, None)]
+        ['ElementwiseAffine', 'Householder']
+    """
     return [ElementwiseAffine(dim)] + [Householder(dim, num_reflections) for _ in range(num_layers)]
