@@ -12,8 +12,9 @@ BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
 # The quick start runs fit_posterior at its defaults, which may take up to 40,000 steps: the
-# suite caps that budget (the code is otherwise exactly the README's).
-SHORTER = {"fit_posterior(model, y)": "fit_posterior(model, y, max_steps=1000, progress=False)"}
+# suite caps that budget at a few hundred steps, below one ELBO window (the code is otherwise
+# exactly the README's, and the test asks only that it runs).
+SHORTER = {"fit_posterior(model, y)": "fit_posterior(model, y, max_steps=300, progress=False)"}
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))

@@ -20,7 +20,9 @@ def pytest_collection_modifyitems(config, items):
         params = getattr(getattr(item, "callspec", None), "params", {})
         adapter = params.get("adapter")
         jax = getattr(adapter, "name", None) == "jax"
-        float64_only_in_torch = getattr(item, "originalname", None) in JAX_FLOAT32_ONLY and params.get("dtype") == "float64"
+        float64_only_in_torch = (
+            getattr(item, "originalname", None) in JAX_FLOAT32_ONLY and params.get("dtype") == "float64"
+        )
         if jax and (params.get("dim") not in (None, *JAX_DIMS) or float64_only_in_torch):
             dropped.append(item)
         else:
