@@ -41,6 +41,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import numpy as np  # noqa: E402 - after the thread settings
+from timing import median_times  # noqa: E402 - benchmarks/timing.py
 
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parent.parent
@@ -49,18 +50,6 @@ FACTS: dict = {}
 
 
 # --------------------------------------------------------------------------- helpers
-def _median_times(fns: dict, rounds: int, inner: int = 1) -> dict:
-    """Median seconds per call of each zero-argument function, the contenders interleaved."""
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            times[k].append((time.perf_counter() - t) / inner)
-    return {k: float(np.median(v)) for k, v in times.items()}
-
-
 def _outcome(fn, hide=None) -> str:
     """What ``fn()`` does: its value, or the exception it raises; warnings are appended.
 
@@ -243,7 +232,7 @@ def psis_section() -> str:
     ratios = []
     for n, rounds in ((1000, 200), (10_000, 100), (100_000, 20), (1_000_000, 5)):
         lw = np.random.default_rng(1).normal(size=n)
-        t = _median_times({"ours": lambda: psis_khat(lw), "arviz": lambda: arviz_khat(lw)}, rounds)
+        t = median_times({"ours": lambda: psis_khat(lw), "arviz": lambda: arviz_khat(lw)}, rounds)
         ratios.append(t["arviz"] / t["ours"])
         lines.append(f"| {n:,} | {1e3 * t['ours']:.3f} ms | {1e3 * t['arviz']:.3f} ms | {t['arviz'] / t['ours']:.2f} |")
     lines.append("")
@@ -311,27 +300,6 @@ def _logistic(x, y, prior_sd):
     return fg, hess, a.shape[1]
 
 
-def _funnel(dim=10):
-    """Neal's funnel, v ~ N(0, 3), x_i | v ~ N(0, e^(v/2)): U = v^2/18 + sum x_i^2 e^-v / 2 + (dim - 1) v / 2."""
-
-    def fg(z):
-        v, x = z[0], z[1:]
-        with np.errstate(over="ignore", invalid="ignore"):
-            e = np.exp(-v)
-            f = v**2 / 18 + 0.5 * np.sum(x**2) * e + 0.5 * (dim - 1) * v
-            return float(f), np.concatenate([[v / 9 - 0.5 * np.sum(x**2) * e + 0.5 * (dim - 1)], x * e])
-
-    def hess(z):
-        v, x = z[0], z[1:]
-        with np.errstate(over="ignore", invalid="ignore"):
-            e = np.exp(-v)
-            h = np.diag(np.concatenate([[1 / 9 + 0.5 * np.sum(x**2) * e], np.full(dim - 1, e)]))
-            h[0, 1:] = h[1:, 0] = -x * e
-        return h
-
-    return fg, hess
-
-
 def _one_observation(y=0.3):
     """A flat prior on (mu, log sigma) and one observation y ~ N(mu, sigma): unbounded as sigma -> 0 at mu = y."""
 
@@ -352,26 +320,6 @@ def _one_observation(y=0.3):
     return fg, hess
 
 
-def _gamma(raises: bool):
-    """U = x - log x (a Gamma(2, 1) density, negated), minimum at 1; NaN or a ValueError for x <= 0.
-
-    From x = 10 the full Newton step lands at x = -80, and a trust region grown on the way down
-    reaches x < 0 too.
-    """
-
-    def fg(x):
-        if raises and x[0] <= 0:
-            raise ValueError("Expected parameter rate to satisfy the constraint GreaterThan(0)")
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return float(x[0] - np.log(x[0])), np.array([1 - 1 / x[0]])
-
-    def hess(x):
-        with np.errstate(divide="ignore"):
-            return np.array([[1 / x[0] ** 2]])
-
-    return fg, hess
-
-
 # The problems whose first Newton step leaves the region where U is defined.
 LEAVES_SUPPORT = {
     "Gamma(2, 1) in x, U = NaN for x <= 0, from x = 10",
@@ -381,6 +329,8 @@ LEAVES_SUPPORT = {
 
 def _laplace_problems():
     """``(label, fg, hess, x0, mode or None)``: the objectives, with the exact mode where known."""
+    from potentials import funnel, gamma  # benchmarks/potentials.py, shared with tests/test_laplace.py
+
     from pyroflows.demo import breast_cancer
 
     rng = np.random.default_rng(0)
@@ -410,17 +360,17 @@ def _laplace_problems():
     fg, h, d = _logistic(xs, ys, np.full(11, 1.0))
     out.append(("logistic regression, 200 x 10 simulated", fg, h, np.zeros(d), None))
     out.append(
-        ("Gamma(2, 1) in x, U = NaN for x <= 0, from x = 10", *_gamma(raises=False), np.array([10.0]), np.array([1.0]))
+        ("Gamma(2, 1) in x, U = NaN for x <= 0, from x = 10", *gamma(raises=False), np.array([10.0]), np.array([1.0]))
     )
     out.append(
         (
             "the same, the model raises for x <= 0 (as Pyro's validation does)",
-            *_gamma(raises=True),
+            *gamma(raises=True),
             np.array([10.0]),
             np.array([1.0]),
         )
     )
-    fg, h = _funnel()
+    fg, h = funnel()
     out.append(("Neal's funnel, 10-D, from 0", fg, h, np.zeros(10), "none"))
     out.append(("Neal's funnel, from uniform(-2, 2)", fg, h, rng.uniform(-2, 2, 10), "none"))
     xsep = rng.normal(size=(100, 3))
@@ -508,7 +458,7 @@ def laplace_section() -> str:
             fg_c, hess_c, counts = _counted(fg, hess)
             x, status = method(fg_c, hess_c, x0.copy())
             results[name] = (x, status, dict(counts))
-        times = _median_times({name: (lambda m=m: m(fg, hess, x0.copy())) for name, m in contenders.items()}, 7)
+        times = median_times({name: (lambda m=m: m(fg, hess, x0.copy())) for name, m in contenders.items()}, 7)
         for name, (x, status, counts) in results.items():
             if exact is not None and x is not None:
                 h = hess(exact)
@@ -607,6 +557,20 @@ def laplace_section() -> str:
 
 
 # --------------------------------------------------------------------------- 3. checkpoint
+def _log_prob_gap(torch_flow, jax_flow):
+    """The largest difference of the two flows' log-densities at five float32 points."""
+    import jax.numpy as jnp
+    import torch
+
+    from pyroflows.jax.train import flow_log_prob as jax_log_prob
+    from pyroflows.torch.train import flow_log_prob as torch_log_prob
+
+    z = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+    with torch.no_grad():
+        on_torch = torch_log_prob(torch_flow, torch.as_tensor(z)).numpy()
+    return np.max(np.abs(np.asarray(jax_log_prob(jax_flow, jnp.asarray(z))) - on_torch))
+
+
 def _safetensors_write(path, config, arrays, backend):
     """The same content as ``checkpoint.write`` as safetensors: the metadata JSON as one string."""
     from safetensors.numpy import save_file
@@ -672,14 +636,14 @@ def checkpoint_section() -> str:
             arrays = {k: v.detach().numpy() for k, v in flow.state_dict().items()}
             npz, st = tmp / f"{dim}.npz", tmp / f"{dim}.safetensors"
             rounds = 15 if dim == 16 else 7
-            w = _median_times(
+            w = median_times(
                 {
                     "npz": lambda: checkpoint.write(npz, flow.config, arrays, "torch"),
                     "st": lambda: _safetensors_write(st, flow.config, arrays, "torch"),
                 },
                 rounds,
             )
-            r = _median_times(
+            r = median_times(
                 {
                     "npz": lambda: checkpoint.read(npz),
                     "st": lambda: _safetensors_read(st),
@@ -778,7 +742,6 @@ def checkpoint_section() -> str:
     cross = []
     try:
         import jax
-        import jax.numpy as jnp
         from safetensors.flax import load_file as st_load_jax
         from safetensors.torch import load_file as st_load_torch
 
@@ -788,16 +751,9 @@ def checkpoint_section() -> str:
             flow = pft.build_flow("realnvp", 3, num_layers=2, hidden_dims=(8,))
             pft.save_flow(flow, tmp / "t.npz")
             loaded = pfj.load_flow(tmp / "t.npz")
-            from pyroflows.jax.train import flow_log_prob as jax_log_prob
-            from pyroflows.torch.train import flow_log_prob as torch_log_prob
-
-            z = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
-            with torch.no_grad():
-                want = torch_log_prob(flow, torch.as_tensor(z)).numpy()
-            got = np.asarray(jax_log_prob(loaded, jnp.asarray(z)))
             cross.append(
                 f"- npz, torch to JAX: `pyroflows.jax.load_flow` of a torch realnvp; log-densities "
-                f"agree to {np.max(np.abs(got - want)):.1e} (float32)."
+                f"agree to {_log_prob_gap(flow, loaded):.1e} (float32)."
             )
             _safetensors_write(
                 tmp / "t.safetensors",
@@ -816,16 +772,12 @@ def checkpoint_section() -> str:
         if pft is not None:
             pfj.save_flow(jflow, tmp / "j.npz")
             tflow = pft.load_flow(tmp / "j.npz")
-            z = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
-            with torch.no_grad():
-                got = torch_log_prob(tflow, torch.as_tensor(z)).numpy()
-            want = np.asarray(jax_log_prob(jflow, jnp.asarray(z)))
             as_torch = st_load_torch(str(tmp / "j.safetensors"))
             saved = sorted({str(a.dtype) for a in arrays.values()})
             held = sorted({str(v.dtype).replace("torch.", "") for v in tflow.state_dict().values()})
             cross.append(
                 f"- npz, JAX to torch: `pyroflows.torch.load_flow` of a JAX realnvp; log-densities agree to "
-                f"{np.max(np.abs(got - want)):.1e}; the JAX arrays ({saved}) become the torch flow's "
+                f"{_log_prob_gap(tflow, jflow):.1e}; the JAX arrays ({saved}) become the torch flow's "
                 f"({held}) through `match_arrays`."
             )
             cross.append(

@@ -61,46 +61,33 @@ def describe(arch: dict) -> str:
 
 
 # --------------------------------------------------------------------------- backends
-def fit_torch(name, task, steps, lr, seed):
+def build_torch(name, seed):
     import torch
 
     import pyroflows.torch as pf
 
     torch.manual_seed(seed)
-    flow = pf.build_flow(name, 2, **architecture(name))
-    if task == "reverse_kl":
-        return pf.fit_reverse_kl(
-            flow,
-            toys.log_density("banana", "torch"),
-            num_steps=steps,
-            num_samples=NUM_SAMPLES,
-            lr=lr,
-            seed=seed,
-            progress=False,
-        )[1]
-    data = toys.sample_dataset("8gaussians", NUM_DATA, seed=seed)
-    return pf.fit_mle(
-        flow,
-        data,
-        num_steps=steps,
-        batch_size=BATCH,
-        lr=lr,
-        eval_every=min(EVAL_EVERY, steps),
-        seed=seed,
-        progress=False,
-    )[1]
+    return pf, pf.build_flow(name, 2, **architecture(name))
 
 
-def fit_jax(name, task, steps, lr, seed):
+def build_jax(name, seed):
     import jax
 
     import pyroflows.jax as pf
 
-    flow = pf.build_flow(name, 2, key=jax.random.key(seed), **architecture(name))
+    return pf, pf.build_flow(name, 2, key=jax.random.key(seed), **architecture(name))
+
+
+BUILDS = {"torch": build_torch, "jax": build_jax}
+
+
+def fit(backend, name, task, steps, lr, seed):
+    """The history of one fit: reverse KL to the banana, or maximum likelihood on 8 Gaussians."""
+    pf, flow = BUILDS[backend](name, seed)
     if task == "reverse_kl":
         return pf.fit_reverse_kl(
             flow,
-            toys.log_density("banana", "jax"),
+            toys.log_density("banana", backend),
             num_steps=steps,
             num_samples=NUM_SAMPLES,
             lr=lr,
@@ -118,16 +105,13 @@ def fit_jax(name, task, steps, lr, seed):
         seed=seed,
         progress=False,
     )[1]
-
-
-FITS = {"torch": fit_torch, "jax": fit_jax}
 
 
 def run_one(backend, name, task, steps, lr, seed) -> dict:
     row = {"backend": backend, "family": name, "task": task, "arch": describe(architecture(name))}
     start = time.perf_counter()
     try:
-        history = FITS[backend](name, task, steps, lr, seed)
+        history = fit(backend, name, task, steps, lr, seed)
     except Exception as e:  # noqa: BLE001 -- a failed fit is a result; the sweep goes on
         row.update(seconds=time.perf_counter() - start, status=f"{type(e).__name__}: {str(e).splitlines()[0]}")
         return row

@@ -195,6 +195,22 @@ MODELS = {
 
 
 # --------------------------------------------------------------------------- backends
+def _namespace(ppl, dist, constraints, xp, **specific) -> types.SimpleNamespace:
+    """The PPL's primitives and distributions, and the array functions that ``xp`` (``torch`` or
+    ``jax.numpy``) names the same, plus the ``specific`` ones."""
+    return types.SimpleNamespace(
+        **{n: getattr(ppl, n) for n in ("sample", "deterministic", "factor")},
+        dist=dist,
+        constraints=constraints,
+        zeros=lambda n: xp.zeros(n),
+        eye=lambda n: xp.eye(n),
+        **{n: getattr(xp, n) for n in ("exp", "log", "log1p", "sqrt", "stack")},
+        cholesky=xp.linalg.cholesky,
+        improper=lambda support, shape=(): dist.ImproperUniform(support, (), tuple(shape)),
+        **specific,
+    )
+
+
 @cache
 def backend(name: str) -> types.SimpleNamespace:
     """The namespace the models are written against, for ``"torch"`` (Pyro) or ``"jax"`` (NumPyro)."""
@@ -207,24 +223,14 @@ def backend(name: str) -> types.SimpleNamespace:
         def array(a):
             return torch.as_tensor(np.asarray(a), dtype=torch.get_default_dtype())
 
-        return types.SimpleNamespace(
-            sample=pyro.sample,
-            deterministic=pyro.deterministic,
-            factor=pyro.factor,
-            dist=dist,
-            constraints=constraints,
+        return _namespace(
+            pyro,
+            dist,
+            constraints,
+            torch,
             array=array,
-            zeros=lambda n: torch.zeros(n),
-            eye=lambda n: torch.eye(n),
-            exp=torch.exp,
-            log=torch.log,
-            log1p=torch.log1p,
-            sqrt=torch.sqrt,
-            stack=torch.stack,
             logsumexp=torch.logsumexp,
-            cholesky=torch.linalg.cholesky,
             matvec=lambda m, v: (m @ v.unsqueeze(-1)).squeeze(-1),
-            improper=lambda support, shape=(): dist.ImproperUniform(support, (), tuple(shape)),
         )
     if name == "jax":
         import jax.numpy as jnp
@@ -233,24 +239,14 @@ def backend(name: str) -> types.SimpleNamespace:
         from jax.scipy.special import logsumexp
         from numpyro.distributions import constraints
 
-        return types.SimpleNamespace(
-            sample=numpyro.sample,
-            deterministic=numpyro.deterministic,
-            factor=numpyro.factor,
-            dist=dist,
-            constraints=constraints,
+        return _namespace(
+            numpyro,
+            dist,
+            constraints,
+            jnp,
             array=lambda a: jnp.asarray(np.asarray(a), dtype=float),
-            zeros=lambda n: jnp.zeros(n),
-            eye=lambda n: jnp.eye(n),
-            exp=jnp.exp,
-            log=jnp.log,
-            log1p=jnp.log1p,
-            sqrt=jnp.sqrt,
-            stack=jnp.stack,
             logsumexp=lambda a, axis: logsumexp(a, axis=axis),
-            cholesky=jnp.linalg.cholesky,
             matvec=lambda m, v: (m @ v[..., None])[..., 0],
-            improper=lambda support, shape=(): dist.ImproperUniform(support, (), tuple(shape)),
         )
     raise ValueError(f"unknown backend {name!r}; use 'torch' or 'jax'")
 

@@ -368,14 +368,7 @@ def main():
 
     jax.config.update("jax_enable_x64", False)
     seeds = list(range(a.seeds))
-    settings = dict(
-        seeds=a.seeds,
-        ml_steps=a.ml_steps,
-        kl_steps=a.kl_steps,
-        repeats=a.repeats,
-        samples=a.samples,
-        svi_steps=a.svi_steps,
-    )
+    settings = {k: getattr(a, k) for k in ("seeds", "ml_steps", "kl_steps", "repeats", "samples", "svi_steps")}
     t0 = time.perf_counter()
     dw = double_well_runs(seeds, a.ml_steps, a.kl_steps, a.repeats, a.samples, not a.no_progress)
     svi, log_z, p_left = bimodal_runs(seeds, a.svi_steps, a.samples, not a.no_progress)

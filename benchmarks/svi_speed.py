@@ -24,9 +24,10 @@ import argparse
 import itertools
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
+
+from timing import median_times  # benchmarks/timing.py
 
 RESULTS = Path(__file__).parent / "results"
 HIDDEN, LAYERS, PARTICLES, BNAF_FACTORS = (64, 64), 2, 8, (8, 8)
@@ -133,18 +134,13 @@ def measure(contenders, steps, rounds, warmup=20):
             step = build()
             for _ in range(warmup):
                 step()
-            steppers[name], times[name] = step, []
+            steppers[name], times[name] = step, None
         except Exception as e:  # a contender that cannot run is a result too
             times[name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:90]}"
-    for _ in range(rounds):
-        for name, step in steppers.items():
-            # CPU time of this one-thread process: on a shared machine wall-clock would
-            # charge each contender for the other jobs' time slices
-            start = time.process_time()
-            for _ in range(steps):
-                step()
-            times[name].append((time.process_time() - start) / steps)
-    return {k: (statistics.median(v) if isinstance(v, list) else v) for k, v in times.items()}
+    # CPU time of this one-thread process: on a shared machine wall-clock would charge each
+    # contender for the other jobs' time slices
+    times.update(median_times(steppers, rounds, inner=steps, clock=time.process_time))
+    return times
 
 
 def table(backend, results, peers):

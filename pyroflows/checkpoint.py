@@ -108,6 +108,15 @@ def _check_file(path) -> None:
         raise _not_a_flow_file(path, "it is not a zip archive (.npz), e.g. a text or pickle file")
 
 
+def _require_keys(path, obj: dict, keys, what: str, needs: str = "", hint: str = "") -> None:
+    """Raise ``FlowFileError`` naming the ``keys`` that ``obj`` (the file's ``what``) lacks."""
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise FlowFileError(
+            f"{path}: its {what} lacks the key(s) {missing}{needs} (it has {sorted(obj)}); {hint}{_RESAVE}"
+        )
+
+
 def _read_meta(path, raw) -> dict:
     try:
         meta = json.loads(str(raw[()]))
@@ -115,12 +124,8 @@ def _read_meta(path, raw) -> dict:
         raise FlowFileError(f"{path}: its {_META} metadata is not valid JSON ({e}); {_RESAVE}") from None
     if not isinstance(meta, dict):
         raise FlowFileError(f"{path}: its {_META} metadata is not a JSON object; {_RESAVE}")
-    missing = [k for k in _META_KEYS if k not in meta]
-    if missing:
-        raise FlowFileError(
-            f"{path}: its {_META} metadata lacks the key(s) {missing} (it has {sorted(meta)}); "
-            f"the file was edited or written by something other than save_flow: {_RESAVE}"
-        )
+    edited = "the file was edited or written by something other than save_flow: "
+    _require_keys(path, meta, _META_KEYS, f"{_META} metadata", hint=edited)
     if meta["format"] not in _READS:
         raise FlowFileError(
             f"{path} has format {meta['format']!r}; this version of pyroflows reads {list(_READS)}: "
@@ -129,11 +134,7 @@ def _read_meta(path, raw) -> dict:
     config = meta["config"]
     if not isinstance(config, dict):
         raise FlowFileError(f"{path}: its config is {type(config).__name__}, not a JSON object; {_RESAVE}")
-    missing = [k for k in _CONFIG_KEYS if k not in config]
-    if missing:
-        raise FlowFileError(
-            f"{path}: its config lacks the key(s) {missing} that build_flow needs (it has {sorted(config)}); {_RESAVE}"
-        )
+    _require_keys(path, config, _CONFIG_KEYS, "config", " that build_flow needs")
     return meta
 
 

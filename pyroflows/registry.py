@@ -228,7 +228,106 @@ class FlowSpec:
         return out
 
 
+#: The options of the element-wise transformers (``pyroflows.<backend>.transforms.transformers``),
+#: checked like the families' options when a transformer is built by hand.
+TRANSFORMER_OPTIONS: dict[str, Option] = {
+    "log_scale_bound": _log_scale_bound,
+    "count_bins": Option(8, positive_int, "spline bins"),
+    "bound": Option(3.0, positive_float, "the spline acts on [-bound, bound], identity outside"),
+    "hidden_units": Option(16, positive_int, "sigmoid units of the deep sigmoidal transformer"),
+}
+
+
+_NETWORK_OPTIONS = {"activation": _activation, "permutation": _permutation}
+_CONDITIONED = {"num_layers": 4, "hidden_dims": (64, 64), "jacobian": "triangular", "inverse": "exact"}
+_MADE_REF = "MADE: Germain et al. 2015, arXiv:1502.03509"
+_BISECTION = "numerical (bisection, one dimension after another)"
+
+
+def _conditioned(name: str, conditioner: str, transformer: str, reference: str, summary: str, **fields) -> FlowSpec:
+    """A conditioner x transformer family: its family is its conditioner; ``fields`` override
+    ``_CONDITIONED`` and the options of an affine transformer."""
+    options = {**_NETWORK_OPTIONS, "log_scale_bound": TRANSFORMER_OPTIONS["log_scale_bound"]}
+    fields = {**_CONDITIONED, "options": options, "reference": reference, "summary": summary, **fields}
+    return FlowSpec(name, conditioner, conditioner=conditioner, transformer=transformer, **fields)
+
+
 _COUPLING_REF = "Dinh et al. 2015 (NICE, arXiv:1410.8516); Dinh et al. 2017 (RealNVP, arXiv:1605.08803)"
+
+_FFJORD_OPTIONS = {
+    "estimator": Option(
+        "hutchinson",
+        choice(*_ode.ESTIMATORS),
+        "log-det: Hutchinson e^T (df/dx) e with one noise draw per sample held for the whole "
+        "solve (unbiased), the exact trace (dim products per evaluation), or hollow dynamics "
+        "whose divergence is exact at the cost of one pass",
+    ),
+    "noise": Option("gaussian", choice(*_ode.NOISES), "Hutchinson probe distribution"),
+    "activation": Option("tanh", choice(*_ode.ACTIVATIONS), "smooth non-linearity of the dynamics"),
+    "solver": Option(
+        "rk4",
+        choice(*_ode.SOLVERS),
+        "Runge-Kutta method, the same tableau on both backends: fixed step "
+        f"({', '.join(_ode.FIXED_STEP)}; num_steps steps) or adaptive (dopri5, bosh3; atol, rtol)",
+    ),
+    "num_steps": Option(8, positive_int, "steps of a fixed-step solver over [0, T]"),
+    "atol": Option(1e-5, positive_float, "absolute tolerance of an adaptive solver"),
+    "rtol": Option(1e-5, positive_float, "relative tolerance of an adaptive solver"),
+    "adjoint": Option(
+        False,
+        boolean,
+        "gradients by the continuous adjoint (torchdiffeq odeint_adjoint, diffrax "
+        "BacksolveAdjoint): O(1) memory, gradients exact only to solver accuracy",
+    ),
+    "time_length": Option(1.0, positive_float, "integration time T (fixed)"),
+    "kinetic_energy": Option(
+        0.0,
+        non_negative_float,
+        "weight of the kinetic-energy regulariser integral |f|^2 dt (Finlay et al. 2020)",
+    ),
+    "jacobian_norm": Option(
+        0.0,
+        non_negative_float,
+        "weight of the Jacobian Frobenius-norm regulariser integral |df/dx|_F^2 dt (Finlay et al. 2020)",
+    ),
+}
+
+_RESIDUAL_OPTIONS = {
+    "estimator": Option(
+        "roulette",
+        choice(*_lipschitz.ESTIMATORS),
+        "log-det: Russian-roulette power series with a Hutchinson probe (unbiased), the "
+        "truncated series (i-ResNet, biased), or the dense log-determinant (small dims)",
+    ),
+    "num_terms": Option(
+        None,
+        optional_positive_int,
+        "series terms always computed: before the roulette starts (default 2), or the "
+        "whole truncated series (default 10)",
+    ),
+    "roulette_p": Option(
+        0.5,
+        open_unit,
+        "the roulette adds a Geometric(p) number of terms: mean (1 - p) / p, term k reweighted by 1 / P(N >= k)",
+    ),
+    "noise": Option("gaussian", choice(*_lipschitz.NOISES), "Hutchinson probe distribution"),
+    "neumann_gradient": Option(
+        True,
+        boolean,
+        "gradients of the series by the Neumann-series estimator (Chen et al. 2019): memory "
+        "of one term instead of all; the value is unchanged",
+    ),
+    "lipschitz": Option(0.97, open_unit, "bound on each layer's spectral norm, so Lip(g) < 1"),
+    "power_iterations": Option(
+        4096,
+        positive_int,
+        "power-iteration steps on W^T W for each spectral norm (rounded up to a power of two), run as "
+        "log2 N squarings of W^T W from scratch at every call",
+    ),
+    "inverse_tol": Option(1e-10, _tolerance, "fixed-point steps stop below inverse_tol * (1 + |x|); in (0, 1)"),
+    "max_inverse_iter": Option(1000, positive_int, "cap on the fixed-point steps of the forward"),
+}
+
 
 SPECS: dict[str, FlowSpec] = {
     s.name: s
@@ -283,95 +382,60 @@ SPECS: dict[str, FlowSpec] = {
             num_layers=1,
             options={"num_reflections": Option(None, optional_positive_int, "reflections per layer (default: dim)")},
         ),
-        FlowSpec(
+        _conditioned(
             "nice",
             "coupling",
-            "triangular (volume preserving couplings, diagonal scaling)",
-            "exact",
+            "additive",
             _COUPLING_REF,
             "additive couplings followed by a learned diagonal scaling",
-            num_layers=4,
-            hidden_dims=(64, 64),
-            options={"activation": _activation, "permutation": _permutation},
-            conditioner="coupling",
-            transformer="additive",
+            jacobian="triangular (volume preserving couplings, diagonal scaling)",
+            options=dict(_NETWORK_OPTIONS),
             final_scale=True,
         ),
-        FlowSpec(
-            "realnvp",
-            "coupling",
-            "triangular",
-            "exact",
-            _COUPLING_REF,
-            "affine couplings with bounded log-scales",
-            num_layers=4,
-            hidden_dims=(64, 64),
-            options={"activation": _activation, "permutation": _permutation, "log_scale_bound": _log_scale_bound},
-            conditioner="coupling",
-            transformer="affine",
-        ),
-        FlowSpec(
+        _conditioned("realnvp", "coupling", "affine", _COUPLING_REF, "affine couplings with bounded log-scales"),
+        _conditioned(
             "glow",
             "coupling",
-            "triangular after an LU-parametrised linear map",
-            "exact",
+            "affine",
             "Kingma & Dhariwal 2018, arXiv:1807.03039",
             "steps of ActNorm (data-dependent initialisation), LU InvertibleLinear and affine coupling",
-            num_layers=4,
-            hidden_dims=(64, 64),
+            jacobian="triangular after an LU-parametrised linear map",
             options={"activation": _activation, "log_scale_bound": _log_scale_bound},
-            conditioner="coupling",
-            transformer="affine",
         ),
-        FlowSpec(
+        _conditioned(
             "iaf",
             "autoregressive",
-            "triangular",
-            "exact, dim sequential passes",
-            "Kingma et al. 2016, arXiv:1606.04934; MADE: Germain et al. 2015, arXiv:1502.03509",
+            "affine",
+            "Kingma et al. 2016, arXiv:1606.04934; " + _MADE_REF,
             "affine autoregressive layers conditioned on their input: sampling is one parallel pass",
             num_layers=3,
-            hidden_dims=(64, 64),
-            options={"activation": _activation, "permutation": _permutation, "log_scale_bound": _log_scale_bound},
-            conditioner="autoregressive",
-            transformer="affine",
+            inverse="exact, dim sequential passes",
         ),
-        FlowSpec(
+        _conditioned(
             "maf",
             "autoregressive",
-            "triangular",
-            "exact, one parallel pass (the forward is sequential)",
-            "Papamakarios et al. 2017, arXiv:1705.07057; MADE: Germain et al. 2015, arXiv:1502.03509",
+            "affine",
+            "Papamakarios et al. 2017, arXiv:1705.07057; " + _MADE_REF,
             "affine autoregressive layers conditioned on their output: density evaluation is one parallel pass",
             num_layers=5,
-            hidden_dims=(64, 64),
-            options={"activation": _activation, "permutation": _permutation, "log_scale_bound": _log_scale_bound},
-            conditioner="autoregressive",
-            transformer="affine",
+            inverse="exact, one parallel pass (the forward is sequential)",
             reads="output",
         ),
-        FlowSpec(
+        _conditioned(
             "naf",
             "autoregressive",
-            "triangular",
-            "numerical (bisection, one dimension after another)",
+            "sigmoid",
             "Huang et al. 2018 (deep sigmoidal flow), arXiv:1804.00779",
             "monotone sigmoidal transformers whose parameters come from a MADE",
             num_layers=3,
-            hidden_dims=(64, 64),
-            options={
-                "activation": _activation,
-                "permutation": _permutation,
-                "hidden_units": Option(16, positive_int, "sigmoid units of the deep sigmoidal transformer"),
-            },
-            conditioner="autoregressive",
-            transformer="sigmoid",
+            inverse=_BISECTION,
+            options={**_NETWORK_OPTIONS, "hidden_units": TRANSFORMER_OPTIONS["hidden_units"]},
         ),
         FlowSpec(
             "bnaf",
             "autoregressive",
             "triangular",
-            "numerical (bisection, one dimension after another)",
+            _BISECTION,
             "De Cao et al. 2019, arXiv:1904.04676",
             "masked block-triangular monotone networks with a gated residual",
             num_layers=1,
@@ -380,28 +444,23 @@ SPECS: dict[str, FlowSpec] = {
                 "permutation": _permutation,
             },
         ),
-        FlowSpec(
+        _conditioned(
             "nsf",
             "coupling",
-            "triangular",
-            "exact (closed form per bin)",
+            "spline",
             "Durkan et al. 2019, arXiv:1906.04032",
             "rational-quadratic spline couplings with linear tails outside [-bound, bound]",
-            num_layers=4,
-            hidden_dims=(64, 64),
+            inverse="exact (closed form per bin)",
             options={
-                "activation": _activation,
-                "permutation": _permutation,
-                "count_bins": Option(8, positive_int, "spline bins"),
-                "bound": Option(3.0, positive_float, "the spline acts on [-bound, bound], identity outside"),
+                **_NETWORK_OPTIONS,
+                "count_bins": TRANSFORMER_OPTIONS["count_bins"],
+                "bound": TRANSFORMER_OPTIONS["bound"],
                 "conditioner": Option(
                     "coupling",
                     choice("coupling", "autoregressive"),
                     "coupling halves, or a MADE (reads the input: the forward is one parallel pass)",
                 ),
             },
-            conditioner="coupling",
-            transformer="spline",
         ),
         FlowSpec(
             "gaussianization",
@@ -440,43 +499,7 @@ SPECS: dict[str, FlowSpec] = {
             "dx/dt = f(x, t) with a time-conditioned MLP, integrated from t = 0 to T",
             num_layers=1,
             hidden_dims=(64, 64),
-            options={
-                "estimator": Option(
-                    "hutchinson",
-                    choice(*_ode.ESTIMATORS),
-                    "log-det: Hutchinson e^T (df/dx) e with one noise draw per sample held for the whole "
-                    "solve (unbiased), the exact trace (dim products per evaluation), or hollow dynamics "
-                    "whose divergence is exact at the cost of one pass",
-                ),
-                "noise": Option("gaussian", choice(*_ode.NOISES), "Hutchinson probe distribution"),
-                "activation": Option("tanh", choice(*_ode.ACTIVATIONS), "smooth non-linearity of the dynamics"),
-                "solver": Option(
-                    "rk4",
-                    choice(*_ode.SOLVERS),
-                    "Runge-Kutta method, the same tableau on both backends: fixed step "
-                    f"({', '.join(_ode.FIXED_STEP)}; num_steps steps) or adaptive (dopri5, bosh3; atol, rtol)",
-                ),
-                "num_steps": Option(8, positive_int, "steps of a fixed-step solver over [0, T]"),
-                "atol": Option(1e-5, positive_float, "absolute tolerance of an adaptive solver"),
-                "rtol": Option(1e-5, positive_float, "relative tolerance of an adaptive solver"),
-                "adjoint": Option(
-                    False,
-                    boolean,
-                    "gradients by the continuous adjoint (torchdiffeq odeint_adjoint, diffrax "
-                    "BacksolveAdjoint): O(1) memory, gradients exact only to solver accuracy",
-                ),
-                "time_length": Option(1.0, positive_float, "integration time T (fixed)"),
-                "kinetic_energy": Option(
-                    0.0,
-                    non_negative_float,
-                    "weight of the kinetic-energy regulariser integral |f|^2 dt (Finlay et al. 2020)",
-                ),
-                "jacobian_norm": Option(
-                    0.0,
-                    non_negative_float,
-                    "weight of the Jacobian Frobenius-norm regulariser integral |df/dx|_F^2 dt (Finlay et al. 2020)",
-                ),
-            },
+            options=_FFJORD_OPTIONS,
         ),
         FlowSpec(
             "residual",
@@ -490,44 +513,7 @@ SPECS: dict[str, FlowSpec] = {
             "LipSwish activations with Lip(g) < 1, each block after a learned elementwise affine map",
             num_layers=8,
             hidden_dims=(64, 64),
-            options={
-                "estimator": Option(
-                    "roulette",
-                    choice(*_lipschitz.ESTIMATORS),
-                    "log-det: Russian-roulette power series with a Hutchinson probe (unbiased), the "
-                    "truncated series (i-ResNet, biased), or the dense log-determinant (small dims)",
-                ),
-                "num_terms": Option(
-                    None,
-                    optional_positive_int,
-                    "series terms always computed: before the roulette starts (default 2), or the "
-                    "whole truncated series (default 10)",
-                ),
-                "roulette_p": Option(
-                    0.5,
-                    open_unit,
-                    "the roulette adds a Geometric(p) number of terms: mean (1 - p) / p, term k "
-                    "reweighted by 1 / P(N >= k)",
-                ),
-                "noise": Option("gaussian", choice(*_lipschitz.NOISES), "Hutchinson probe distribution"),
-                "neumann_gradient": Option(
-                    True,
-                    boolean,
-                    "gradients of the series by the Neumann-series estimator (Chen et al. 2019): memory "
-                    "of one term instead of all; the value is unchanged",
-                ),
-                "lipschitz": Option(0.97, open_unit, "bound on each layer's spectral norm, so Lip(g) < 1"),
-                "power_iterations": Option(
-                    4096,
-                    positive_int,
-                    "power-iteration steps on W^T W for each spectral norm (rounded up to a power of two), run as "
-                    "log2 N squarings of W^T W from scratch at every call",
-                ),
-                "inverse_tol": Option(
-                    1e-10, _tolerance, "fixed-point steps stop below inverse_tol * (1 + |x|); in (0, 1)"
-                ),
-                "max_inverse_iter": Option(1000, positive_int, "cap on the fixed-point steps of the forward"),
-            },
+            options=_RESIDUAL_OPTIONS,
         ),
     ]
 }
@@ -537,16 +523,6 @@ SPECS: dict[str, FlowSpec] = {
 RESERVED: dict[str, str] = {}
 """Names held for families that land in a later release, mapped to what they will be;
 registering or building one raises an error that says so."""
-
-
-#: The options of the element-wise transformers (``pyroflows.<backend>.transforms.transformers``),
-#: checked like the families' options when a transformer is built by hand.
-TRANSFORMER_OPTIONS: dict[str, Option] = {
-    "log_scale_bound": _log_scale_bound,
-    "count_bins": Option(8, positive_int, "spline bins"),
-    "bound": Option(3.0, positive_float, "the spline acts on [-bound, bound], identity outside"),
-    "hidden_units": Option(16, positive_int, "sigmoid units of the deep sigmoidal transformer"),
-}
 
 
 def check_transformer(transformer: Any) -> None:
@@ -578,6 +554,47 @@ def check_transformer(transformer: Any) -> None:
         object.__setattr__(transformer, field.name, value)
 
 
+def conditional_flows() -> list[str]:
+    """The families ``build_flow(..., context_dim=k)`` builds as conditional flows.
+
+    Their context enters the conditioner networks (``FlowSpec.conditioner``).
+
+    Example:
+        >>> conditional_flows()
+        ['glow', 'iaf', 'maf', 'naf', 'nice', 'nsf', 'realnvp']
+    """
+    return sorted(name for name, spec in SPECS.items() if spec.conditioner)
+
+
+def check_context_dim(name: str, value: Any) -> int:
+    """``value`` as the context size of a conditional ``name`` flow.
+
+    Args:
+        name: the family.
+        value: the ``context_dim`` passed to ``build_flow``.
+
+    Returns:
+        ``int(value)``.
+
+    Raises:
+        ValueError: ``value`` is not a positive int, or ``name`` has no conditional version.
+
+    Example:
+        >>> check_context_dim("nsf", 3)
+        3
+        >>> check_context_dim("planar", 3)
+        Traceback (most recent call last):
+        ValueError: flow 'planar' has no conditional version yet (context_dim); conditional flows: glow, ...
+    """
+    value = positive_int("context_dim", value)
+    if name not in conditional_flows():
+        raise ValueError(
+            f"flow {name!r} has no conditional version yet (context_dim); conditional flows: "
+            + ", ".join(conditional_flows())
+        )
+    return value
+
+
 def describe(name: str) -> str:
     """One paragraph on a registered family: what it computes, its Jacobian, inverse, options.
 
@@ -602,6 +619,7 @@ def describe(name: str) -> str:
         f"{s.name} ({s.family}): {s.summary}. Jacobian: {s.jacobian}. Inverse: {s.inverse}. "
         f"Reference: {s.reference}. Defaults: num_layers={s.num_layers}, hidden_dims={s.hidden_dims}. "
         f"Options: {opts}."
+        + (" Conditional (context_dim=k): the context enters the conditioner networks." if s.conditioner else "")
     )
 
 
@@ -748,6 +766,7 @@ class FlowRegistry:
             ValueError: unknown flow 'nsf'; available flows: mine
         """
         options = dict(options or {})
+        context_dim = options.pop("context_dim", None)
         if name not in self._builders:
             if name in RESERVED:
                 raise NotImplementedError(
@@ -760,6 +779,8 @@ class FlowRegistry:
             config = dict(options, num_layers=num_layers, hidden_dims=hidden_dims)
         else:
             config = spec.resolve(dim, num_layers, hidden_dims, options)
+        if context_dim is not None:
+            config["context_dim"] = check_context_dim(name, context_dim)
         return self._builders[name], dict(config, dim=dim)
 
     def build(

@@ -314,10 +314,10 @@ def no_transform_error(name: str) -> NotImplementedError:
     """The error of a stochastic guide's ``get_transform`` (what ``NeuTraReparam`` calls).
 
     Args:
-        name: the guide's class name.
+        name: the guide's class name, which starts the message.
 
     Returns:
-        The error, for the caller to raise.
+        The ``NotImplementedError`` that the guide's ``get_transform`` raises.
 
     Example:
         >>> raise no_transform_error("AutoSNF")
@@ -358,10 +358,10 @@ def unscored_path_error(name: str) -> ValueError:
     """The error when a value that was not drawn along the guide's own path is scored.
 
     Args:
-        name: the guide's class name.
+        name: the guide's class name, which starts the message.
 
     Returns:
-        The error, for the caller to raise.
+        The ``ValueError`` that scoring such a value raises.
 
     Example:
         >>> str(unscored_path_error("AutoSNF")).startswith("AutoSNF: a stochastic flow knows")

@@ -24,6 +24,10 @@ __all__ = [
     "MIN_DERIVATIVE",
     "DERIVATIVE_SHIFT",
     "MIN_SLOPE",
+    "SYLVESTER_VARIANTS",
+    "sylvester_num_vectors",
+    "GDN_VARIANTS",
+    "gdn_initial_parameters",
 ]
 
 #: Smallest bin width of a rational-quadratic spline (a fraction of the interval).
@@ -37,6 +41,10 @@ MIN_DERIVATIVE = 1e-3
 DERIVATIVE_SHIFT = math.log(math.expm1(1.0 - MIN_DERIVATIVE))
 #: Smallest slope of a unit of the deep sigmoidal transformer: keeps it > 0 where softplus underflows.
 MIN_SLOPE = 1e-3
+#: The choices of ``Q`` of a Sylvester layer.
+SYLVESTER_VARIANTS = ("orthogonal", "householder", "triangular")
+#: The GDN variants: ``gamma`` diagonal or a full matrix.
+GDN_VARIANTS = ("diagonal", "dense")
 
 
 def made_degrees(dim: int, hidden_dims: Sequence[int]) -> list[np.ndarray]:
@@ -62,17 +70,19 @@ def made_degrees(dim: int, hidden_dims: Sequence[int]) -> list[np.ndarray]:
     return [np.arange(1, dim + 1)] + [np.arange(h) % top + 1 for h in hidden_dims]
 
 
-def made_masks(dim: int, hidden_dims: Sequence[int], num_params: int) -> list[np.ndarray]:
+def made_masks(dim: int, hidden_dims: Sequence[int], num_params: int, context_dim: int = 0) -> list[np.ndarray]:
     """The boolean weight masks of a MADE with ``num_params`` outputs per coordinate.
 
     A hidden unit of degree k sees the units of degree ``<= k`` below it; output i (each
     of its ``num_params`` entries, in coordinate-major order) sees hidden units of degree
-    ``< i``. So the outputs of coordinate i depend on inputs ``< i`` only.
+    ``< i``. So the outputs of coordinate i depend on inputs ``< i`` only. Context inputs
+    (appended after the ``dim`` coordinates) have degree 0, so every unit sees them.
 
     Args:
         dim: the number of inputs (and of output coordinates).
         hidden_dims: the hidden layer widths.
         num_params: outputs per coordinate.
+        context_dim: the number of context inputs of a conditional MADE.
 
     Returns:
         One ``(out, in)`` boolean mask per linear layer.
@@ -82,8 +92,11 @@ def made_masks(dim: int, hidden_dims: Sequence[int], num_params: int) -> list[np
         [(4, 3), (6, 4)]
         >>> bool(made_masks(3, [4], 2)[-1][:2].any())  # coordinate 1 sees nothing
         False
+        >>> bool(made_masks(3, [4], 2, context_dim=1)[0][:, 3].all())  # all see the context
+        True
     """
     degrees = made_degrees(dim, hidden_dims)
+    degrees[0] = np.concatenate([degrees[0], np.zeros(context_dim, dtype=degrees[0].dtype)])
     masks = [d_out[:, None] >= d_in[None, :] for d_in, d_out in zip(degrees[:-1], degrees[1:])]
     out_degrees = np.repeat(np.arange(1, dim + 1), num_params)
     masks.append(out_degrees[:, None] > degrees[-1][None, :])
@@ -176,3 +189,84 @@ def spline_num_params(count_bins: int) -> int:
         23
     """
     return 3 * int(count_bins) - 1
+
+
+def sylvester_num_vectors(dim: int, variant: str, num_vectors: int | None) -> int:
+    """The number ``M`` of columns of a Sylvester layer's ``Q``, after checking the variant.
+
+    Args:
+        dim: size of the vectors.
+        variant: one of ``SYLVESTER_VARIANTS``.
+        num_vectors: ``M`` for the orthogonal variant (None: ``dim``); must be None otherwise.
+
+    Returns:
+        ``M``, in ``[1, dim]``.
+
+    Raises:
+        ValueError: an unknown variant, or a ``num_vectors`` out of ``[1, dim]`` or given
+            to another variant.
+
+    Example:
+        >>> sylvester_num_vectors(3, "orthogonal", 2), sylvester_num_vectors(3, "triangular", None)
+        (2, 3)
+    """
+    if variant not in SYLVESTER_VARIANTS:
+        raise ValueError(f"variant={variant!r} is not one of {list(SYLVESTER_VARIANTS)}")
+    if variant != "orthogonal":
+        if num_vectors is not None:
+            raise ValueError(
+                f"num_vectors applies only to the 'orthogonal' variant; the {variant!r} variant uses M = dim"
+            )
+        return dim
+    m = dim if num_vectors is None else int(num_vectors)
+    if not 1 <= m <= dim:
+        raise ValueError(f"num_vectors={num_vectors!r} must lie in [1, dim={dim}] for the orthogonal variant")
+    return m
+
+
+def gdn_initial_parameters(
+    dim: int, variant: str, max_exponent: float, beta_min: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The unconstrained starting parameters of a GDN layer, after checking its options.
+
+    A fresh layer is near the identity: ``beta = 1``, a weak ``gamma`` (0.1 on the
+    diagonal, 0.01 off it in the dense variant) and ``eps`` a quarter of its bound.
+
+    Args:
+        dim: size of the vectors.
+        variant: one of ``GDN_VARIANTS``.
+        max_exponent: upper bound on ``eps``, in ``(0, 1/2)``.
+        beta_min: lower bound on ``beta``.
+
+    Returns:
+        ``(beta, gamma, exponent)`` before their softplus / sigmoid maps (float64):
+        shapes ``(dim,)``, ``(dim,)`` or ``(dim, dim)``, and ``(dim,)``.
+
+    Raises:
+        ValueError: an unknown variant, or ``max_exponent`` outside ``(0, 1/2)`` (where
+            the map would not be a bijection).
+
+    References:
+        Balle, Laparra & Simoncelli 2016, "Density modeling of images using a
+        generalized normalization transformation", arXiv:1511.06281.
+
+    Example:
+        >>> beta, gamma, exponent = gdn_initial_parameters(2, "dense", 0.4, 1e-3)
+        >>> beta.shape, gamma.shape, exponent.shape
+        ((2,), (2, 2), (2,))
+    """
+    if variant not in GDN_VARIANTS:
+        raise ValueError(f"GDN variant {variant!r} is not one of {list(GDN_VARIANTS)}")
+    if not 0.0 < max_exponent < 0.5:
+        raise ValueError(f"GDN max_exponent={max_exponent!r} must lie in (0, 0.5) for the map to be a bijection")
+
+    def softplus_inverse(value):
+        return math.log(math.expm1(value))
+
+    beta = np.full(dim, softplus_inverse(1.0 - beta_min))
+    if variant == "diagonal":
+        gamma = np.full(dim, softplus_inverse(0.1))
+    else:
+        gamma = np.full((dim, dim), softplus_inverse(0.01))
+        np.fill_diagonal(gamma, softplus_inverse(0.1))
+    return beta, gamma, np.full(dim, math.log(1.0 / 3.0))  # sigmoid(log 1/3) = 1/4

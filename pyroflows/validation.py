@@ -58,12 +58,25 @@ def _real(value: Any) -> float | None:
     return out if math.isfinite(out) else None
 
 
+def _require(ok: bool, name: str, value: Any, caller: str | None, what: str) -> None:
+    """Raise ``ValueError('<label>=<value!r> <what>')`` unless ``ok``."""
+    if not ok:
+        raise ValueError(f"{_label(name, caller)}={value!r} {what}")
+
+
+def _real_where(test: Callable[[float], bool], name: str, value: Any, caller: str | None, what: str) -> float:
+    """``value`` as a finite float for which ``test`` holds; otherwise ``_require``'s error."""
+    out = _real(value)
+    _require(out is not None and test(out), name, value, caller, what)
+    return out
+
+
 def positive_int(name: str, value: Any, *, caller: str | None = None) -> int:
     """``value`` as an ``int`` >= 1.
 
     Args:
         name: the argument's name, for the message.
-        value: what was passed.
+        value: an integer (a Python or numpy int; not a bool) of at least 1.
         caller: the function or flow that received it (message prefix).
 
     Returns:
@@ -80,8 +93,7 @@ def positive_int(name: str, value: Any, *, caller: str | None = None) -> int:
         Traceback (most recent call last):
         ValueError: fit_mle: num_steps=2.0 must be a positive integer
     """
-    if not _integer(value) or value < 1:
-        raise ValueError(f"{_label(name, caller)}={value!r} must be a positive integer")
+    _require(_integer(value) and value >= 1, name, value, caller, "must be a positive integer")
     return int(value)
 
 
@@ -90,7 +102,7 @@ def optional_positive_int(name: str, value: Any, *, caller: str | None = None) -
 
     Args:
         name: the argument's name, for the message.
-        value: what was passed.
+        value: ``None``, or an integer of at least 1.
         caller: the function or flow that received it (message prefix).
 
     Returns:
@@ -113,7 +125,7 @@ def non_negative_int(name: str, value: Any, *, caller: str | None = None) -> int
 
     Args:
         name: the argument's name, for the message.
-        value: what was passed.
+        value: an integer (not a bool) of at least 0.
         caller: the function or flow that received it (message prefix).
 
     Returns:
@@ -129,8 +141,7 @@ def non_negative_int(name: str, value: Any, *, caller: str | None = None) -> int
         Traceback (most recent call last):
         ValueError: option anneal_steps=-1 must be an integer >= 0
     """
-    if not _integer(value) or value < 0:
-        raise ValueError(f"{_label(name, caller)}={value!r} must be an integer >= 0")
+    _require(_integer(value) and value >= 0, name, value, caller, "must be an integer >= 0")
     return int(value)
 
 
@@ -159,13 +170,12 @@ def int_list(name: str, value: Any, *, caller: str | None = None) -> tuple[int, 
     """
     if _integer(value):
         value = [value]
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise ValueError(f"{_label(name, caller)}={value!r} must be a list of positive integers")
+    what = "must be a list of positive integers"
+    _require(not isinstance(value, (str, bytes)) and isinstance(value, Iterable), name, value, caller, what)
     items = list(value)
     if not items:
         raise ValueError(f"{_label(name, caller)} must not be empty: give a list of positive integers")
-    if not all(_integer(v) and v >= 1 for v in items):
-        raise ValueError(f"{_label(name, caller)}={value!r} must be a list of positive integers")
+    _require(all(_integer(v) and v >= 1 for v in items), name, value, caller, what)
     return tuple(int(v) for v in items)
 
 
@@ -174,7 +184,7 @@ def positive_float(name: str, value: Any, *, caller: str | None = None) -> float
 
     Args:
         name: the argument's name, for the message.
-        value: what was passed (an int, float or other real number; not a bool).
+        value: a real number (an int, float or numpy scalar; not a bool) above 0.
         caller: the function or flow that received it (message prefix).
 
     Returns:
@@ -190,10 +200,7 @@ def positive_float(name: str, value: Any, *, caller: str | None = None) -> float
         Traceback (most recent call last):
         ValueError: option lr=0.0 must be a positive number (finite and above 0)
     """
-    out = _real(value)
-    if out is None or not out > 0:
-        raise ValueError(f"{_label(name, caller)}={value!r} must be a positive number (finite and above 0)")
-    return out
+    return _real_where(lambda v: v > 0, name, value, caller, "must be a positive number (finite and above 0)")
 
 
 def bounded_positive_float(maximum: float, why: str = "") -> Callable[..., float]:
@@ -215,15 +222,10 @@ def bounded_positive_float(maximum: float, why: str = "") -> Callable[..., float
         Traceback (most recent call last):
         ValueError: option log_scale_bound=100.0 must be a positive number no larger than 50: scales would overflow
     """
-    suffix = f": {why}" if why else ""
+    what = f"must be a positive number no larger than {maximum:g}" + (f": {why}" if why else "")
 
     def check(name: str, value: Any, *, caller: str | None = None) -> float:
-        out = _real(value)
-        if out is None or not 0 < out <= maximum:
-            raise ValueError(
-                f"{_label(name, caller)}={value!r} must be a positive number no larger than {maximum:g}{suffix}"
-            )
-        return out
+        return _real_where(lambda v: 0 < v <= maximum, name, value, caller, what)
 
     check.__name__ = f"positive_float_at_most_{maximum:g}"
     return check
@@ -234,7 +236,7 @@ def non_negative_float(name: str, value: Any, *, caller: str | None = None) -> f
 
     Args:
         name: the argument's name, for the message.
-        value: what was passed.
+        value: a finite real number of at least 0.
         caller: the function or flow that received it (message prefix).
 
     Returns:
@@ -247,10 +249,7 @@ def non_negative_float(name: str, value: Any, *, caller: str | None = None) -> f
         >>> non_negative_float("kinetic_energy", 0)
         0.0
     """
-    out = _real(value)
-    if out is None or not out >= 0:
-        raise ValueError(f"{_label(name, caller)}={value!r} must be a finite number >= 0")
-    return out
+    return _real_where(lambda v: v >= 0, name, value, caller, "must be a finite number >= 0")
 
 
 def open_unit(name: str, value: Any, *, caller: str | None = None) -> float:
@@ -258,7 +257,7 @@ def open_unit(name: str, value: Any, *, caller: str | None = None) -> float:
 
     Args:
         name: the argument's name, for the message.
-        value: what was passed.
+        value: a real number strictly between 0 and 1.
         caller: the function or flow that received it (message prefix).
 
     Returns:
@@ -274,10 +273,7 @@ def open_unit(name: str, value: Any, *, caller: str | None = None) -> float:
         Traceback (most recent call last):
         ValueError: option decay=1 must lie strictly between 0 and 1
     """
-    out = _real(value)
-    if out is None or not 0 < out < 1:
-        raise ValueError(f"{_label(name, caller)}={value!r} must lie strictly between 0 and 1")
-    return out
+    return _real_where(lambda v: 0 < v < 1, name, value, caller, "must lie strictly between 0 and 1")
 
 
 def unit_fraction(name: str, value: Any, *, caller: str | None = None) -> float:
@@ -285,7 +281,7 @@ def unit_fraction(name: str, value: Any, *, caller: str | None = None) -> float:
 
     Args:
         name: the argument's name, for the message.
-        value: what was passed.
+        value: a real number in ``[0, 1)``.
         caller: the function or flow that received it (message prefix).
 
     Returns:
@@ -298,10 +294,7 @@ def unit_fraction(name: str, value: Any, *, caller: str | None = None) -> float:
         >>> unit_fraction("validation_fraction", 0)
         0.0
     """
-    out = _real(value)
-    if out is None or not 0 <= out < 1:
-        raise ValueError(f"{_label(name, caller)}={value!r} must lie in [0, 1)")
-    return out
+    return _real_where(lambda v: 0 <= v < 1, name, value, caller, "must lie in [0, 1)")
 
 
 def boolean(name: str, value: Any, *, caller: str | None = None) -> bool:
@@ -309,7 +302,7 @@ def boolean(name: str, value: Any, *, caller: str | None = None) -> bool:
 
     Args:
         name: the argument's name, for the message.
-        value: what was passed.
+        value: ``True`` or ``False``.
         caller: the function or flow that received it (message prefix).
 
     Returns:
@@ -325,8 +318,7 @@ def boolean(name: str, value: Any, *, caller: str | None = None) -> bool:
         Traceback (most recent call last):
         ValueError: option adjoint=1 must be True or False
     """
-    if not isinstance(value, bool):
-        raise ValueError(f"{_label(name, caller)}={value!r} must be True or False")
+    _require(isinstance(value, bool), name, value, caller, "must be True or False")
     return value
 
 
@@ -351,8 +343,7 @@ def choice(*values: str) -> Callable[..., str]:
 
     def check(name: str, value: Any, *, caller: str | None = None) -> str:
         # isinstance first: `in` on an array would compare elementwise.
-        if not isinstance(value, str) or value not in values:
-            raise ValueError(f"{_label(name, caller)}={value!r} is not one of {list(values)}")
+        _require(isinstance(value, str) and value in values, name, value, caller, f"is not one of {list(values)}")
         return value
 
     return check

@@ -40,6 +40,21 @@ def _rewrite(path, edit):
     np.savez(path, **{checkpoint._META: np.array(json.dumps(meta))}, **arrays)
 
 
+def _rewritten(backend, tmp_path, edit):
+    """``(pf, path)``: a small flow of ``backend`` saved at ``tmp_path / "f.npz"``, rewritten by ``edit``."""
+    path = tmp_path / "f.npz"
+    pf = _saved_flow(backend, path)
+    _rewrite(path, edit)
+    return pf, path
+
+
+def _refused(pf, path, pattern, error=ValueError):
+    """Assert that ``pf.load_flow(path)`` raises ``error`` with a message matching ``pattern``."""
+    with pytest.raises(error, match=pattern) as info:
+        pf.load_flow(path)
+    return info
+
+
 def _first_weight(arrays):
     return next(k for k, a in arrays.items() if np.issubdtype(a.dtype, np.floating) and a.ndim == 2)
 
@@ -52,53 +67,46 @@ def test_a_valid_file_still_loads(backend, tmp_path):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_missing_file_is_named(backend, tmp_path):
-    pf = _backend(backend)
-    with pytest.raises(FileNotFoundError, match=r"nope\.npz: no such flow file; pass the path that save_flow wrote"):
-        pf.load_flow(tmp_path / "nope.npz")
+    pattern = r"nope\.npz: no such flow file; pass the path that save_flow wrote"
+    _refused(_backend(backend), tmp_path / "nope.npz", pattern, FileNotFoundError)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_an_npy_file_is_not_a_flow_file(backend, tmp_path):
-    pf = _backend(backend)
-    path = tmp_path / "weights.npy"
-    np.save(path, np.zeros(3))
-    with pytest.raises(
-        ValueError,
-        match=(
-            r"weights\.npy is not a pyroflows flow file \(\.npz written by save_flow\): "
-            r"it holds a single numpy array \(\.npy.*load it with numpy\.load, or write the flow with save_flow"
-        ),
-    ):
-        pf.load_flow(path)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_a_text_file_is_not_a_flow_file_and_is_never_unpickled(backend, tmp_path):
-    pf = _backend(backend)
-    path = tmp_path / "notes.txt"
-    path.write_text("dim: 3\nname: realnvp\n")
-    with pytest.raises(
-        ValueError,
-        match=(r"notes\.txt is not a pyroflows flow file \(\.npz written by save_flow\): it is not a zip archive"),
-    ) as info:
-        pf.load_flow(path)
-    assert "allow_pickle" not in str(info.value)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_a_truncated_file_is_reported_as_damaged(backend, tmp_path):
-    path = tmp_path / "f.npz"
-    pf = _saved_flow(backend, path)
+def _truncated(backend, path):
+    _saved_flow(backend, path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(
-        ValueError,
-        match=(
-            r"f\.npz is damaged or truncated \(reading it failed with BadZipFile.*\); "
-            r"save the flow again with save_flow, or copy the file again in full"
-        ),
-    ):
-        pf.load_flow(path)
+
+
+# (file name, writer(backend, path), what load_flow's error must say)
+_NOT_FLOW_FILES = {
+    "npy": (
+        "weights.npy",
+        lambda backend, path: np.save(path, np.zeros(3)),
+        r"weights\.npy is not a pyroflows flow file \(\.npz written by save_flow\): "
+        r"it holds a single numpy array \(\.npy.*load it with numpy\.load, or write the flow with save_flow",
+    ),
+    "text": (
+        "notes.txt",
+        lambda backend, path: path.write_text("dim: 3\nname: realnvp\n"),
+        r"notes\.txt is not a pyroflows flow file \(\.npz written by save_flow\): it is not a zip archive",
+    ),
+    "truncated": (
+        "f.npz",
+        _truncated,
+        r"f\.npz is damaged or truncated \(reading it failed with BadZipFile.*\); "
+        r"save the flow again with save_flow, or copy the file again in full",
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(_NOT_FLOW_FILES))
+def test_a_file_that_is_not_a_flow_file_is_named_and_never_unpickled(backend, case, tmp_path):
+    name, write, pattern = _NOT_FLOW_FILES[case]
+    path = tmp_path / name
+    write(backend, path)
+    info = _refused(_backend(backend), path, pattern)
+    assert "allow_pickle" not in str(info.value)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -115,14 +123,12 @@ def test_a_changed_byte_inside_a_weight_is_caught_by_the_checksum(backend, tmp_p
     header = 30 + len(info.filename.encode()) + len(info.extra)  # the member's local header
     data[info.header_offset + header + info.file_size - 1] ^= 0x01  # the last byte of its data
     path.write_bytes(bytes(data))
-    with pytest.raises(
-        ValueError,
-        match=(
-            rf"f\.npz is damaged or truncated \(reading it failed with BadZipFile: Bad CRC-32 for file "
-            rf"'{re.escape(name)}\.npy'\); save the flow again with save_flow, or copy the file again in full"
-        ),
-    ):
-        pf.load_flow(path)
+    _refused(
+        pf,
+        path,
+        rf"f\.npz is damaged or truncated \(reading it failed with BadZipFile: Bad CRC-32 for file "
+        rf"'{re.escape(name)}\.npy'\); save the flow again with save_flow, or copy the file again in full",
+    )
 
 
 def test_a_damaged_file_is_closed_after_the_error(tmp_path):
@@ -141,30 +147,24 @@ def test_a_damaged_file_is_closed_after_the_error(tmp_path):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_an_array_of_the_wrong_shape_is_named(backend, tmp_path):
-    path = tmp_path / "f.npz"
-    pf = _saved_flow(backend, path)
     names = []
 
     def edit(meta, arrays):
         names.append(_first_weight(arrays))
         arrays[names[0]] = arrays[names[0]][:, :-1]
 
-    _rewrite(path, edit)
-    with pytest.raises(
-        ValueError,
-        match=(
-            rf"f\.npz: array '{re.escape(names[0])}' has shape \(\d+, \d+\), the flow expects \(\d+, \d+\); "
-            r"the file does not match the flow its own config builds .*save the flow again with save_flow"
-        ),
-    ):
-        pf.load_flow(path)
+    pf, path = _rewritten(backend, tmp_path, edit)
+    _refused(
+        pf,
+        path,
+        rf"f\.npz: array '{re.escape(names[0])}' has shape \(\d+, \d+\), the flow expects \(\d+, \d+\); "
+        r"the file does not match the flow its own config builds .*save the flow again with save_flow",
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_non_finite_weights_are_refused_naming_the_array(backend, bad, tmp_path):
-    path = tmp_path / "f.npz"
-    pf = _saved_flow(backend, path)
     names = []
 
     def edit(meta, arrays):
@@ -172,51 +172,33 @@ def test_non_finite_weights_are_refused_naming_the_array(backend, bad, tmp_path)
         arrays[names[0]] = arrays[names[0]].copy()
         arrays[names[0]][0, 0] = bad
 
-    _rewrite(path, edit)
+    pf, path = _rewritten(backend, tmp_path, edit)
     counts = "1 NaN, 0 inf" if np.isnan(bad) else "0 NaN, 1 inf"
-    with pytest.raises(
-        ValueError,
-        match=(
-            rf"f\.npz: non-finite weights in array\(s\) '{re.escape(names[0])}' \({counts} of \d+\); "
-            r"the flow was saved after its training diverged"
-        ),
-    ):
-        pf.load_flow(path)
+    _refused(
+        pf,
+        path,
+        rf"f\.npz: non-finite weights in array\(s\) '{re.escape(names[0])}' \({counts} of \d+\); "
+        r"the flow was saved after its training diverged",
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("key", ["config", "format"])
 def test_a_missing_metadata_key_is_named(backend, key, tmp_path):
-    path = tmp_path / "f.npz"
-    pf = _saved_flow(backend, path)
-    _rewrite(path, lambda meta, arrays: meta.pop(key))
-    with pytest.raises(
-        ValueError,
-        match=(
-            rf"f\.npz: its __pyroflows__ metadata lacks the key\(s\) \['{key}'\].*save the flow again with save_flow"
-        ),
-    ):
-        pf.load_flow(path)
+    pf, path = _rewritten(backend, tmp_path, lambda meta, arrays: meta.pop(key))
+    _refused(pf, path, rf"f\.npz: its __pyroflows__ metadata lacks the key\(s\) \['{key}'\].*save the flow again")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_config_without_the_flow_name_is_named(backend, tmp_path):
-    path = tmp_path / "f.npz"
-    pf = _saved_flow(backend, path)
-    _rewrite(path, lambda meta, arrays: meta["config"].pop("name"))
-    with pytest.raises(ValueError, match=r"f\.npz: its config lacks the key\(s\) \['name'\] that build_flow needs"):
-        pf.load_flow(path)
+    pf, path = _rewritten(backend, tmp_path, lambda meta, arrays: meta["config"].pop("name"))
+    _refused(pf, path, r"f\.npz: its config lacks the key\(s\) \['name'\] that build_flow needs")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_config_this_backend_cannot_build_says_to_register_it(backend, tmp_path):
-    path = tmp_path / "f.npz"
-    pf = _saved_flow(backend, path)
-    _rewrite(path, lambda meta, arrays: meta["config"].update(name="my_own_flow"))
-    with pytest.raises(
-        ValueError, match=(rf"f\.npz: its config .* does not build a flow on the {backend} backend .*register_flow")
-    ):
-        pf.load_flow(path)
+    pf, path = _rewritten(backend, tmp_path, lambda meta, arrays: meta["config"].update(name="my_own_flow"))
+    _refused(pf, path, rf"f\.npz: its config .* does not build a flow on the {backend} backend .*register_flow")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -224,14 +206,10 @@ def test_an_npz_of_plain_arrays_and_an_object_array_are_refused(backend, tmp_pat
     pf = _backend(backend)
     plain = tmp_path / "plain.npz"
     np.savez(plain, a=np.zeros(3))
-    with pytest.raises(ValueError, match=r"plain\.npz is not a pyroflows flow file .*without the __pyroflows__ entry"):
-        pf.load_flow(plain)
+    _refused(pf, plain, r"plain\.npz is not a pyroflows flow file .*without the __pyroflows__ entry")
     # an object array can only be read by unpickling it, which load_flow never does
-    path = tmp_path / "f.npz"
-    _saved_flow(backend, path)
-    _rewrite(path, lambda meta, arrays: arrays.update(evil=np.array([{"a": 1}], dtype=object)))
-    with pytest.raises(ValueError, match=r"f\.npz: array 'evil' holds Python objects, which pyroflows never unpickles"):
-        pf.load_flow(path)
+    _, path = _rewritten(backend, tmp_path, lambda meta, arrays: arrays.update(evil=np.array([{"a": 1}], dtype=object)))
+    _refused(pf, path, r"f\.npz: array 'evil' holds Python objects, which pyroflows never unpickles")
 
 
 # A flow from fit_mle(standardize=True) ends in a fixed Standardize layer and records

@@ -43,8 +43,13 @@ def test_the_backends_export_the_same_names():
 
 
 def test_the_backends_register_the_same_flows():
+    from pyroflows.registry import SPECS
+
     pt, pj = _packages()
-    assert pt.available_flows() == pj.available_flows()
+    # Every family of SPECS on both; a name a doctest registered (register_flow's example)
+    # may be on one backend only, in a worker that ran that doctest.
+    assert set(SPECS) <= set(pt.available_flows()) and set(SPECS) <= set(pj.available_flows())
+    assert [n for n in pt.available_flows() if n in SPECS] == [n for n in pj.available_flows() if n in SPECS]
 
 
 def _normalised(config):

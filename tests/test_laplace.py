@@ -4,6 +4,7 @@ against closed forms (numpy only, so both backends share these answers)."""
 import numpy as np
 import pytest
 
+from benchmarks.potentials import funnel, gamma
 from pyroflows import laplace
 from pyroflows.laplace import check_init_scale, choose_start, find_mode, laplace_scale_tril
 
@@ -32,11 +33,7 @@ def test_newton_search_reaches_the_minimum_of_a_non_convex_function():
 def test_the_search_backs_off_where_the_density_is_zero():
     # U = x - log x (a Gamma(2, 1) log-density, negated): undefined for x <= 0, minimum at x = 1.
     # From x = 4 a full Newton step lands at x < 0; the line search must halve it.
-    def fg(x):
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return float(x[0] - np.log(x[0])), np.array([1 - 1 / x[0]])
-
-    mode, h = find_mode(fg, lambda x: np.array([[1 / x[0] ** 2]]), np.array([4.0]))
+    mode, h = find_mode(*gamma(raises=False), np.array([4.0]))
     np.testing.assert_allclose(mode, [1.0], atol=1e-7)
     np.testing.assert_allclose(h, [[1.0]], rtol=1e-6)
 
@@ -73,21 +70,7 @@ def funnel_potential(dim=10):
         with np.errstate(over="ignore", invalid="ignore"):
             return v**2 / 18 + 0.5 * np.sum(x**2, axis=1) * np.exp(-v) + 0.5 * (dim - 1) * v
 
-    def fg(z):
-        v, x = z[0], z[1:]
-        with np.errstate(over="ignore", invalid="ignore"):
-            e = np.exp(-v)
-            g = np.concatenate([[v / 9 - 0.5 * np.sum(x**2) * e + 0.5 * (dim - 1)], x * e])
-        return float(u(z)[0]), g
-
-    def hess(z):
-        v, x = z[0], z[1:]
-        with np.errstate(over="ignore", invalid="ignore"):
-            e = np.exp(-v)
-            h = np.diag(np.concatenate([[1 / 9 + 0.5 * np.sum(x**2) * e], np.full(dim - 1, e)]))
-            h[0, 1:] = h[1:, 0] = -x * e
-        return h
-
+    fg, hess = funnel(dim)
     return fg, hess, u
 
 
@@ -182,13 +165,7 @@ def test_init_scale_errors_name_the_valid_values(value, match):
 def test_a_far_start_whose_newton_steps_leave_the_support_still_finds_the_mode(raises):
     # U = x - log x from x = 10: the full Newton step lands at -80, where U is NaN or the model
     # raises. scipy's trust-region Newton methods stop there (benchmarks/libraries.py); this backs off.
-    def fg(x):
-        if raises and x[0] <= 0:
-            raise ValueError("Expected parameter rate to satisfy the constraint GreaterThan(0)")
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return float(x[0] - np.log(x[0])), np.array([1 - 1 / x[0]])
-
-    mode, h = find_mode(fg, lambda x: np.array([[1 / x[0] ** 2]]), np.array([10.0]))
+    mode, h = find_mode(*gamma(raises), np.array([10.0]))
     np.testing.assert_allclose(mode, [1.0], atol=1e-9)
     np.testing.assert_allclose(h, [[1.0]], rtol=1e-8)
 

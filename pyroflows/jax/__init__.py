@@ -12,32 +12,13 @@ Example:
     (3, 2)
 """
 
-from . import (
-    snf,  # noqa: E402  (stochastic normalizing flows)
-    transforms,  # noqa: E402  (registers the built-in families)
-)
-from .autoguide import (
-    AutoFlow,  # noqa: E402
-    AutoSNF,  # noqa: E402
-)
-from .flows import REGISTRY, available_flows, build_flow, register_flow
-from .io import load_flow, save_flow
-from .posterior import fit_posterior  # noqa: E402
-from .train import evaluate, fit_mle, fit_reverse_kl  # noqa: E402
+# The package's names are those of pyroflows.exports.PACKAGE, the same on both backends.
+from ..exports import PACKAGE
+from . import snf, transforms  # noqa: F401  (importing transforms registers the built-in families)
+from .autoguide import AutoFlow, AutoSNF  # noqa: F401
+from .flows import REGISTRY, available_flows, build_flow, register_flow  # noqa: F401
+from .io import load_flow, save_flow  # noqa: F401
+from .posterior import fit_posterior  # noqa: F401
+from .train import evaluate, fit_mle, fit_reverse_kl  # noqa: F401
 
-__all__ = [
-    "available_flows",
-    "build_flow",
-    "register_flow",
-    "save_flow",
-    "load_flow",
-    "transforms",
-    "REGISTRY",
-    "AutoFlow",
-    "fit_mle",
-    "fit_reverse_kl",
-    "evaluate",
-    "snf",
-    "AutoSNF",
-    "fit_posterior",
-]
+__all__ = list(PACKAGE)

@@ -158,7 +158,7 @@ class AutoFlow(AutoContinuous):
         gradient estimators for variational inference", arXiv:1703.09194.
 
     Example:
-        >>> import numpyro, numpyro.distributions as dist
+        >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist
         >>> from numpyro import handlers
         >>> def model():
         ...     numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
@@ -167,6 +167,14 @@ class AutoFlow(AutoContinuous):
         >>> params = {name: site["value"] for name, site in trace.items() if site["type"] == "param"}
         >>> sorted(params), trace["z"]["value"].shape
         (['auto_affine$params', 'auto_flow$params'], (2,))
+        >>> [type(module).__name__ for module in guide.get_flow(params)], guide.get_whitening(params)
+        (['Flow', 'ElementwiseAffine'], None)
+        >>> guide.has_exact_quantiles  # Householder reflections mix the coordinates
+        False
+        >>> guide.median(params, num_samples=20)["z"].shape, guide.quantiles(params, [0.1, 0.9])["z"].shape
+        ((2,), (2, 2))
+        >>> round(float(guide.log_joint(jnp.zeros(2))), 4), guide.get_base_dist().event_shape
+        (-1.8379, (2,))
     """
 
     def __init__(
@@ -260,17 +268,6 @@ class AutoFlow(AutoContinuous):
 
         Returns:
             The scalar log joint density.
-
-        Example:
-            >>> import numpyro, numpyro.distributions as dist
-            >>> from numpyro import handlers
-            >>> def model():
-            ...     numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
-            >>> guide = AutoFlow(model, flow="householder", init_scale=0.5)
-            >>> trace = handlers.trace(handlers.seed(guide, 0)).get_trace()
-            >>> params = {name: site["value"] for name, site in trace.items() if site["type"] == "param"}
-            >>> round(float(guide.log_joint(jnp.zeros(2))), 4)
-            -1.8379
         """
         with handlers.block():
             return -self._potential_fn_gen(*args, **kwargs)(self._unpack_latent(z))
@@ -298,19 +295,7 @@ class AutoFlow(AutoContinuous):
         return cls(self.get_base_dist(), [layer.to_transform() for layer in layers])
 
     def get_base_dist(self) -> dist.Distribution:
-        """The base distribution ``N(0, I_D)`` of the flow posterior.
-
-        Example:
-            >>> import numpyro, numpyro.distributions as dist
-            >>> from numpyro import handlers
-            >>> def model():
-            ...     numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
-            >>> guide = AutoFlow(model, flow="householder", init_scale=0.5)
-            >>> trace = handlers.trace(handlers.seed(guide, 0)).get_trace()
-            >>> params = {name: site["value"] for name, site in trace.items() if site["type"] == "param"}
-            >>> guide.get_base_dist().event_shape
-            (2,)
-        """
+        """The base distribution ``N(0, I_D)`` of the flow posterior."""
         dtype = jnp.result_type(self._init_latent)
         return dist.Normal(jnp.zeros(self.latent_dim, dtype), 1.0).to_event(1)
 
@@ -322,17 +307,6 @@ class AutoFlow(AutoContinuous):
 
         Returns:
             ``(flow, affine)``.
-
-        Example:
-            >>> import numpyro, numpyro.distributions as dist
-            >>> from numpyro import handlers
-            >>> def model():
-            ...     numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
-            >>> guide = AutoFlow(model, flow="householder", init_scale=0.5)
-            >>> trace = handlers.trace(handlers.seed(guide, 0)).get_trace()
-            >>> params = {name: site["value"] for name, site in trace.items() if site["type"] == "param"}
-            >>> [type(module).__name__ for module in guide.get_flow(params)]
-            ['Flow', 'ElementwiseAffine']
         """
 
         return tuple(
@@ -348,17 +322,6 @@ class AutoFlow(AutoContinuous):
 
         Returns:
             The map ``S(w) = mode + L w``, or None when the guide has no Laplace start.
-
-        Example:
-            >>> import numpyro, numpyro.distributions as dist
-            >>> from numpyro import handlers
-            >>> def model():
-            ...     numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
-            >>> guide = AutoFlow(model, flow="householder", init_scale=0.5)
-            >>> trace = handlers.trace(handlers.seed(guide, 0)).get_trace()
-            >>> params = {name: site["value"] for name, site in trace.items() if site["type"] == "param"}
-            >>> guide.get_whitening(params) is None  # a float init_scale: no Laplace start
-            True
         """
         if self._whitening is None:
             return None
@@ -371,19 +334,7 @@ class AutoFlow(AutoContinuous):
 
     @property
     def has_exact_quantiles(self) -> bool:
-        """Whether ``median``/``quantiles`` are exact: every layer is elementwise increasing or a permutation.
-
-        Example:
-            >>> import numpyro, numpyro.distributions as dist
-            >>> from numpyro import handlers
-            >>> def model():
-            ...     numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
-            >>> guide = AutoFlow(model, flow="householder", init_scale=0.5)
-            >>> trace = handlers.trace(handlers.seed(guide, 0)).get_trace()
-            >>> params = {name: site["value"] for name, site in trace.items() if site["type"] == "param"}
-            >>> guide.has_exact_quantiles  # Householder reflections mix the coordinates
-            False
-        """
+        """Whether ``median``/``quantiles`` are exact: every layer is elementwise increasing or a permutation."""
         layers = (
             _leaf_layers(self._flow)
             + [self._tails, self._affine]
@@ -414,17 +365,6 @@ class AutoFlow(AutoContinuous):
 
         Raises:
             ValueError: ``num_samples`` is not a positive integer.
-
-        Example:
-            >>> import numpyro, numpyro.distributions as dist
-            >>> from numpyro import handlers
-            >>> def model():
-            ...     numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
-            >>> guide = AutoFlow(model, flow="householder", init_scale=0.5)
-            >>> trace = handlers.trace(handlers.seed(guide, 0)).get_trace()
-            >>> params = {name: site["value"] for name, site in trace.items() if site["type"] == "param"}
-            >>> guide.median(params, num_samples=20)["z"].shape
-            (2,)
         """
         return self._quantiles(params, jnp.asarray(0.5), num_samples, key)
 
@@ -454,17 +394,6 @@ class AutoFlow(AutoContinuous):
 
         Raises:
             ValueError: levels outside ``(0, 1)`` or a bad ``num_samples``.
-
-        Example:
-            >>> import numpyro, numpyro.distributions as dist
-            >>> from numpyro import handlers
-            >>> def model():
-            ...     numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
-            >>> guide = AutoFlow(model, flow="householder", init_scale=0.5)
-            >>> trace = handlers.trace(handlers.seed(guide, 0)).get_trace()
-            >>> params = {name: site["value"] for name, site in trace.items() if site["type"] == "param"}
-            >>> guide.quantiles(params, [0.1, 0.9], num_samples=20)["z"].shape
-            (2, 2)
         """
         return self._quantiles(params, jnp.asarray(quantiles), num_samples, key)
 
@@ -548,8 +477,16 @@ class AutoSNF(AutoFlow):
         >>> guide = AutoSNF(model, flow="householder", num_layers=1, stochastic=MetropolisHastings(0.1))
         >>> trace = handlers.trace(handlers.seed(guide, 0)).get_trace()
         >>> params = {name: site["value"] for name, site in trace.items() if site["type"] == "param"}
-        >>> sorted(params), trace["z"]["value"].shape
-        (['auto_affine$params', 'auto_flow$params'], (2,))
+        >>> path = handlers.substitute(handlers.seed(guide.stochastic_flow, 0), params)()
+        >>> type(path).__name__, path.dim, guide.has_exact_quantiles
+        ('StochasticFlow', 2, False)
+        >>> guide.sample_posterior(jax.random.key(1), params, sample_shape=(3,))["z"].shape
+        (3, 2)
+        >>> guide.quantiles(params, [0.25, 0.75], num_samples=10)["z"].shape, guide.median(params)["z"].shape
+        ((2, 2), (2,))
+        >>> guide.get_posterior(params)
+        Traceback (most recent call last):
+        NotImplementedError: AutoSNF samples through MCMC steps, so it has no deterministic transform ...
     """
 
     def __init__(
@@ -600,19 +537,6 @@ class AutoSNF(AutoFlow):
 
         Returns:
             The ``pyroflows.jax.snf.StochasticFlow``.
-
-        Example:
-            >>> import jax, numpyro, numpyro.distributions as dist
-            >>> from numpyro import handlers
-            >>> from pyroflows.jax.snf import MetropolisHastings
-            >>> def model():
-            ...     numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
-            >>> guide = AutoSNF(model, flow="householder", num_layers=1, stochastic=MetropolisHastings(0.1))
-            >>> trace = handlers.trace(handlers.seed(guide, 0)).get_trace()
-            >>> params = {name: site["value"] for name, site in trace.items() if site["type"] == "param"}
-            >>> path = handlers.substitute(handlers.seed(guide.stochastic_flow, 0), params)()
-            >>> type(path).__name__, path.dim
-            ('StochasticFlow', 2)
         """
         base = self._get_posterior()
         blocks = self._blocks
@@ -639,19 +563,6 @@ class AutoSNF(AutoFlow):
 
         Raises:
             NotImplementedError: always (``NeuTraReparam`` needs ``AutoFlow``).
-
-        Example:
-            >>> import jax, numpyro, numpyro.distributions as dist
-            >>> from numpyro import handlers
-            >>> from pyroflows.jax.snf import MetropolisHastings
-            >>> def model():
-            ...     numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
-            >>> guide = AutoSNF(model, flow="householder", num_layers=1, stochastic=MetropolisHastings(0.1))
-            >>> trace = handlers.trace(handlers.seed(guide, 0)).get_trace()
-            >>> params = {name: site["value"] for name, site in trace.items() if site["type"] == "param"}
-            >>> guide.get_transform(params)
-            Traceback (most recent call last):
-            NotImplementedError: AutoSNF samples through MCMC steps, so it has no deterministic transform ...
         """
         raise _snf.no_transform_error(type(self).__name__)
 
@@ -660,32 +571,12 @@ class AutoSNF(AutoFlow):
 
         Raises:
             NotImplementedError: always.
-
-        Example:
-            >>> import jax, numpyro, numpyro.distributions as dist
-            >>> from numpyro import handlers
-            >>> from pyroflows.jax.snf import MetropolisHastings
-            >>> def model():
-            ...     numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
-            >>> guide = AutoSNF(model, flow="householder", num_layers=1, stochastic=MetropolisHastings(0.1))
-            >>> trace = handlers.trace(handlers.seed(guide, 0)).get_trace()
-            >>> params = {name: site["value"] for name, site in trace.items() if site["type"] == "param"}
-            >>> guide.get_posterior(params)
-            Traceback (most recent call last):
-            NotImplementedError: AutoSNF samples through MCMC steps, so it has no deterministic transform ...
         """
         raise _snf.no_transform_error(type(self).__name__)
 
     @property
     def has_exact_quantiles(self) -> bool:
-        """Never: the MCMC steps mix coordinates, so ``median``/``quantiles`` sample.
-
-        Example:
-            >>> import numpyro, numpyro.distributions as dist
-            >>> model = lambda: numpyro.sample("z", dist.Normal(0.0, 1.0))
-            >>> AutoSNF(model, flow="householder").has_exact_quantiles
-            False
-        """
+        """Never: the MCMC steps mix coordinates, so ``median``/``quantiles`` sample."""
         return False
 
     def sample_posterior(
@@ -702,18 +593,6 @@ class AutoSNF(AutoFlow):
 
         Returns:
             ``{site: draws of shape sample_shape + site shape}``.
-
-        Example:
-            >>> import jax, numpyro, numpyro.distributions as dist
-            >>> from numpyro import handlers
-            >>> from pyroflows.jax.snf import MetropolisHastings
-            >>> def model():
-            ...     numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
-            >>> guide = AutoSNF(model, flow="householder", num_layers=1, stochastic=MetropolisHastings(0.1))
-            >>> trace = handlers.trace(handlers.seed(guide, 0)).get_trace()
-            >>> params = {name: site["value"] for name, site in trace.items() if site["type"] == "param"}
-            >>> guide.sample_posterior(jax.random.key(1), params, sample_shape=(3,))["z"].shape
-            (3, 2)
         """
         latent = handlers.substitute(handlers.seed(self._sample_latent, rng_key), params)(
             *args, sample_shape=sample_shape, **kwargs
@@ -744,18 +623,6 @@ class AutoSNF(AutoFlow):
 
         Raises:
             ValueError: levels outside ``(0, 1)`` or a bad ``num_samples``.
-
-        Example:
-            >>> import jax, numpyro, numpyro.distributions as dist
-            >>> from numpyro import handlers
-            >>> from pyroflows.jax.snf import MetropolisHastings
-            >>> def model():
-            ...     numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
-            >>> guide = AutoSNF(model, flow="householder", num_layers=1, stochastic=MetropolisHastings(0.1))
-            >>> trace = handlers.trace(handlers.seed(guide, 0)).get_trace()
-            >>> params = {name: site["value"] for name, site in trace.items() if site["type"] == "param"}
-            >>> guide.quantiles(params, [0.25, 0.75], num_samples=10)["z"].shape
-            (2, 2)
         """
         caller = f"{type(self).__name__}.quantiles"
         check_fit_options(caller, num_samples=num_samples)
@@ -780,17 +647,5 @@ class AutoSNF(AutoFlow):
 
         Returns:
             ``{site: median}``, each of the site's shape.
-
-        Example:
-            >>> import jax, numpyro, numpyro.distributions as dist
-            >>> from numpyro import handlers
-            >>> from pyroflows.jax.snf import MetropolisHastings
-            >>> def model():
-            ...     numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
-            >>> guide = AutoSNF(model, flow="householder", num_layers=1, stochastic=MetropolisHastings(0.1))
-            >>> trace = handlers.trace(handlers.seed(guide, 0)).get_trace()
-            >>> params = {name: site["value"] for name, site in trace.items() if site["type"] == "param"}
-            >>> guide.median(params, num_samples=10)["z"].shape
-            (2,)
         """
         return self.quantiles(params, 0.5, *args, num_samples=num_samples, key=key, **kwargs)

@@ -93,7 +93,13 @@ def result_float_dtype(module: Any) -> jnp.dtype:
     return jnp.result_type(*leaves) if leaves else jnp.result_type(float)
 
 
-def forward_and_ladj(flow: Any, u: jax.Array, key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def _transform(flow, key, context):
+    return flow.to_transform(key=key) if context is None else flow.to_transform(key=key, context=context)
+
+
+def forward_and_ladj(
+    flow: Any, u: jax.Array, key: jax.Array | None = None, context: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """The flow's forward map on a batch, with its log-determinant.
 
     Args:
@@ -101,6 +107,7 @@ def forward_and_ladj(flow: Any, u: jax.Array, key: jax.Array | None = None) -> t
         u: base points, shape ``(..., dim)``.
         key: feeds layers whose log-det is a random estimate; without it they take
             ``numpyro.prng_key()`` (inside ``numpyro.handlers.seed``) or raise.
+        context: the context of a ``ConditionalFlow``, shape ``(..., context_dim)``.
 
     Returns:
         ``(x, log|det dx/du|)`` with shapes ``(..., dim)`` and ``(...)``.
@@ -112,19 +119,15 @@ def forward_and_ladj(flow: Any, u: jax.Array, key: jax.Array | None = None) -> t
         >>> x.shape, ladj.shape
         ((3, 2), (3,))
     """
-    return flow.to_transform(key=key).call_with_intermediates(u)
+    return _transform(flow, key, context).call_with_intermediates(u)
 
 
-def inverse_and_ladj(flow: Any, x: jax.Array, key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """The flow's inverse map on a batch, with its log-determinant.
+def inverse_and_ladj(
+    flow: Any, x: jax.Array, key: jax.Array | None = None, context: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """The flow's inverse map on a batch of points ``x`` ``(..., dim)``: ``(u, log|det du/dx|)``.
 
-    Args:
-        flow: a ``FlowTransform`` (a layer or a ``Flow``).
-        x: sample-space points, shape ``(..., dim)``.
-        key: as in ``forward_and_ladj``.
-
-    Returns:
-        ``(u, log|det du/dx|)`` with shapes ``(..., dim)`` and ``(...)``.
+    The arguments are those of ``forward_and_ladj``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -133,10 +136,12 @@ def inverse_and_ladj(flow: Any, x: jax.Array, key: jax.Array | None = None) -> t
         >>> u.shape, ildj.shape
         ((3, 2), (3,))
     """
-    return flow.to_transform(key=key).inverse_and_ladj(x)
+    return _transform(flow, key, context).inverse_and_ladj(x)
 
 
-def pushforward_log_prob(flow: Any, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+def pushforward_log_prob(
+    flow: Any, x: jax.Array, key: jax.Array | None = None, context: jax.Array | None = None
+) -> jax.Array:
     """``log q(x)`` for ``q`` = ``N(0, I)`` pushed forward through ``flow`` (one inverse pass).
 
     Args:
@@ -153,11 +158,13 @@ def pushforward_log_prob(flow: Any, x: jax.Array, key: jax.Array | None = None) 
         >>> round(float(pushforward_log_prob(ElementwiseAffine(2), jnp.zeros(2))), 4)
         -1.8379
     """
-    u, ildj = inverse_and_ladj(flow, x, key)
+    u, ildj = inverse_and_ladj(flow, x, key, context)
     return std_normal_log_prob(u) + ildj
 
 
-def pushforward_sample_and_log_prob(flow: Any, num_samples: int, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+def pushforward_sample_and_log_prob(
+    flow: Any, num_samples: int, key: jax.Array, context: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Draws ``x = flow(u)``, ``u ~ N(0, I)``, and their ``log q(x)`` from the forward pass alone.
 
     ``log q(x) = log N(u; 0, I) - log|det dx/du|``, differentiable in the flow's weights
@@ -182,7 +189,7 @@ def pushforward_sample_and_log_prob(flow: Any, num_samples: int, key: jax.Array)
     """
     noise_key, flow_key = jax.random.split(key)
     eps = jax.random.normal(noise_key, (num_samples, flow.dim), result_float_dtype(flow))
-    x, ladj = forward_and_ladj(flow, eps, flow_key)
+    x, ladj = forward_and_ladj(flow, eps, flow_key, context)
     return x, std_normal_log_prob(eps) - ladj
 
 
@@ -222,40 +229,11 @@ class TransformFlow(eqx.Module):
         self.dim = int(transform.dim)
 
     def log_prob(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
-        """``log q(x) = log N(u; 0, I) + log|det du/dx|`` with ``u`` the inverse of ``x``.
-
-        Args:
-            x: points of shape ``(..., dim)``.
-            key: as in ``forward_and_ladj``.
-
-        Returns:
-            ``log q(x)``, shape ``(...)``.
-
-        Example:
-            >>> import jax.numpy as jnp
-            >>> from pyroflows.jax.transforms import ElementwiseAffine
-            >>> round(float(TransformFlow(ElementwiseAffine(2)).log_prob(jnp.zeros(2))), 4)
-            -1.8379
-        """
+        """``pushforward_log_prob`` of the layer: ``log q(x)``, shape ``(...)``; ``key`` as there."""
         return pushforward_log_prob(self.transform, x, key)
 
     def sample_and_log_prob(self, num_samples: int, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``num_samples`` draws ``x = f(u)``, ``u ~ N(0, I)``, and their ``log q(x)``.
-
-        Args:
-            num_samples: how many draws.
-            key: a JAX PRNG key.
-
-        Returns:
-            ``(x, log_q)`` with shapes ``(num_samples, dim)`` and ``(num_samples,)``.
-
-        Example:
-            >>> import jax
-            >>> from pyroflows.jax.transforms import ElementwiseAffine
-            >>> x, log_q = TransformFlow(ElementwiseAffine(2)).sample_and_log_prob(3, jax.random.key(0))
-            >>> x.shape
-            (3, 2)
-        """
+        """``pushforward_sample_and_log_prob`` of the layer: ``num_samples`` draws and their ``log q``."""
         return pushforward_sample_and_log_prob(self.transform, num_samples, key)
 
     def fit_target(

@@ -30,18 +30,9 @@ def available_flows() -> list[str]:
 def register_flow(name: str, *, replace: bool = False) -> Callable[[Callable], Callable]:
     """Decorator adding ``builder(dim, num_layers=None, hidden_dims=None, *, key, **options)`` as ``name``.
 
-    The builder returns a list of layers (``pyroflows.jax.transforms.FlowTransform``)
-    or one layer; ``build_flow`` wraps them in a ``Flow``.
-
-    Args:
-        name: the flow's name.
-        replace: allow replacing a registered name.
-
-    Returns:
-        The decorator, which returns the builder unchanged.
-
-    Raises:
-        ValueError: ``name`` is taken and ``replace`` is False.
+    JAX mirror of ``pyroflows.torch.register_flow`` (the same arguments and errors): the
+    builder returns a list of layers (``pyroflows.jax.transforms.FlowTransform``) or one
+    layer, and ``build_flow`` wraps them in a ``Flow``.
 
     Example:
         >>> from pyroflows.jax.transforms import ElementwiseAffine
@@ -61,6 +52,7 @@ def build_flow(
     key: jax.Array | None = None,
     num_layers: int | None = None,
     hidden_dims: Any = None,
+    context_dim: int | None = None,
     **options: Any,
 ) -> Any:
     """Build the flow ``name`` for vectors of size ``dim`` as an equinox ``Flow``.
@@ -74,6 +66,7 @@ def build_flow(
         key: seeds the initial weights (default ``jax.random.key(0)``).
         num_layers: layers of the flow (default: the family's).
         hidden_dims: hidden sizes of its networks (default: the family's).
+        context_dim: the size of a context; a ``ConditionalFlow`` when given.
         **options: the family's options (``pyroflows.registry.describe(name)``).
 
     Returns:
@@ -88,15 +81,17 @@ def build_flow(
         >>> flow.to_transform()(jnp.zeros(2)).shape
         (2,)
     """
-    from .transforms.base import Flow, FlowTransform
+    from .transforms.base import ConditionalFlow, Flow, FlowTransform
 
     if key is None:
         key = jax.random.key(0)
-    builder, config = REGISTRY.resolve(name, dim, num_layers, hidden_dims, options)
+    builder, config = REGISTRY.resolve(name, dim, num_layers, hidden_dims, dict(options, context_dim=context_dim))
     layers = builder(**config, key=key)
     config = dict(config, name=name)
     if isinstance(layers, Flow):
         return Flow(layers.parts, config["dim"], config)
     if isinstance(layers, FlowTransform):
         layers = [layers]
+    if config.get("context_dim"):
+        return ConditionalFlow(layers, config["dim"], config["context_dim"], config)
     return Flow(layers, config["dim"], config)

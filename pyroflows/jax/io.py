@@ -61,17 +61,10 @@ def _replace_arrays(flow, arrays: dict):
 
 
 def save_flow(flow, path: str | os.PathLike) -> None:
-    """Write ``flow`` (from ``build_flow``) to ``path``: its config as JSON, its arrays by name.
+    """Write ``flow`` (from ``build_flow``) to ``path``: JAX mirror of ``pyroflows.torch.save_flow``.
 
-    The file is the backend-neutral ``.npz`` of ``pyroflows.checkpoint``: either backend's
-    ``load_flow`` reads it.
-
-    Args:
-        flow: a flow made by ``build_flow`` (it records how to rebuild it).
-        path: the file to write, used as given (conventionally ``*.npz``).
-
-    Raises:
-        ValueError: ``flow`` was not made by ``build_flow`` (it has no config to rebuild it from).
+    The same backend-neutral ``.npz`` file, with the arrays under their torch-style names
+    (``named_arrays``), so either backend's ``load_flow`` reads it; the same arguments and errors.
 
     Example:
         >>> import os, tempfile
@@ -88,22 +81,14 @@ def save_flow(flow, path: str | os.PathLike) -> None:
 
 
 def load_flow(path: str | os.PathLike, dtype=None):
-    """Rebuild the flow saved at ``path`` (by either backend) with its exact weights.
+    """Rebuild the flow saved at ``path`` (by either backend): JAX mirror of ``pyroflows.torch.load_flow``.
+
+    It returns the equinox flow and raises the errors the torch function does.
 
     Args:
         path: a file written by ``save_flow`` of either backend.
         dtype: the dtype of the floating weights; defaults to the saved one (float64
             needs ``jax_enable_x64``).
-
-    Returns:
-        The flow, as ``build_flow`` makes it, holding the saved weights; a flow saved
-        from ``fit_mle(standardize=True)`` ends in its ``Standardize`` layer again.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: the file is not a pyroflows flow file, is damaged, holds non-finite
-            weights, or does not match the flow its config builds (the message says
-            which, and what to do).
 
     Example:
         >>> import os, tempfile

@@ -195,10 +195,17 @@ class MADE(eqx.Module):
     num_params: int = eqx.field(static=True)
 
     def __init__(
-        self, dim: int, hidden_dims: Sequence[int], num_params: int, activation_name: str = "relu", *, key: jax.Array
+        self,
+        dim: int,
+        hidden_dims: Sequence[int],
+        num_params: int,
+        activation_name: str = "relu",
+        context_dim: int = 0,
+        *,
+        key: jax.Array,
     ):
         self.dim, self.num_params = dim, num_params
-        masks = made_masks(dim, hidden_dims, num_params)
+        masks = made_masks(dim, hidden_dims, num_params, context_dim)
         keys = jax.random.split(key, len(masks))
         layers = []
         for k, mask in zip(keys, masks[:-1]):
@@ -206,8 +213,10 @@ class MADE(eqx.Module):
         layers.append(MaskedLinear(masks[-1].shape[1], masks[-1].shape[0], masks[-1], zero=True, key=keys[-1]))
         self.net = tuple(layers)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return _run(self.net, x).reshape(self.dim, self.num_params)
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        return _run(self.net, x if context is None else jnp.concatenate([x, context])).reshape(
+            self.dim, self.num_params
+        )
 
 
 # --------------------------------------------------------------------------- Lipschitz networks (residual)

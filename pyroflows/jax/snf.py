@@ -141,21 +141,14 @@ class StochasticBlock(eqx.Module):
     def __call__(
         self, y: jax.Array, log_prob: Callable[[jax.Array], jax.Array], key: jax.Array
     ) -> tuple[jax.Array, jax.Array]:
-        """Run the kernel from ``y``, its noise drawn from ``key``.
-
-        Args:
-            y: one vector, shape ``(dim,)``.
-            log_prob: the (unnormalised) log-density the kernel samples.
-            key: a JAX PRNG key.
-
-        Returns:
-            ``(y_new, dS)``: the new vector and the scalar log-weight contribution.
+        """Run the kernel from ``y``: ``apply`` with the ``noise_size(dim)`` standard normals drawn from ``key``.
 
         Example:
             >>> import jax, jax.numpy as jnp
-            >>> y, ds = HMC(0.1, num_leapfrog=3)(jnp.zeros(2), lambda v: -(v**2).sum(), jax.random.key(0))
-            >>> y.shape, ds.shape
-            ((2,), ())
+            >>> block, key, log_p = HMC(0.1, num_leapfrog=3), jax.random.key(0), lambda v: -(v**2).sum()
+            >>> noise = jax.random.normal(key, (block.noise_size(2),))
+            >>> bool((block(jnp.zeros(2), log_p, key)[0] == block.apply(jnp.zeros(2), log_p, noise)[0]).all())
+            True
         """
         noise = jax.random.normal(key, (self.noise_size(y.shape[-1]),), y.dtype)
         return self.apply(y, log_prob, noise)
@@ -211,10 +204,10 @@ class Langevin(StochasticBlock):
         Wu, Köhler & Noé 2020, "Stochastic normalizing flows", arXiv:2002.06707.
 
     Example:
-        >>> import jax, jax.numpy as jnp
-        >>> y, ds = Langevin(0.1)(jnp.zeros(2), lambda v: -(v**2).sum(), jax.random.key(0))
-        >>> y.shape, ds.shape
-        ((2,), ())
+        >>> import jax.numpy as jnp
+        >>> y, ds = Langevin(0.1).apply(jnp.ones(2), lambda v: -(v**2).sum(), jnp.zeros(2))
+        >>> [round(v, 4) for v in y.tolist()]  # no noise: one gradient step
+        [0.8, 0.8]
     """
 
     _extra_noise = 0
@@ -268,10 +261,11 @@ class MetropolisHastings(StochasticBlock):
         Wu, Köhler & Noé 2020, "Stochastic normalizing flows", arXiv:2002.06707.
 
     Example:
-        >>> import jax, jax.numpy as jnp
-        >>> y, ds = MetropolisHastings(0.5)(jnp.zeros(2), lambda v: -(v**2).sum(), jax.random.key(0))
-        >>> y.shape, ds.shape
-        ((2,), ())
+        >>> import jax.numpy as jnp
+        >>> noise = jnp.array([10.0, 10.0, 0.0])  # proposes (5, 5), far out in the tail
+        >>> y, ds = MetropolisHastings(0.5).apply(jnp.zeros(2), lambda v: -(v**2).sum(), noise)
+        >>> y.tolist(), float(ds)  # rejected
+        ([0.0, 0.0], 0.0)
     """
 
     def _start(self, y, log_prob):
@@ -310,10 +304,8 @@ class HMC(StochasticBlock):
         Wu, Köhler & Noé 2020, "Stochastic normalizing flows", arXiv:2002.06707.
 
     Example:
-        >>> import jax, jax.numpy as jnp
-        >>> y, ds = HMC(0.1, num_leapfrog=4)(jnp.zeros(2), lambda v: -(v**2).sum(), jax.random.key(0))
-        >>> y.shape, ds.shape
-        ((2,), ())
+        >>> HMC(0.1, num_leapfrog=4, num_steps=2).noise_size(3)  # per step: a momentum, a Metropolis test
+        8
     """
 
     num_leapfrog: int = eqx.field(static=True)
@@ -426,12 +418,24 @@ class StochasticFlow(eqx.Module):
         Wu, Köhler & Noé 2020, "Stochastic normalizing flows", arXiv:2002.06707.
 
     Example:
-        >>> import jax
+        >>> import jax, jax.numpy as jnp
         >>> from pyroflows.jax.transforms import ElementwiseAffine
-        >>> snf = StochasticFlow([ElementwiseAffine(2), MALA(0.1)], 2, lambda x: -(x**2).sum(-1))
-        >>> x, log_w = snf.sample_and_log_weight(jax.random.key(0), 4)
+        >>> target = lambda x: -(x**2).sum(-1)
+        >>> snf = StochasticFlow([ElementwiseAffine(2), MALA(0.1)], 2, target)
+        >>> key, points = jax.random.key(0), jnp.zeros((5, 2))
+        >>> x, log_w = snf.sample_and_log_weight(key, 4)
         >>> x.shape, log_w.shape, snf.schedule
         ((4, 2), (4,), (1.0,))
+        >>> snf.target_log_density is target, snf.base is None, round(float(snf.base_log_prob(jnp.zeros(2))), 4)
+        (True, True, -1.8379)
+        >>> x, log_q = snf.sample_path(key, 4)  # sample_and_log_prob(4, key) too
+        >>> snf.log_prob_lower_bound(key, points).shape, snf.log_prob(points, key=key).shape
+        ((5,), (5,))
+        >>> snf.reverse_kl_loss(key, 4).shape, snf.nll(key, points).shape, snf.fit_target(None, False) is target
+        ((), (), True)
+        >>> z, delta = snf.reverse_transport(jnp.ones(2), key)  # and back: transport(z, key)
+        >>> z.shape, delta.shape
+        ((2,), ())
     """
 
     layers: tuple
@@ -472,25 +476,12 @@ class StochasticFlow(eqx.Module):
 
     @property
     def target_log_density(self) -> Callable[[jax.Array], jax.Array]:
-        """The unnormalised target ``log p~`` the flow was built with.
-
-        Example:
-            >>> from pyroflows.jax.transforms import ElementwiseAffine
-            >>> target = lambda x: -(x**2).sum(-1)
-            >>> StochasticFlow([ElementwiseAffine(2)], 2, target).target_log_density is target
-            True
-        """
+        """The unnormalised target ``log p~`` the flow was built with."""
         return self._target_log_density.value
 
     @property
     def base(self) -> Any:
-        """The base distribution ``q0``, or None for ``N(0, I_dim)``.
-
-        Example:
-            >>> from pyroflows.jax.transforms import ElementwiseAffine
-            >>> StochasticFlow([ElementwiseAffine(2)], 2, lambda x: -(x**2).sum(-1)).base is None
-            True
-        """
+        """The base distribution ``q0``, or None for ``N(0, I_dim)``."""
         return self._base.value
 
     # --- densities (one vector) -------------------------------------------------------
@@ -502,13 +493,6 @@ class StochasticFlow(eqx.Module):
 
         Returns:
             The base log-density, shape ``(...)``.
-
-        Example:
-            >>> import jax.numpy as jnp
-            >>> from pyroflows.jax.transforms import ElementwiseAffine
-            >>> snf = StochasticFlow([ElementwiseAffine(2)], 2, lambda x: -(x**2).sum(-1))
-            >>> round(float(snf.base_log_prob(jnp.zeros(2))), 4)
-            -1.8379
         """
         return std_normal_log_prob(z) if self.base is None else self.base.log_prob(z)
 
@@ -579,14 +563,6 @@ class StochasticFlow(eqx.Module):
 
         Returns:
             ``(x, sum_t (log|det J|_t + dS_t))``.
-
-        Example:
-            >>> import jax, jax.numpy as jnp
-            >>> from pyroflows.jax.transforms import ElementwiseAffine
-            >>> snf = StochasticFlow([ElementwiseAffine(2)], 2, lambda x: -(x**2).sum(-1))
-            >>> x, delta = snf.transport(jnp.ones(2), jax.random.key(0))
-            >>> [round(float(v), 4) for v in x], round(float(delta), 4)
-            ([1.0, 1.0], 0.0)
         """
         noise, keys = self._draw(key, z.dtype)
         return self._travel(z, noise, keys, inverse=False)
@@ -600,14 +576,6 @@ class StochasticFlow(eqx.Module):
 
         Returns:
             ``(z0, sum_t (log|det dz/dx|_t + dS_t))``.
-
-        Example:
-            >>> import jax, jax.numpy as jnp
-            >>> from pyroflows.jax.transforms import ElementwiseAffine
-            >>> snf = StochasticFlow([ElementwiseAffine(2)], 2, lambda x: -(x**2).sum(-1))
-            >>> z, delta = snf.reverse_transport(jnp.ones(2), jax.random.key(0))
-            >>> z.shape, delta.shape
-            ((2,), ())
         """
         noise, keys = self._draw(key, x.dtype)
         return self._travel(x, noise, keys, inverse=True)
@@ -634,14 +602,6 @@ class StochasticFlow(eqx.Module):
             ``(x, log_q)``: ``num_samples`` samples ``(num_samples, dim)`` and
             ``log q0(z0) - sum_t dS_t`` of their paths (``dS`` including the log-dets),
             so that ``log w = log p~(x) - log_q``.
-
-        Example:
-            >>> import jax
-            >>> from pyroflows.jax.transforms import ElementwiseAffine
-            >>> snf = StochasticFlow([ElementwiseAffine(2), MALA(0.1)], 2, lambda x: -(x**2).sum(-1))
-            >>> x, log_q = snf.sample_path(jax.random.key(0), 4)
-            >>> x.shape, log_q.shape
-            ((4, 2), (4,))
         """
         x, log_q, _ = _paths(self, key, num_samples)
         return x, log_q
@@ -658,14 +618,6 @@ class StochasticFlow(eqx.Module):
 
         Returns:
             ``(x, log_w)`` with shapes ``(num_samples, dim)`` and ``(num_samples,)``.
-
-        Example:
-            >>> import jax
-            >>> from pyroflows.jax.transforms import ElementwiseAffine
-            >>> snf = StochasticFlow([ElementwiseAffine(2), MALA(0.1)], 2, lambda x: -(x**2).sum(-1))
-            >>> x, log_w = snf.sample_and_log_weight(jax.random.key(0), 4)
-            >>> x.shape, log_w.shape
-            ((4, 2), (4,))
         """
         x, log_q, log_p = _paths(self, key, num_samples)
         return x, log_p - log_q
@@ -679,13 +631,6 @@ class StochasticFlow(eqx.Module):
 
         Returns:
             ``log q0(z0) + sum_t (log|det dz/dx|_t + dS_t)`` per point, shape ``(...)``.
-
-        Example:
-            >>> import jax, jax.numpy as jnp
-            >>> from pyroflows.jax.transforms import ElementwiseAffine
-            >>> snf = StochasticFlow([ElementwiseAffine(2), MALA(0.1)], 2, lambda x: -(x**2).sum(-1))
-            >>> snf.log_prob_lower_bound(jax.random.key(0), jnp.zeros((5, 2))).shape
-            (5,)
         """
         shape = jnp.shape(x)
         out = _reverse_paths(self, jnp.reshape(x, (-1, self.dim)), key)
@@ -701,13 +646,6 @@ class StochasticFlow(eqx.Module):
 
         Returns:
             The scalar loss: ``E[-log w]`` at ``beta = 1``.
-
-        Example:
-            >>> import jax
-            >>> from pyroflows.jax.transforms import ElementwiseAffine
-            >>> snf = StochasticFlow([ElementwiseAffine(2), MALA(0.1)], 2, lambda x: -(x**2).sum(-1))
-            >>> snf.reverse_kl_loss(jax.random.key(0), 4).shape
-            ()
         """
         _, log_q, log_p = _paths(self, key, num_samples)
         return jnp.mean(log_q - beta * log_p)
@@ -721,13 +659,6 @@ class StochasticFlow(eqx.Module):
 
         Returns:
             The scalar estimate.
-
-        Example:
-            >>> import jax, jax.numpy as jnp
-            >>> from pyroflows.jax.transforms import ElementwiseAffine
-            >>> snf = StochasticFlow([ElementwiseAffine(2), MALA(0.1)], 2, lambda x: -(x**2).sum(-1))
-            >>> snf.nll(jax.random.key(0), jnp.zeros((5, 2))).shape
-            ()
         """
         return -jnp.mean(self.log_prob_lower_bound(key, x))
 
@@ -747,34 +678,11 @@ class StochasticFlow(eqx.Module):
 
         Raises:
             ValueError: no key and no seed handler.
-
-        Example:
-            >>> import jax, jax.numpy as jnp
-            >>> from pyroflows.jax.transforms import ElementwiseAffine
-            >>> snf = StochasticFlow([ElementwiseAffine(2), MALA(0.1)], 2, lambda x: -(x**2).sum(-1))
-            >>> snf.log_prob(jnp.zeros((3, 2)), key=jax.random.key(0)).shape
-            (3,)
         """
         return self.log_prob_lower_bound(_noise_key(self, key), x)
 
     def sample_and_log_prob(self, num_samples: int, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``sample_path``: samples and the log-density of their whole paths.
-
-        Args:
-            num_samples: how many paths.
-            key: a JAX PRNG key.
-
-        Returns:
-            ``(x, log_q)`` with shapes ``(num_samples, dim)`` and ``(num_samples,)``.
-
-        Example:
-            >>> import jax
-            >>> from pyroflows.jax.transforms import ElementwiseAffine
-            >>> snf = StochasticFlow([ElementwiseAffine(2), MALA(0.1)], 2, lambda x: -(x**2).sum(-1))
-            >>> x, log_q = snf.sample_and_log_prob(4, jax.random.key(0))
-            >>> x.shape, log_q.shape
-            ((4, 2), (4,))
-        """
+        """``sample_path`` with the arguments in the order of ``TrainableFlow.sample_and_log_prob``."""
         return self.sample_path(key, num_samples)
 
     def fit_target(
@@ -791,12 +699,6 @@ class StochasticFlow(eqx.Module):
 
         Raises:
             ValueError: another ``log_density``, or ``stick_the_landing`` set.
-
-        Example:
-            >>> from pyroflows.jax.transforms import ElementwiseAffine
-            >>> target = lambda x: -(x**2).sum(-1)
-            >>> StochasticFlow([ElementwiseAffine(2)], 2, target).fit_target(None, False) is target
-            True
         """
         return _shared.snf_fit_target(self.target_log_density, log_density, stick_the_landing)
 

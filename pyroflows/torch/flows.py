@@ -58,7 +58,13 @@ def register_flow(name: str, *, replace: bool = False) -> Callable[[Callable], C
 
 
 def build_flow(
-    name: str, dim: int, *, num_layers: int | None = None, hidden_dims: Sequence[int] | None = None, **options: Any
+    name: str,
+    dim: int,
+    *,
+    num_layers: int | None = None,
+    hidden_dims: Sequence[int] | None = None,
+    context_dim: int | None = None,
+    **options: Any,
 ) -> Flow:
     """Build the flow ``name`` for vectors of size ``dim`` as a ``Flow`` (a ``ComposeTransformModule``).
 
@@ -71,10 +77,13 @@ def build_flow(
         num_layers: the number of layers; the family's default when ``None``
             (``pyroflows.registry.SPECS``).
         hidden_dims: hidden widths of the family's networks; its default when ``None``.
+        context_dim: the size of a context the flow is conditioned on; a
+            ``ConditionalFlow`` (a Pyro ``ConditionalTransformModule``) when given.
         **options: the family's keyword options.
 
     Returns:
-        A ``pyroflows.torch.transforms.Flow`` whose ``config`` records the name and arguments.
+        A ``pyroflows.torch.transforms.Flow`` whose ``config`` records the name and arguments
+        (a ``ConditionalFlow`` with ``context_dim``).
 
     Raises:
         ValueError: an unknown name or option, naming the valid ones.
@@ -90,12 +99,16 @@ def build_flow(
         >>> dist.TransformedDistribution(base, [flow]).sample((4,)).shape
         torch.Size([4, 2])
     """
-    from .transforms.base import Flow
+    from .transforms.base import ConditionalFlow, Flow
 
-    layers, config = REGISTRY.build(name, dim, num_layers=num_layers, hidden_dims=hidden_dims, **options)
+    layers, config = REGISTRY.build(
+        name, dim, num_layers=num_layers, hidden_dims=hidden_dims, context_dim=context_dim, **options
+    )
     if isinstance(layers, Flow):
         layers.config = config
         return layers
     if isinstance(layers, TransformModule):
         layers = [layers]
+    if config.get("context_dim"):
+        return ConditionalFlow(layers, config["dim"], config["context_dim"], config)
     return Flow(layers, config["dim"], config)

@@ -172,6 +172,8 @@ class MADE(nn.Module):
         hidden_dims: widths of the hidden layers.
         num_params: outputs per coordinate.
         activation_name: a key of ``ACTIVATIONS``.
+        context_dim: the size of a context that every output may read (a conditional
+            flow's), appended to the input.
 
     References:
         Germain, Gregor, Murray & Larochelle 2015, "MADE: Masked Autoencoder for
@@ -186,24 +188,27 @@ class MADE(nn.Module):
         True
     """
 
-    def __init__(self, dim: int, hidden_dims: Sequence[int], num_params: int, activation_name: str = "relu"):
+    def __init__(
+        self, dim: int, hidden_dims: Sequence[int], num_params: int, activation_name: str = "relu", context_dim: int = 0
+    ):
         super().__init__()
         self.dim, self.num_params = dim, num_params
-        masks = [torch.as_tensor(m, dtype=torch.get_default_dtype()) for m in made_masks(dim, hidden_dims, num_params)]
+        masks = made_masks(dim, hidden_dims, num_params, context_dim)
+        masks = [torch.as_tensor(m, dtype=torch.get_default_dtype()) for m in masks]
         layers = []
         for mask in masks[:-1]:
             layers += [MaskedLinear(mask.shape[1], mask.shape[0], mask), activation(activation_name)]
         layers.append(MaskedLinear(masks[-1].shape[1], masks[-1].shape[0], masks[-1], zero=True))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The parameters ``(..., dim, num_params)`` for inputs ``(..., dim)``.
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """The parameters ``(..., dim, num_params)`` for inputs ``(..., dim)`` (and a context ``(..., context_dim)``).
 
         Example:
             >>> MADE(3, [8], 2)(torch.zeros(5, 3)).shape
             torch.Size([5, 3, 2])
         """
-        out = self.net(x)
+        out = self.net(x if context is None else torch.cat([x, context], -1))
         return out.reshape(*out.shape[:-1], self.dim, self.num_params)
 
 

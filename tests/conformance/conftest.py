@@ -10,23 +10,20 @@ float64 JAX training path is exercised by the family tests' fits.
 
 from __future__ import annotations
 
+from tests.collection import deselect, params
+
 JAX_DIMS = {1, 5}
 JAX_FLOAT32_ONLY = {"test_training_steps_stay_finite_and_rescoring_works"}
 
 
 def pytest_collection_modifyitems(config, items):
-    kept, dropped = [], []
-    for item in items:
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        adapter = params.get("adapter")
-        jax = getattr(adapter, "name", None) == "jax"
+    def drop(item):
+        values = params(item)
+        if getattr(values.get("adapter"), "name", None) != "jax":
+            return False
         float64_only_in_torch = (
-            getattr(item, "originalname", None) in JAX_FLOAT32_ONLY and params.get("dtype") == "float64"
+            getattr(item, "originalname", None) in JAX_FLOAT32_ONLY and values.get("dtype") == "float64"
         )
-        if jax and (params.get("dim") not in (None, *JAX_DIMS) or float64_only_in_torch):
-            dropped.append(item)
-        else:
-            kept.append(item)
-    if dropped:
-        config.hook.pytest_deselected(items=dropped)
-        items[:] = kept
+        return values.get("dim") not in (None, *JAX_DIMS) or float64_only_in_torch
+
+    deselect(config, items, drop)

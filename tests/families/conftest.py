@@ -9,6 +9,7 @@ dim, dtype) is an XLA compilation of each function the test runs, and the suite 
 
 import pytest
 
+from tests.collection import deselect, params
 from tests.conformance.backends import ADAPTERS
 
 
@@ -24,15 +25,10 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    kept, dropped = [], []
-    for item in items:
+    def drop(item):
         marker = item.get_closest_marker("jax_keep")
-        params = dict(getattr(getattr(item, "callspec", None), "params", {}))
-        backend = params.pop("backend", None)
-        if marker is not None and getattr(backend, "name", None) == "jax" and not marker.args[0](**params):
-            dropped.append(item)
-        else:
-            kept.append(item)
-    if dropped:
-        config.hook.pytest_deselected(items=dropped)
-        items[:] = kept
+        values = params(item)
+        backend = values.pop("backend", None)
+        return marker is not None and getattr(backend, "name", None) == "jax" and not marker.args[0](**values)
+
+    deselect(config, items, drop)

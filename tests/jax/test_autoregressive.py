@@ -29,21 +29,12 @@ from pyroflows.jax.transforms import (  # noqa: E402
     BlockNeuralAutoregressive,
     DeepSigmoid,
     MaskedAutoregressive,
-    Permute,
 )
-from pyroflows.jax.transforms.base import astype  # noqa: E402
+from tests.jax.helpers import perturbed  # noqa: E402
 
 
 def _key(seed=0):
     return jax.random.key(seed)
-
-
-def _perturbed(layer, scale=0.5, seed=0):
-    """``layer`` in float64 with every float array moved by ``scale`` * N(0, 1)."""
-    rng = np.random.default_rng(seed)
-    params, static = eqx.partition(astype(layer, jnp.float64), eqx.is_inexact_array)
-    params = jax.tree.map(lambda a: a + scale * rng.standard_normal(a.shape), params)
-    return eqx.combine(params, static)
 
 
 def _randn(*shape, seed=0, scale=1.0):
@@ -83,7 +74,7 @@ def _primitive_counts(jaxpr, counts=None):
 
 def _affine(dim, reads, bound=2.0, scale=0.7, seed=0, hidden=(16, 16)):
     layer = MaskedAutoregressive(dim, Affine(bound), hidden, "tanh", reads=reads, key=_key(seed))
-    return _perturbed(layer, scale, seed)
+    return perturbed(layer, scale, seed)
 
 
 def _shift_log_scale(layer, v, bound):
@@ -91,14 +82,18 @@ def _shift_log_scale(layer, v, bound):
     return out[..., 0], bound * jnp.tanh(out[..., 1] / bound)
 
 
+def _made_at(reads, seed, bound=2.0):
+    """An affine layer reading ``reads``, five points, and its MADE's shift and log-scale there."""
+    layer = _affine(4, reads, bound)
+    v = _randn(5, 4, seed=seed, scale=2.0)
+    return (layer, v, *_shift_log_scale(layer, v, bound))
+
+
 def test_maf_inverse_is_the_naive_formula_on_one_made_pass():
-    dim, bound = 4, 2.0
-    layer = _affine(dim, "output", bound)
-    y = _randn(5, dim, seed=3, scale=2.0)
+    bound = 2.0
+    layer, y, m, s = _made_at("output", seed=3)
     x, ildj = _inverse(layer, y)
-    m, s = _shift_log_scale(layer, y, bound)
-    for i in range(dim):
-        np.testing.assert_allclose(x[:, i], (y[:, i] - m[:, i]) * np.exp(-s[:, i]), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(x, (y - m) * np.exp(-s), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(ildj, -s.sum(-1), rtol=1e-12, atol=1e-12)
     # The sequential forward satisfies the defining relation with MADE run on its output.
     y2, ladj = _forward(layer, x)
@@ -110,10 +105,8 @@ def test_maf_inverse_is_the_naive_formula_on_one_made_pass():
 
 def test_iaf_forward_formula_and_naive_sequential_inverse():
     dim, bound = 4, 2.0
-    layer = _affine(dim, "input", bound)
-    x = _randn(5, dim, seed=2, scale=2.0)
+    layer, x, m, s = _made_at("input", seed=2)
     y, ladj = _forward(layer, x)
-    m, s = _shift_log_scale(layer, x, bound)
     np.testing.assert_allclose(y, x * np.exp(s) + m, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(ladj, s.sum(-1), rtol=1e-12, atol=1e-12)
     # Naive inverse: fill x one coordinate at a time, running MADE on the partial solution.
@@ -184,7 +177,7 @@ def test_log_scale_bound_holds_for_any_parameters():
 
 
 def _naf(dim=3, k=4, scale=0.5, seed=0):
-    return _perturbed(MaskedAutoregressive(dim, DeepSigmoid(hidden_units=k), (16,), key=_key(seed)), scale, seed)
+    return perturbed(MaskedAutoregressive(dim, DeepSigmoid(hidden_units=k), (16,), key=_key(seed)), scale, seed)
 
 
 def test_naf_matches_direct_float64_formula_and_finite_differences():
@@ -250,7 +243,7 @@ def test_naf_transformer_is_increasing_and_onto_for_random_parameters():
 
 
 def _bnaf(dim, hidden_factors, scale=0.3, seed=0):
-    return _perturbed(BlockNeuralAutoregressive(dim, hidden_factors, key=_key(seed)), scale, seed)
+    return perturbed(BlockNeuralAutoregressive(dim, hidden_factors, key=_key(seed)), scale, seed)
 
 
 @pytest.mark.parametrize("dim,hidden_factors", [(1, (2,)), (4, (3, 5, 2))])
@@ -296,7 +289,7 @@ def test_numerical_inverse_is_exact_to_its_tolerance_with_exact_gradients_under_
     parameter and the input, against central finite differences along random directions."""
     dim = 3
     options = {"hidden_dims": (8,), "hidden_units": 3} if name == "naf" else {"hidden_factors": (3,)}
-    flow = _perturbed(pf.build_flow(name, dim, num_layers=1, key=_key(1), **options), 0.5, seed=2)
+    flow = perturbed(pf.build_flow(name, dim, num_layers=1, key=_key(1), **options), 0.5, seed=2)
     layer = flow.parts[0]
     assert layer.numerical_inverse and layer.inverse_tol <= 1e-10
     params, static = eqx.partition(flow, eqx.is_inexact_array)
@@ -323,64 +316,7 @@ def test_numerical_inverse_is_exact_to_its_tolerance_with_exact_gradients_under_
     np.testing.assert_allclose(exact, fd, rtol=1e-6, atol=1e-8)
 
 
-# --- builders, options, names -------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "name,options,cls,transformer",
-    [
-        ("iaf", {}, MaskedAutoregressive, Affine),
-        ("iaf", {"activation": "elu", "permutation": "random", "log_scale_bound": 1.0}, MaskedAutoregressive, Affine),
-        ("maf", {"activation": "tanh", "log_scale_bound": 3.0}, MaskedAutoregressive, Affine),
-        ("naf", {"hidden_units": 2, "permutation": "random"}, MaskedAutoregressive, DeepSigmoid),
-        ("naf", {"activation": "silu"}, MaskedAutoregressive, DeepSigmoid),
-        ("bnaf", {"hidden_factors": 3}, BlockNeuralAutoregressive, None),
-        ("bnaf", {"hidden_factors": [2, 3, 2], "permutation": "random"}, BlockNeuralAutoregressive, None),
-    ],
-)
-def test_builders_and_options(name, options, cls, transformer):
-    dim, num_layers = 3, 3
-    kwargs = {} if name == "bnaf" else {"hidden_dims": (8,)}
-    flow = pf.build_flow(name, dim, num_layers=num_layers, key=_key(), **kwargs, **options)
-    layers = [p for p in flow.parts if isinstance(p, cls)]
-    perms = [p for p in flow.parts if isinstance(p, Permute)]
-    assert len(layers) == num_layers and len(perms) == num_layers - 1 and len(flow.parts) == 2 * num_layers - 1
-    assert all(isinstance(p, cls) for p in flow.parts[::2])
-    if options.get("permutation", "reverse") == "reverse":
-        assert all(np.array_equal(p.permutation, np.arange(dim)[::-1]) for p in perms)
-    for layer in layers:
-        assert layer.autoregressive and np.array_equal(layer.get_permutation(), np.arange(dim))
-        if transformer is not None:
-            assert type(layer.transformer) is transformer
-        if transformer is Affine:
-            assert layer.reads == {"iaf": "input", "maf": "output"}[name]
-            assert layer.transformer.log_scale_bound == options.get("log_scale_bound", 5.0)
-        if transformer is DeepSigmoid:
-            assert layer.reads == "input"
-            assert layer.transformer.hidden_units == options.get("hidden_units", 16)
-        if "activation" in options:
-            assert layer.made.net[1].name == options["activation"]
-        if cls is BlockNeuralAutoregressive:
-            hf = options["hidden_factors"]
-            assert layer.hidden_factors == ((hf,) if isinstance(hf, int) else tuple(hf))
-    # Constants are integer or boolean, so NumPyro's eqx_module never trains them.
-    for key, a in named_arrays(flow).items():
-        assert jnp.issubdtype(a.dtype, jnp.floating) != key.endswith(("mask", "permutation")), key
-
-
-def test_bad_options_raise_value_errors():
-    with pytest.raises(ValueError, match="reads"):
-        MaskedAutoregressive(3, Affine(), (8,), reads="both", key=_key())
-    with pytest.raises(ValueError, match="log_scale_bound"):
-        pf.build_flow("iaf", 3, log_scale_bound=0.0, key=_key())
-    with pytest.raises(ValueError, match="log_scale_bound"):
-        pf.build_flow("iaf", 3, log_scale_bound=-1.0)
-    with pytest.raises(ValueError, match="hidden_dims"):
-        pf.build_flow("bnaf", 3, hidden_dims=(8,))
-    with pytest.raises(ValueError, match="hidden_units"):
-        pf.build_flow("naf", 3, hidden_units=0)
-    with pytest.raises(ValueError, match="activation"):
-        pf.build_flow("maf", 3, activation="sigmoid")
+# --- names (what build_flow builds, and the options it refuses: tests/test_autoregressive.py)
 
 
 @pytest.mark.parametrize("name", ["iaf", "maf", "naf", "bnaf"])

@@ -135,9 +135,9 @@ def test_log_prob_runs_one_inverse_pass_not_the_sequential_forward(monkeypatch):
     sequential_calls = []
     original = MaskedAutoregressive._sequential
 
-    def counting(self, given, inverse):
+    def counting(self, given, inverse, *context):
         sequential_calls.append(not inverse)  # True: the forward direction
-        return original(self, given, inverse)
+        return original(self, given, inverse, *context)
 
     monkeypatch.setattr(MaskedAutoregressive, "_sequential", counting)
     # an unusual width, so no compiled program from another test is reused

@@ -15,15 +15,7 @@ import pytest  # noqa: E402
 
 import pyroflows.jax as pf  # noqa: E402
 from pyroflows.jax.transforms import CNF  # noqa: E402
-from pyroflows.jax.transforms.base import astype  # noqa: E402
-
-
-def _perturbed(layer, scale=0.3, seed=0):
-    rng = np.random.default_rng(seed)
-    params, static = eqx.partition(astype(layer, jnp.float64), eqx.is_inexact_array)
-    params = jax.tree.map(lambda a: a + scale * rng.standard_normal(a.shape), params)
-    return eqx.combine(params, static)
-
+from tests.jax.helpers import perturbed  # noqa: E402
 
 OPTIONS = (
     "activation",
@@ -53,7 +45,7 @@ def _points(n, dim, seed=1, scale=1.5):
 
 
 def test_noise_keys_come_from_the_caller_or_numpyro_and_exact_modes_need_none():
-    flow = _perturbed(pf.build_flow("ffjord", 2, hidden_dims=(8,), key=jax.random.key(0)), 0.5)
+    flow = perturbed(pf.build_flow("ffjord", 2, hidden_dims=(8,), key=jax.random.key(0)), 0.5)
     x = _points(64, 2, seed=10)
     with pytest.raises(ValueError, match="key"):
         flow.parts[0].call_and_ladj(x[0])

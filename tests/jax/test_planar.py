@@ -8,27 +8,18 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
-import equinox as eqx  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import pyroflows.jax as pf  # noqa: E402
-from pyroflows.jax.transforms.base import astype  # noqa: E402
-
-
-def _perturbed(layer, scale=0.5, seed=0):
-    """``layer`` in float64 with every float array moved by ``scale`` * N(0, 1)."""
-    rng = np.random.default_rng(seed)
-    params, static = eqx.partition(astype(layer, jnp.float64), eqx.is_inexact_array)
-    params = jax.tree.map(lambda a: a + scale * rng.standard_normal(a.shape), params)
-    return eqx.combine(params, static)
+from tests.jax.helpers import perturbed  # noqa: E402
 
 
 def test_planar_flow_per_example_score_under_jit_vmap_grad():
     # The score d/dy log q(y) of a planar flow density, per example: jit(vmap(grad)) of a
     # log-density that runs the numerical inverse, against central differences.
-    flow = _perturbed(pf.build_flow("planar", 2, num_layers=3, key=jax.random.key(10)), seed=11)
+    flow = perturbed(pf.build_flow("planar", 2, num_layers=3, key=jax.random.key(10)), seed=11)
 
     def log_q(y):
         x, ildj = flow.inverse_and_ladj(y)

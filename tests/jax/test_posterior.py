@@ -13,6 +13,7 @@ from numpyro.infer import SVI, Trace_ELBO, init_to_value
 
 import pyroflows.jax as pf
 from pyroflows.jax.transforms import LogTails
+from tests.backend_checks import two_sites_model
 
 SMALL = dict(num_layers=2, hidden_dims=(8,))
 
@@ -66,18 +67,7 @@ def test_fit_posterior_warns_when_khat_says_the_guide_misses_mass():
     assert report["khat"] > 0.7
 
 
-def test_fit_posterior_options_are_checked():
-    with pytest.raises(ValueError, match="no option 'nonsense'"):
-        pf.fit_posterior(normal_mean, jnp.zeros(3), nonsense=1)
-    with pytest.raises(ValueError, match="num_steps=-5"):
-        pf.fit_posterior(normal_mean, jnp.zeros(3), num_steps=-5)
-
-
-def two_sites(y):
-    mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
-    sigma = numpyro.sample("sigma", dist.HalfNormal(5.0))
-    with numpyro.plate("data", len(y)):
-        numpyro.sample("y", dist.Normal(mu, sigma), obs=y)
+two_sites = two_sites_model(numpyro)
 
 
 def test_plain_svi_at_lr_0_1_stays_finite():

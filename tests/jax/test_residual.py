@@ -22,14 +22,8 @@ from pyroflows.jax.io import named_arrays  # noqa: E402
 from pyroflows.jax.nn import LipschitzMLP  # noqa: E402
 from pyroflows.jax.transforms import ResidualBlock  # noqa: E402
 from pyroflows.jax.transforms.base import astype  # noqa: E402
+from tests.jax.helpers import perturbed  # noqa: E402
 from tests.residual_cases import strong_weights  # noqa: E402
-
-
-def _perturbed(block, scale=0.5, seed=0):
-    rng = np.random.default_rng(seed)
-    params, static = eqx.partition(astype(block, jnp.float64), eqx.is_inexact_array)
-    params = jax.tree.map(lambda a: a + scale * rng.standard_normal(a.shape), params)
-    return eqx.combine(params, static)
 
 
 def _exact(dim=3, seed=0):
@@ -47,7 +41,7 @@ def _map_jacobian(block, y, key):
 
 
 def test_keys_explicit_under_seed_and_missing():
-    flow = _perturbed(pf.build_flow("residual", 2, num_layers=1, hidden_dims=(8,), key=jax.random.key(0)), scale=0.3)
+    flow = perturbed(pf.build_flow("residual", 2, num_layers=1, hidden_dims=(8,), key=jax.random.key(0)), scale=0.3)
     data = jnp.asarray(np.random.default_rng(4).standard_normal((5, 2)))
     base = dist.Normal(jnp.zeros(2), 1.0).to_event(1)
     lp = lambda t: dist.TransformedDistribution(base, t).log_prob(data)  # noqa: E731

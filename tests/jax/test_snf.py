@@ -24,21 +24,11 @@ from pyroflows import toys  # noqa: E402
 from pyroflows.diagnostics import ess  # noqa: E402
 from pyroflows.jax import snf  # noqa: E402
 from pyroflows.jax.transforms import ElementwiseAffine  # noqa: E402
-from tests.snf_reference import (  # noqa: E402
-    COV,
-    MEAN,
-    NOISE,
-    OBS,
-    POSTERIOR_MEAN,
-    check_evidence_bound,
-    check_gaussian_moments,
-    double_well_samples,
-    langevin_log_ratio,
-    log_z_and_p_left,
-)
+from tests import snf_reference as ref  # noqa: E402
+from tests.backend_checks import check_invariant_move, invariance_points, metropolis_blocks  # noqa: E402
 
 DOUBLE_WELL = toys.log_density("double_well", "jax")
-GAUSSIAN = dist.MultivariateNormal(jnp.asarray(MEAN), jnp.asarray(COV))
+GAUSSIAN = dist.MultivariateNormal(jnp.asarray(ref.MEAN), jnp.asarray(ref.COV))
 
 
 def run_block(block, y, log_prob, seed):
@@ -52,7 +42,7 @@ def test_langevin_weight_is_the_log_ratio_of_the_gaussian_transition_densities()
     e = 0.05
     y1, ds = run_block(snf.Langevin(e), y, DOUBLE_WELL, 1)
     y0, y1 = np.asarray(y), np.asarray(y1)
-    np.testing.assert_allclose(ds, langevin_log_ratio(y0, y1, e), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(ds, ref.langevin_log_ratio(y0, y1, e), rtol=1e-10, atol=1e-10)
     assert np.all(np.abs(y1 - y0) > 1e-3)  # the step moved
 
     # several steps are the sum of single steps with the same noise, which a key draws
@@ -80,7 +70,7 @@ def test_untrained_flow_with_annealed_metropolis_is_an_annealed_importance_sampl
     z = jnp.asarray(np.random.default_rng(0).normal(size=2))
     np.testing.assert_allclose(layers[0].call_and_ladj(z)[0], z)
     x, log_w = flow.sample_and_log_weight(jax.random.key(0), 20000)
-    log_z, se_log_z, p_left, se_p = log_z_and_p_left(np.asarray(x), np.asarray(log_w))
+    log_z, se_log_z, p_left, se_p = ref.log_z_and_p_left(np.asarray(x), np.asarray(log_w))
     # The tolerances are 4 standard errors from the spread of 20 groups of 1000 paths
     # (measured: se(log Z) ~ 0.01, se(P) ~ 0.0025), plus the constants' rounding; the
     # first asserts keep those errors small, so the comparison has teeth.
@@ -92,28 +82,18 @@ def test_untrained_flow_with_annealed_metropolis_is_an_annealed_importance_sampl
     assert ess(np.asarray(log_w)) > 0.2 * log_w.size
 
 
-@pytest.mark.parametrize(
-    "block",
-    [snf.MetropolisHastings(0.8, num_steps=4), snf.MALA(0.3, num_steps=4), snf.HMC(0.3, 4, num_steps=3)],
-    ids=["mh", "mala", "hmc"],
-)
+@metropolis_blocks(snf)
 def test_metropolis_type_blocks_leave_the_target_invariant(block):
-    n = 20000
-    y = jnp.asarray(np.random.default_rng(1).multivariate_normal(MEAN, COV, size=n))
+    y = jnp.asarray(invariance_points())
     y_new, ds = run_block(block, y, GAUSSIAN.log_prob, 3)
-    moved = float(jnp.mean(jnp.any(y_new != y, -1)))
-    assert moved > 0.5  # the kernel moves most points, so invariance is not trivial
-    assert np.corrcoef(y[:, 0], y_new[:, 0])[0, 1] < 0.9
-    check_gaussian_moments(np.asarray(y_new))  # the output is an exact sample too
-    # reversible kernels: dS telescopes to log p(y) - log p(y_new) over the steps
-    np.testing.assert_allclose(ds, GAUSSIAN.log_prob(y) - GAUSSIAN.log_prob(y_new), rtol=1e-9, atol=1e-9)
+    check_invariant_move(y, y_new, ds, GAUSSIAN.log_prob(y), GAUSSIAN.log_prob(y_new), 1e-9)
 
 
 def test_reverse_path_bound_is_exact_when_the_base_is_the_target():
     """q0 = p and an MH block for p: q = p, and every reverse path gives log p(x) exactly."""
-    base = dist.Normal(jnp.asarray(MEAN), jnp.asarray([1.0, 0.5])).to_event(1)
+    base = dist.Normal(jnp.asarray(ref.MEAN), jnp.asarray([1.0, 0.5])).to_event(1)
     flow = snf.StochasticFlow([snf.MetropolisHastings(0.8, num_steps=3)], 2, base.log_prob, base=base)
-    x = jnp.asarray(MEAN + np.random.default_rng(0).normal(size=(50, 2)))
+    x = jnp.asarray(ref.MEAN + np.random.default_rng(0).normal(size=(50, 2)))
     np.testing.assert_allclose(flow.log_prob_lower_bound(jax.random.key(1), x), base.log_prob(x), rtol=1e-12)
 
 
@@ -171,7 +151,7 @@ def test_fit_reverse_kl_improves_the_expected_log_weight_on_the_double_well():
 
 def test_fit_mle_trains_through_reverse_paths():
     flow = make_double_well_snf()
-    data = double_well_samples(1000)
+    data = ref.double_well_samples(1000)
     # no validation split: one compiled program (the training loss is monitored instead)
     fitted, history = pf.fit_mle(
         flow, data, num_steps=60, eval_every=20, lr=3e-3, validation_fraction=0.0, progress=False
@@ -180,33 +160,11 @@ def test_fit_mle_trains_through_reverse_paths():
     assert history.loss[-1] < history.loss[0]
 
 
-def test_errors_name_the_problem():
-    with pytest.raises(ValueError, match="step_size"):
-        snf.MALA(-0.1)
-    with pytest.raises(ValueError, match="num_leapfrog"):
-        snf.HMC(0.1, 0)
-    with pytest.raises(ValueError, match="schedule"):
-        snf.StochasticFlow([snf.MALA(0.1)], 2, DOUBLE_WELL, schedule="cosine")
-    with pytest.raises(ValueError, match="one value per block"):
-        snf.StochasticFlow([snf.MALA(0.1)], 2, DOUBLE_WELL, schedule=[0.5, 1.0])
-    with pytest.raises(ValueError, match="neither a flow layer nor a stochastic block"):
-        snf.StochasticFlow([lambda x: x], 2, DOUBLE_WELL)
-    flow = snf.StochasticFlow([ElementwiseAffine(2), snf.MALA(0.1)], 2, DOUBLE_WELL)
-    with pytest.raises(ValueError, match="own target_log_density"):
-        pf.fit_reverse_kl(flow, lambda x: -jnp.sum(x**2, -1), num_steps=1, progress=False)
-    with pytest.raises(ValueError, match="stick_the_landing"):
-        pf.fit_reverse_kl(flow, stick_the_landing=True, num_steps=1, progress=False)
-    with pytest.raises(ValueError, match="shape"):
-        snf.StochasticFlow([snf.MALA(0.1)], 2, lambda x: x, schedule="target").sample_and_log_weight(
-            jax.random.key(0), 3
-        )
-
-
 # --------------------------------------------------------------------------- AutoSNF
 def conjugate_model(data):
     mu = numpyro.sample("mu", dist.Normal(jnp.zeros(2), 1.0).to_event(1))
     with numpyro.plate("obs", data.shape[0]):
-        numpyro.sample("x", dist.Normal(mu, NOISE).to_event(1), obs=data)
+        numpyro.sample("x", dist.Normal(mu, ref.NOISE).to_event(1), obs=data)
 
 
 def test_autosnf_elbo_is_a_lower_bound_and_its_weights_are_unbiased():
@@ -215,18 +173,18 @@ def test_autosnf_elbo_is_a_lower_bound_and_its_weights_are_unbiased():
     guide = pf.AutoSNF(  # householder: the cheapest flow to compile
         conjugate_model,
         flow="householder",
-        init_loc_fn=init_to_value(values={"mu": jnp.asarray(POSTERIOR_MEAN)}),
+        init_loc_fn=init_to_value(values={"mu": jnp.asarray(ref.POSTERIOR_MEAN)}),
         init_scale=0.3,
         # two identical blocks compile once (scanned); the first, at l = 1/2, changes the weights
         stochastic=[snf.MetropolisHastings(0.1, num_steps=2), snf.MetropolisHastings(0.1, num_steps=2)],
     )
-    data = jnp.asarray(OBS)
+    data = jnp.asarray(ref.OBS)
     svi = SVI(conjugate_model, guide, optax.adam(5e-3), Trace_ELBO())
     result = svi.run(jax.random.key(0), 30, data, progress_bar=False)  # the update jits
     assert np.all(np.isfinite(result.losses))
 
     elbo_terms = jax.jit(jax.vmap(lambda k: -Trace_ELBO().loss(k, result.params, conjugate_model, guide, data)))
     log_w = np.asarray(elbo_terms(jax.random.split(jax.random.key(1), 4000)))
-    check_evidence_bound(log_w)  # measured: iwelbo within 0.015 of log p(x), the ELBO about 0.1 below
+    ref.check_evidence_bound(log_w)  # measured: iwelbo within 0.015 of log p(x), the ELBO about 0.1 below
     with pytest.raises(NotImplementedError, match="NeuTraReparam"):
         guide.get_transform(result.params)

@@ -21,15 +21,8 @@ from jax.test_util import check_grads  # noqa: E402
 
 import pyroflows.jax as pf  # noqa: E402
 from pyroflows.jax.io import named_arrays  # noqa: E402
-from pyroflows.jax.transforms import (  # noqa: E402
-    Coupling,
-    MaskedAutoregressive,
-    RationalQuadraticSpline,
-)
-from pyroflows.jax.transforms.transformers import (  # noqa: E402
-    rational_quadratic_spline,
-    spline_parts,
-)
+from pyroflows.jax.transforms import Coupling, MaskedAutoregressive, RationalQuadraticSpline  # noqa: E402
+from pyroflows.jax.transforms.transformers import rational_quadratic_spline, spline_parts  # noqa: E402
 
 MIN = 1e-3  # minimum bin width, bin height and interior derivative
 

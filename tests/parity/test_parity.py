@@ -33,24 +33,30 @@ def _load(adapter, path):
     return pf.load_flow(path)
 
 
+# Both directions (torch to JAX, JAX to torch) in one test: the JAX flow's programs are the
+# same in both, and one test keeps them on one xdist worker (one compilation, not two).
+DIRECTIONS = [("torch", "jax"), ("jax", "torch")]
+
+
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("source,target", [("torch", "jax"), ("jax", "torch")])
 @pytest.mark.parametrize("dim", [1, 2, 5])
-def test_saved_flow_has_the_same_numbers_on_the_other_backend(name, source, target, dim, tmp_path):
-    src, dst = BY_NAME[source], BY_NAME[target]
-    flow = src.build(name, dim, "float64", seed=11, perturb=0.2)
-    path = tmp_path / f"{name}.npz"
-    _save(src, flow, path)
-    other = _load(dst, path)
-    x = np.random.default_rng(12).standard_normal((6, dim))
-    y_src, ladj_src = src.forward(flow, x)
-    y_dst, ladj_dst = dst.forward(other, x)
-    np.testing.assert_allclose(y_dst, y_src, atol=1e-6, rtol=1e-6)
-    np.testing.assert_allclose(ladj_dst, ladj_src, atol=1e-6, rtol=1e-6)
-    x_src, ildj_src = src.inverse(flow, y_src)
-    x_dst, ildj_dst = dst.inverse(other, y_src)
-    np.testing.assert_allclose(x_dst, x_src, atol=1e-6, rtol=1e-6)
-    np.testing.assert_allclose(ildj_dst, ildj_src, atol=1e-6, rtol=1e-6)
+def test_saved_flow_has_the_same_numbers_on_the_other_backend(name, dim, tmp_path):
+    for source, target in DIRECTIONS:
+        src, dst = BY_NAME[source], BY_NAME[target]
+        flow = src.build(name, dim, "float64", seed=11, perturb=0.2)
+        path = tmp_path / f"{name}-{source}.npz"
+        _save(src, flow, path)
+        other = _load(dst, path)
+        x = np.random.default_rng(12).standard_normal((6, dim))
+        y_src, ladj_src = src.forward(flow, x)
+        y_dst, ladj_dst = dst.forward(other, x)
+        msg = f"{source} to {target}"
+        np.testing.assert_allclose(y_dst, y_src, atol=1e-6, rtol=1e-6, err_msg=msg)
+        np.testing.assert_allclose(ladj_dst, ladj_src, atol=1e-6, rtol=1e-6, err_msg=msg)
+        x_src, ildj_src = src.inverse(flow, y_src)
+        x_dst, ildj_dst = dst.inverse(other, y_src)
+        np.testing.assert_allclose(x_dst, x_src, atol=1e-6, rtol=1e-6, err_msg=msg)
+        np.testing.assert_allclose(ildj_dst, ildj_src, atol=1e-6, rtol=1e-6, err_msg=msg)
 
 
 def test_a_file_that_does_not_match_its_config_is_rejected(tmp_path):
@@ -75,38 +81,40 @@ def test_a_file_that_does_not_match_its_config_is_rejected(tmp_path):
 # tolerances, where each backend controls its own steps (diffrax against torchdiffeq), so
 # they agree to those tolerances.
 OPTION_CASES = [
-    pytest.param("sylvester", 3, {"variant": "triangular"}, 1e-9, id="sylvester-triangular"),
-    pytest.param("gdn", 3, {"variant": "dense", "max_exponent": 0.45}, 1e-9, id="gdn-dense"),
+    pytest.param("sylvester", 3, {"variant": "triangular"}, 0.3, 1e-9, id="sylvester-triangular"),
+    pytest.param("gdn", 3, {"variant": "dense", "max_exponent": 0.45}, 0.3, 1e-9, id="gdn-dense"),
     pytest.param(
         "ffjord",
         3,
         {"num_layers": 1, "hidden_dims": (8, 8), "solver": "dopri5", "atol": 1e-10, "rtol": 1e-10},
+        0.6,
         1e-8,
         id="ffjord-dopri5",
     ),
 ]
 
 
-@pytest.mark.parametrize("name,dim,options,tol", OPTION_CASES)
-@pytest.mark.parametrize("source,target", [("torch", "jax"), ("jax", "torch")])
-def test_non_default_options_have_the_same_numbers_on_the_other_backend(
-    name, dim, options, tol, source, target, tmp_path
-):
-    src, dst = BY_NAME[source], BY_NAME[target]
-    flow = src.build(name, dim, "float64", seed=11, perturb=0.3, **options)
-    path = tmp_path / f"{name}.npz"
-    _save(src, flow, path)
-    other = _load(dst, path)
-    assert other.config == flow.config
-    x = np.random.default_rng(12).standard_normal((5, dim)) * 2
-    y_src, ladj_src = src.forward(flow, x)
-    y_dst, ladj_dst = dst.forward(other, x)
-    np.testing.assert_allclose(y_dst, y_src, atol=tol, rtol=tol)
-    np.testing.assert_allclose(ladj_dst, ladj_src, atol=tol, rtol=tol)
-    x_src, ildj_src = src.inverse(flow, y_src)
-    x_dst, ildj_dst = dst.inverse(other, y_src)
-    np.testing.assert_allclose(x_dst, x_src, atol=tol, rtol=tol)
-    np.testing.assert_allclose(ildj_dst, ildj_src, atol=tol, rtol=tol)
+@pytest.mark.parametrize("name,dim,options,perturb,tol", OPTION_CASES)
+def test_non_default_options_have_the_same_numbers_on_the_other_backend(name, dim, options, perturb, tol, tmp_path):
+    for source, target in DIRECTIONS:  # one test: see test_saved_flow_has_the_same_numbers_on_the_other_backend
+        src, dst = BY_NAME[source], BY_NAME[target]
+        flow = src.build(name, dim, "float64", seed=14 if name == "ffjord" else 11, perturb=perturb, **options)
+        path = tmp_path / f"{name}-{source}.npz"
+        _save(src, flow, path)
+        other = _load(dst, path)
+        assert other.config == flow.config
+        x = np.random.default_rng(12).standard_normal((5, dim)) * 2
+        y_src, ladj_src = src.forward(flow, x)
+        if name == "ffjord":
+            assert np.abs(ladj_src).min() > 0.05  # the solver has work to do
+        y_dst, ladj_dst = dst.forward(other, x)
+        msg = f"{source} to {target}"
+        np.testing.assert_allclose(y_dst, y_src, atol=tol, rtol=tol, err_msg=msg)
+        np.testing.assert_allclose(ladj_dst, ladj_src, atol=tol, rtol=tol, err_msg=msg)
+        x_src, ildj_src = src.inverse(flow, y_src)
+        x_dst, ildj_dst = dst.inverse(other, y_src)
+        np.testing.assert_allclose(x_dst, x_src, atol=tol, rtol=tol, err_msg=msg)
+        np.testing.assert_allclose(ildj_dst, ildj_src, atol=tol, rtol=tol, err_msg=msg)
 
 
 def test_adjoint_gradients_on_jax_agree_with_backpropagation_in_torch():

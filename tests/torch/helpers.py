@@ -1,8 +1,13 @@
-"""Checks shared by the per-family torch tests."""
+"""Checks and small layers shared by the torch tests (tests/torch and the backend-neutral tests)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+import pyroflows.torch as pf
+from pyroflows.torch.transforms.base import Flow, FlowTransform
 
 
 def param_grad_check(layer, fn, inputs, h=1e-6, tol=1e-6, per_param=None):
@@ -55,3 +60,41 @@ def _call(layer, method, params, x):
             return getattr(self.layer, method)(v)
 
     return torch.func.functional_call(Method(), {f"layer.{n}": p for n, p in params.items()}, (x,))
+
+
+class RawScale(FlowTransform):
+    """y = scale * x with log|det| = sum(log scale), unclamped: NaN once a scale turns negative."""
+
+    def __init__(self, scale):
+        super().__init__(2)
+        self.scale = torch.nn.Parameter(torch.full((2,), float(scale), dtype=torch.float64))
+
+    def call_and_ladj(self, x):
+        return self.scale * x, torch.log(self.scale).sum().expand(x.shape[:-1])
+
+    def inverse_and_ladj(self, y):
+        return y / self.scale, (-torch.log(self.scale).sum()).expand(y.shape[:-1])
+
+
+class Sentinel(FlowTransform):
+    """The identity, whose log-det is NaN at points whose first coordinate exceeds 100."""
+
+    def _ladj(self, x):
+        first = x[..., 0]
+        return torch.where(first > 100, torch.full_like(first, math.nan), torch.zeros_like(first))
+
+    def call_and_ladj(self, x):
+        return x, self._ladj(x)
+
+    def inverse_and_ladj(self, y):
+        return y, self._ladj(y)
+
+
+def sentinel_flow():
+    torch.manual_seed(0)
+    return Flow(list(pf.build_flow("maf", 2, num_layers=1, hidden_dims=(8,)).double().parts) + [Sentinel(2)], 2)
+
+
+def uses_activation(layer, name):
+    """Whether one of ``layer``'s modules is the activation ``name`` (e.g. ``"leaky_relu"``)."""
+    return any(type(m).__name__.lower() == name.replace("_", "") for m in layer.modules())

@@ -17,14 +17,12 @@ import pytest
 import torch
 from scipy.special import expit, logit
 
-import pyroflows.torch as pf
 from pyroflows.torch.nn import MADE
 from pyroflows.torch.transforms import (
     Affine,
     BlockNeuralAutoregressive,
     DeepSigmoid,
     MaskedAutoregressive,
-    Permute,
 )
 
 
@@ -78,14 +76,20 @@ def _shift_log_scale(layer, v, bound):
     return out[..., 0], bound * torch.tanh(out[..., 1] / bound)
 
 
+def _parallel_pass(reads, seed, dim=4, bound=2.0):
+    """``(layer, v, out, logdet, m, s)``: an affine MADE layer reading ``reads``, a point ``v``,
+    the layer's one-pass direction at ``v`` (IAF's forward, MAF's inverse), and MADE's shift
+    and log-scale at ``v``."""
+    layer = _affine(dim, reads, bound)
+    v = _randn(5, dim, seed=seed, scale=2.0)
+    out, logdet = (layer.call_and_ladj if reads == "input" else layer.inverse_and_ladj)(v)
+    return (layer, v, out, logdet, *_shift_log_scale(layer, v, bound))
+
+
 def test_iaf_forward_and_inverse_match_naive_formulas():
     dim, bound = 4, 2.0
-    layer = _affine(dim, "input", bound)
-    x = _randn(5, dim, seed=2, scale=2.0)
-    y, ladj = layer.call_and_ladj(x)
-    m, s = _shift_log_scale(layer, x, bound)
-    for i in range(dim):
-        torch.testing.assert_close(y[:, i], x[:, i] * torch.exp(s[:, i]) + m[:, i])
+    layer, x, y, ladj, m, s = _parallel_pass("input", seed=2)
+    torch.testing.assert_close(y, x * torch.exp(s) + m)
     torch.testing.assert_close(ladj, s.sum(-1))
     # Naive inverse: fill x one coordinate at a time, running MADE on the partial solution.
     x_naive = torch.zeros_like(y)
@@ -99,13 +103,9 @@ def test_iaf_forward_and_inverse_match_naive_formulas():
 
 
 def test_maf_forward_and_inverse_match_naive_formulas():
-    dim, bound = 4, 2.0
-    layer = _affine(dim, "output", bound)
-    y = _randn(5, dim, seed=3, scale=2.0)
-    x, ildj = layer.inverse_and_ladj(y)
-    m, s = _shift_log_scale(layer, y, bound)
-    for i in range(dim):
-        torch.testing.assert_close(x[:, i], (y[:, i] - m[:, i]) * torch.exp(-s[:, i]))
+    bound = 2.0
+    layer, y, x, ildj, m, s = _parallel_pass("output", seed=3)
+    torch.testing.assert_close(x, (y - m) * torch.exp(-s))
     torch.testing.assert_close(ildj, -s.sum(-1))
     # The forward output must satisfy the defining relation with MADE run on it.
     y2, ladj = layer.call_and_ladj(x)
@@ -348,62 +348,4 @@ def test_numerical_inverse_gradients_are_exact(make, param):
     assert torch.autograd.gradcheck(layer.inverse_and_ladj, (y0,))
 
 
-# --- builders and options -----------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "name,options,cls,transformer",
-    [
-        ("iaf", {}, MaskedAutoregressive, Affine),
-        ("iaf", {"activation": "elu", "permutation": "random", "log_scale_bound": 1.0}, MaskedAutoregressive, Affine),
-        ("maf", {"activation": "tanh", "log_scale_bound": 3.0}, MaskedAutoregressive, Affine),
-        ("naf", {"hidden_units": 2, "permutation": "random"}, MaskedAutoregressive, DeepSigmoid),
-        ("naf", {"activation": "silu"}, MaskedAutoregressive, DeepSigmoid),
-        ("bnaf", {"hidden_factors": 3}, BlockNeuralAutoregressive, None),
-        ("bnaf", {"hidden_factors": [2, 3, 2], "permutation": "random"}, BlockNeuralAutoregressive, None),
-    ],
-)
-def test_builders_and_options(name, options, cls, transformer):
-    dim, num_layers = 3, 3
-    kwargs = {} if name == "bnaf" else {"hidden_dims": (8,)}
-    flow = pf.build_flow(name, dim, num_layers=num_layers, **kwargs, **options).double()
-    layers = [p for p in flow.parts if isinstance(p, cls)]
-    perms = [p for p in flow.parts if isinstance(p, Permute)]
-    assert len(layers) == num_layers and len(perms) == num_layers - 1 and len(flow.parts) == 2 * num_layers - 1
-    if options.get("permutation", "reverse") == "reverse":
-        assert all(torch.equal(p.permutation, torch.arange(dim - 1, -1, -1)) for p in perms)
-    for layer in layers:
-        assert layer.autoregressive and torch.equal(layer.get_permutation(), torch.arange(dim))
-        if transformer is not None:
-            assert type(layer.transformer) is transformer
-        if transformer is Affine:
-            assert layer.reads == {"iaf": "input", "maf": "output"}[name]
-            assert layer.transformer.log_scale_bound == options.get("log_scale_bound", 5.0)
-        if transformer is DeepSigmoid:
-            assert layer.reads == "input"
-            assert layer.transformer.hidden_units == options.get("hidden_units", 16)
-        if "activation" in options:
-            assert any(type(m).__name__.lower() == options["activation"].replace("_", "") for m in layer.modules())
-        if cls is BlockNeuralAutoregressive:
-            hf = options["hidden_factors"]
-            assert layer.hidden_factors == ((hf,) if isinstance(hf, int) else tuple(hf))
-    x = _randn(4, dim, seed=13)
-    y, ladj = flow.call_and_ladj(x)
-    x2, ildj = flow.inverse_and_ladj(y.clone())
-    torch.testing.assert_close(x2, x, rtol=1e-8, atol=1e-8)
-    torch.testing.assert_close(ildj, -ladj, rtol=1e-8, atol=1e-8)
-
-
-def test_bad_options_raise_value_errors():
-    with pytest.raises(ValueError, match="reads"):
-        MaskedAutoregressive(3, Affine(), (8,), reads="both")
-    with pytest.raises(ValueError, match="log_scale_bound"):
-        pf.build_flow("iaf", 3, log_scale_bound=0.0)
-    with pytest.raises(ValueError, match="log_scale_bound"):
-        pf.build_flow("iaf", 3, log_scale_bound=-1.0)
-    with pytest.raises(ValueError, match="hidden_dims"):
-        pf.build_flow("bnaf", 3, hidden_dims=(8,))
-    with pytest.raises(ValueError, match="hidden_units"):
-        pf.build_flow("naf", 3, hidden_units=0)
-    with pytest.raises(ValueError, match="activation"):
-        pf.build_flow("maf", 3, activation="sigmoid")
+# builders, options and their errors: tests/test_autoregressive.py

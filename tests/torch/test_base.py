@@ -147,20 +147,24 @@ def test_integer_and_boolean_inputs_are_cast_to_the_flow_dtype():
         assert flow.double()(xi).dtype == torch.float64
 
 
+def _entry_points(flow):
+    """Every way to run a flow on a point: both maps, Pyro's call and inverse, and the log-det."""
+    return [
+        flow.call_and_ladj,
+        flow.inverse_and_ladj,
+        flow,
+        flow.inv,
+        lambda v: flow.log_abs_det_jacobian(v, v),
+    ]
+
+
 def test_a_float_dtype_mismatch_names_both_dtypes_and_the_fix():
     flow = _small_flow()
     x64 = torch.zeros(3, 2, dtype=torch.float64)
     message = (
         r"torch.float32 parameters but the input has dtype torch.float64; cast the flow with flow.to\(torch.float64\)"
     )
-    for call in (
-        flow.call_and_ladj,
-        flow.inverse_and_ladj,
-        flow,
-        flow.inv,
-        lambda v: flow.log_abs_det_jacobian(v, v),
-        dist.TransformedDistribution(_normal(2), [flow]).log_prob,
-    ):
+    for call in _entry_points(flow) + [dist.TransformedDistribution(_normal(2), [flow]).log_prob]:
         with pytest.raises(TypeError, match=message):
             call(x64)
     with pytest.raises(TypeError, match="torch.as_tensor"):
@@ -182,14 +186,20 @@ def test_layers_without_float_parameters_take_any_float_dtype():
 def test_wrong_event_shapes_are_clear_errors_at_every_entry_point():
     flow = _small_flow()
     for bad in (torch.zeros(4, 3), torch.zeros(()), torch.zeros(2, 1)):
-        for call in (
-            flow.call_and_ladj,
-            flow.inverse_and_ladj,
-            flow,
-            flow.inv,
-            lambda v: flow.log_abs_det_jacobian(v, v),
-            flow.parts[0],
-            flow.parts[0].inv,
-        ):
+        for call in _entry_points(flow) + [flow.parts[0], flow.parts[0].inv]:
             with pytest.raises(ValueError, match="the last dimension must be 2"):
                 call(bad)
+
+
+def test_a_loaded_actnorm_keeps_its_weights_where_a_fresh_one_initialises_from_data():
+    # A JAX glow trained without initialize_actnorm saves initialized=False; loading it must
+    # not let the first training-mode inverse overwrite the trained weights.
+    state = dict(ActNorm(2).state_dict(), loc=torch.tensor([1.0, -1.0]))
+    y = torch.randn(5, 2) * 3 + 4
+    fresh, loaded = ActNorm(2), ActNorm(2)
+    loaded.load_state_dict(state)
+    assert not bool(state["initialized"])
+    fresh.inverse_and_ladj(y)
+    loaded.inverse_and_ladj(y)
+    assert fresh.loc.tolist() != [0.0, 0.0]
+    assert loaded.loc.tolist() == [1.0, -1.0]

@@ -12,6 +12,7 @@ from pyro.infer.autoguide.initialization import init_to_value
 
 import pyroflows.torch as pf
 from pyroflows.torch.transforms import LogTails
+from tests.backend_checks import two_sites_model
 
 SMALL = dict(num_layers=2, hidden_dims=(8,))
 
@@ -70,18 +71,7 @@ def test_fit_posterior_warns_when_khat_says_the_guide_misses_mass():
     assert report["khat"] > 0.7
 
 
-def test_fit_posterior_options_are_checked():
-    with pytest.raises(ValueError, match="no option 'nonsense'"):
-        pf.fit_posterior(normal_mean, torch.zeros(3), flow="iaf", nonsense=1)
-    with pytest.raises(ValueError, match="num_steps=-5"):
-        pf.fit_posterior(normal_mean, torch.zeros(3), num_steps=-5)
-
-
-def two_sites(y):
-    mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
-    sigma = pyro.sample("sigma", dist.HalfNormal(5.0))
-    with pyro.plate("data", len(y)):
-        pyro.sample("y", dist.Normal(mu, sigma), obs=y)
+two_sites = two_sites_model(pyro)
 
 
 @pytest.mark.parametrize("seed", [1])

@@ -17,24 +17,14 @@ from pyroflows import toys
 from pyroflows.diagnostics import ess
 from pyroflows.torch import snf
 from pyroflows.torch.transforms import ElementwiseAffine
-from tests.snf_reference import (
-    COV,
-    MEAN,
-    NOISE,
-    OBS,
-    POSTERIOR_MEAN,
-    check_evidence_bound,
-    check_gaussian_moments,
-    double_well_samples,
-    langevin_log_ratio,
-    log_z_and_p_left,
-)
+from tests import snf_reference as ref
+from tests.backend_checks import check_invariant_move, invariance_points, metropolis_blocks
 
 DOUBLE_WELL = toys.log_density("double_well", "torch")
 
 
 def gaussian_log_prob(y):
-    d = dist.MultivariateNormal(torch.as_tensor(MEAN), torch.as_tensor(COV))
+    d = dist.MultivariateNormal(torch.as_tensor(ref.MEAN), torch.as_tensor(ref.COV))
     return d.log_prob(y)
 
 
@@ -45,7 +35,7 @@ def test_langevin_weight_is_the_log_ratio_of_the_gaussian_transition_densities()
     with torch.no_grad():
         y1, ds = block(y, DOUBLE_WELL, torch.Generator().manual_seed(1))
     y0, y1 = y.numpy(), y1.numpy()
-    np.testing.assert_allclose(ds.numpy(), langevin_log_ratio(y0, y1, e), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(ds.numpy(), ref.langevin_log_ratio(y0, y1, e), rtol=1e-10, atol=1e-10)
     # the step moved: the drift and noise were applied
     assert np.all(np.abs(y1 - y0) > 1e-3)
 
@@ -75,7 +65,7 @@ def test_untrained_flow_with_annealed_metropolis_is_an_annealed_importance_sampl
     torch.testing.assert_close(layers[0].call_and_ladj(z), (z, torch.zeros(5, dtype=torch.float64)))
     with torch.no_grad():
         x, log_w = flow.sample_and_log_weight(20000, generator=torch.Generator().manual_seed(0))
-    log_z, se_log_z, p_left, se_p = log_z_and_p_left(x.numpy(), log_w.numpy())
+    log_z, se_log_z, p_left, se_p = ref.log_z_and_p_left(x.numpy(), log_w.numpy())
     # The tolerances are 4 standard errors from the spread of 20 groups of 1000 paths
     # (measured: se(log Z) ~ 0.01, se(P) ~ 0.0025), plus the constants' rounding; the
     # first asserts keep those errors small, so the comparison has teeth.
@@ -89,27 +79,19 @@ def test_untrained_flow_with_annealed_metropolis_is_an_annealed_importance_sampl
     assert ess(log_w.numpy()) > 3 * ess(log_w_plain.numpy())
 
 
-@pytest.mark.parametrize(
-    "block",
-    [snf.MetropolisHastings(0.8, num_steps=4), snf.MALA(0.3, num_steps=4), snf.HMC(0.3, 4, num_steps=3)],
-    ids=["mh", "mala", "hmc"],
-)
+@metropolis_blocks(snf)
 def test_metropolis_type_blocks_leave_the_target_invariant(block):
-    n = 20000
-    y = torch.as_tensor(np.random.default_rng(1).multivariate_normal(MEAN, COV, size=n))
+    y = torch.as_tensor(invariance_points())
     with torch.no_grad():
         y_new, ds = block.double()(y, gaussian_log_prob, torch.Generator().manual_seed(3))
-    moved = (y_new != y).any(-1).double().mean().item()
-    assert moved > 0.5  # the kernel moves most points, so invariance is not trivial
-    assert np.corrcoef(y[:, 0], y_new[:, 0])[0, 1] < 0.9
-    check_gaussian_moments(y_new.numpy())  # the output is an exact sample too
-    # reversible kernels: dS telescopes to log p(y) - log p(y_new) over the steps
-    torch.testing.assert_close(ds, gaussian_log_prob(y) - gaussian_log_prob(y_new))
+        log_p, log_p_new = gaussian_log_prob(y), gaussian_log_prob(y_new)
+    # torch.testing.assert_close's float64 tolerance
+    check_invariant_move(y.numpy(), y_new.numpy(), ds.numpy(), log_p.numpy(), log_p_new.numpy(), 1e-7)
 
 
 def test_reverse_path_bound_is_exact_when_the_base_is_the_target():
     """q0 = p and an MH block for p: q = p, and every reverse path gives log p(x) exactly."""
-    base = dist.MultivariateNormal(torch.as_tensor(MEAN), torch.as_tensor(COV))
+    base = dist.MultivariateNormal(torch.as_tensor(ref.MEAN), torch.as_tensor(ref.COV))
     flow = snf.StochasticFlow([snf.MetropolisHastings(0.8, num_steps=3)], 2, gaussian_log_prob, base=base).double()
     x = base.sample((50,))
     bound = flow.log_prob_lower_bound(x)
@@ -186,37 +168,23 @@ def test_fit_reverse_kl_improves_the_expected_log_weight_on_the_double_well():
 
 def test_fit_mle_trains_through_reverse_paths():
     flow = make_double_well_snf()
-    data = double_well_samples(1000)
+    data = ref.double_well_samples(1000)
     fitted, history = pf.fit_mle(flow, data, num_steps=60, eval_every=20, lr=3e-3, progress=False)
     assert fitted is flow and np.isfinite(history.validation_loss).all()
     assert history.validation_loss[-1] < history.validation_loss[0]
 
 
-def test_errors_name_the_problem():
-    with pytest.raises(ValueError, match="step_size"):
-        snf.MALA(-0.1)
-    with pytest.raises(ValueError, match="num_leapfrog"):
-        snf.HMC(0.1, 0)
-    with pytest.raises(ValueError, match="schedule"):
-        snf.StochasticFlow([snf.MALA(0.1)], 2, DOUBLE_WELL, schedule="cosine")
-    with pytest.raises(ValueError, match="one value per block"):
-        snf.StochasticFlow([snf.MALA(0.1)], 2, DOUBLE_WELL, schedule=[0.5, 1.0])
+def test_a_torch_module_that_is_not_a_flow_layer_is_named():
+    # the errors both backends share are in tests/test_snf.py
     with pytest.raises(ValueError, match="neither a flow layer nor a stochastic block"):
         snf.StochasticFlow([torch.nn.Linear(2, 2)], 2, DOUBLE_WELL)
-    flow = snf.StochasticFlow([ElementwiseAffine(2), snf.MALA(0.1)], 2, DOUBLE_WELL)
-    with pytest.raises(ValueError, match="own target_log_density"):
-        pf.fit_reverse_kl(flow, lambda x: -x.pow(2).sum(-1), num_steps=1, progress=False)
-    with pytest.raises(ValueError, match="stick_the_landing"):
-        pf.fit_reverse_kl(flow, stick_the_landing=True, num_steps=1, progress=False)
-    with pytest.raises(ValueError, match="shape"):
-        snf.StochasticFlow([snf.MALA(0.1)], 2, lambda x: x.sum(), schedule="target").sample_and_log_weight(3)
 
 
 # --------------------------------------------------------------------------- AutoSNF
 def conjugate_model(data):
     mu = pyro.sample("mu", dist.Normal(torch.zeros(2, dtype=torch.float64), 1.0).to_event(1))
     with pyro.plate("obs", len(data)):
-        pyro.sample("x", dist.Normal(mu, NOISE).to_event(1), obs=data)
+        pyro.sample("x", dist.Normal(mu, ref.NOISE).to_event(1), obs=data)
 
 
 def test_autosnf_elbo_is_a_lower_bound_and_its_weights_are_unbiased():
@@ -227,11 +195,11 @@ def test_autosnf_elbo_is_a_lower_bound_and_its_weights_are_unbiased():
     pyro.clear_param_store()
     # starts at the posterior mean, wider than the posterior (sd 0.22), so the blocks move
     # the draws and the weights stay light-tailed
-    data = torch.as_tensor(OBS)
+    data = torch.as_tensor(ref.OBS)
     guide = pf.AutoSNF(
         conjugate_model,
         hidden_dims=(8,),
-        init_loc_fn=init_to_value(values={"mu": torch.as_tensor(POSTERIOR_MEAN)}),
+        init_loc_fn=init_to_value(values={"mu": torch.as_tensor(ref.POSTERIOR_MEAN)}),
         init_scale=0.3,
         stochastic=[snf.MALA(0.02, num_steps=2), snf.MetropolisHastings(0.1, num_steps=2)],
     )
@@ -247,7 +215,7 @@ def test_autosnf_elbo_is_a_lower_bound_and_its_weights_are_unbiased():
         log_w = vectorized_importance_weights(
             conjugate_model, guide, data, num_samples=4000, max_plate_nesting=1, normalized=False
         )[0].numpy()
-    check_evidence_bound(log_w)  # measured: iwelbo within 0.015 of log p(x), the ELBO about 0.1 below
+    ref.check_evidence_bound(log_w)  # measured: iwelbo within 0.015 of log p(x), the ELBO about 0.1 below
     with pytest.raises(NotImplementedError, match="NeuTraReparam"):
         guide.get_transform()
     median = guide.median(data, num_samples=200)

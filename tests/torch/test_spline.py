@@ -12,15 +12,8 @@ import pytest
 import torch
 
 import pyroflows.torch as pf
-from pyroflows.torch.transforms import (
-    Coupling,
-    MaskedAutoregressive,
-    RationalQuadraticSpline,
-)
-from pyroflows.torch.transforms.transformers import (
-    rational_quadratic_spline,
-    spline_parts,
-)
+from pyroflows.torch.transforms import Coupling, MaskedAutoregressive, RationalQuadraticSpline
+from pyroflows.torch.transforms.transformers import rational_quadratic_spline, spline_parts
 
 MIN = 1e-3  # minimum bin width, bin height and interior derivative
 

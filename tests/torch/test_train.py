@@ -15,9 +15,10 @@ from pyro.infer.autoguide.initialization import init_to_value
 from scipy import stats
 
 import pyroflows.torch as pf
-from pyroflows.fitting import batch_indices, split_indices
+from pyroflows.fitting import split_indices
 from pyroflows.torch.standardize import Standardize
-from pyroflows.torch.transforms.base import Flow, FlowTransform
+from tests.backend_checks import check_standardized_fit
+from tests.torch.helpers import RawScale
 
 MEAN = np.array([1.0, -2.0])
 COV = np.array([[1.0, 0.6], [0.6, 0.5]])
@@ -88,72 +89,12 @@ def test_fit_mle_early_stopping_stops_and_restores_the_best_weights():
     assert history.validation_loss[-1] > history.validation_loss[best]
 
 
-def nan_rows(rows, value=np.nan):
-    data = np.random.default_rng(5).normal(size=(10, 2))
-    data[rows, 0] = value
-    return data
-
-
-# (data, message): every check of pyroflows.fitting.check_data, reached through fit_mle
-BAD_DATA = [
-    (nan_rows([3]), r"data contains NaN or inf in 1 row\(s\) \(rows 3\); drop or impute them"),
-    (nan_rows([1, 7], np.inf), r"data contains NaN or inf in 2 row\(s\) \(rows 1, 7\)"),
-    (np.zeros((0, 2)), "data needs at least 2 rows .*, got 0"),
-    (np.ones((1, 2)), "data needs at least 2 rows .*, got 1"),
-    (np.zeros((10, 3)), "data has 3 columns but the flow has dim=2; build the flow with dim=3"),
-    (np.zeros((10, 2, 2)), r"data must have shape \(num_points, dim\), got shape \(10, 2, 2\)"),
-    (
-        np.zeros(10),
-        r"data must have shape \(num_points, dim\), got shape \(10,\); reshape it \(for "
-        r"one-dimensional data pass data\[:, None\]\)",
-    ),
-    (np.array([["1.0", "a"], ["2.0", "b"]]), "data must be numeric, got an array of dtype <U3 .*parse it"),
-    (np.ones((10, 2), dtype=bool), "data is boolean; a flow is a density on real vectors"),
-    (np.ones((10, 2), dtype=complex), "data must be real, got complex dtype"),
-    ([[1.0, 2.0], [3.0]], "data must be a numeric array of shape"),
-]
-
-
-@pytest.mark.parametrize("data, message", BAD_DATA)
-def test_fit_mle_rejects_bad_data(data, message):
-    flow = pf.build_flow("maf", 2, num_layers=1, hidden_dims=(4,)).double()
-    with pytest.raises(ValueError, match="fit_mle: " + message):
-        pf.fit_mle(flow, data, progress=False)
-
-
 def test_fit_mle_takes_tensors_and_integers():
     flow = pf.build_flow("maf", 2, num_layers=1, hidden_dims=(4,)).double()
     data = torch.randn(20, 2, dtype=torch.float64, requires_grad=True)  # a graph is detached, not refused
     assert pf.fit_mle(flow, data, num_steps=2, progress=False)[1].step == [2]
     ints = np.random.default_rng(6).integers(0, 5, size=(20, 2))  # integers are cast, not refused
     assert pf.fit_mle(flow, ints, num_steps=2, progress=False)[1].step == [2]
-
-
-NOT_POSITIVE = [0, -1, float("nan"), float("inf"), True]
-
-
-@pytest.mark.parametrize("name", ["num_steps", "batch_size", "eval_every", "lr", "max_bad_steps"])
-@pytest.mark.parametrize("value", NOT_POSITIVE)
-def test_fit_mle_rejects_options_that_are_not_positive(name, value):
-    flow = pf.build_flow("maf", 2, num_layers=1, hidden_dims=(4,)).double()
-    kind = "number" if name == "lr" else "integer"
-    with pytest.raises(ValueError, match=rf"fit_mle: {name}={value!r} must be a positive {kind}"):
-        pf.fit_mle(flow, np.zeros((10, 2)), progress=False, **{name: value})
-
-
-@pytest.mark.parametrize("name", ["num_steps", "num_samples", "lr", "max_bad_steps"])
-@pytest.mark.parametrize("value", NOT_POSITIVE)
-def test_fit_reverse_kl_rejects_options_that_are_not_positive(name, value):
-    flow = pf.build_flow("iaf", 2, num_layers=1, hidden_dims=(4,)).double()
-    kind = "number" if name == "lr" else "integer"
-    with pytest.raises(ValueError, match=rf"fit_reverse_kl: {name}={value!r} must be a positive {kind}"):
-        pf.fit_reverse_kl(flow, gaussian_log_density, progress=False, **{name: value})
-
-
-def test_fit_mle_rejects_a_standardize_that_is_not_a_bool():
-    flow = pf.build_flow("maf", 2, num_layers=1, hidden_dims=(4,)).double()
-    with pytest.raises(ValueError, match="fit_mle: standardize='yes' must be True or False"):
-        pf.fit_mle(flow, np.zeros((10, 2)), standardize="yes", progress=False)
 
 
 def test_fit_mle_standardizes_data_far_outside_the_spline_bound():
@@ -165,21 +106,8 @@ def test_fit_mle_standardizes_data_far_outside_the_spline_bound():
     assert flow.config["bound"] == 3.0
     options = dict(num_steps=100, lr=5e-3, batch_size=128, validation_fraction=0.5, progress=False)
     fitted, history = pf.fit_mle(flow, data, **options)
-    train, val = split_indices(n, 0.5, 0)
-    # the data's NLL: the Gaussian's entropy 0.5 log(2 pi e sd^2) per coordinate (1.4516 nats),
-    # and the true density's NLL on the same 2000 validation rows (1.4043: the mean of 2000 has se 0.022)
-    entropy = 2 * 0.5 * math.log(2 * math.pi * math.e * sd**2)
-    true_nll = -stats.norm(5.0, sd).logpdf(data[val]).sum(1).mean()
-    best = history.validation_loss[history.step.index(history.best_step)]
-    assert abs(best - entropy) < 0.1 and abs(best - true_nll) < 0.05  # measured -0.041 and 0.006
-    # the returned density is the original data's: the recorded NLL is the fitted flow's, and
-    # log q(x) = log q_flow((x - m) / s) - sum(log s) with m, s the training rows' mean and sd
-    assert best == pytest.approx(-flow_log_prob(fitted, data[val]).mean(), abs=1e-10)
-    m, s = data[train].mean(0), data[train].std(0)
-    np.testing.assert_allclose(
-        flow_log_prob(fitted, data[val]), flow_log_prob(flow, (data[val] - m) / s) - np.log(s).sum(), atol=1e-10
-    )
-    np.testing.assert_allclose(fitted.parts[-1].loc.numpy(), m, rtol=1e-12)
+    # ``flow`` (trained in place) is the fitted flow without its Standardize layer
+    entropy, m = check_standardized_fit(fitted, history, data, sd, flow_log_prob, flow)
     assert not any(p is fitted.parts[-1].loc for p in fitted.parameters())  # buffers, not trained
     # fitting a fitted flow again keeps its Standardize layer and statistics
     again, _ = pf.fit_mle(fitted, data + 1.0, num_steps=1, progress=False)
@@ -199,90 +127,6 @@ def test_fit_mle_warns_about_a_constant_column():
     with pytest.warns(RuntimeWarning, match=r"column\(s\) \[1\] of the training data are constant"):
         fitted, _ = pf.fit_mle(flow, data, num_steps=1, progress=False)
     np.testing.assert_allclose(fitted.parts[-1].scale[1].item(), 1.0)  # only centred
-
-
-class RawScale(FlowTransform):
-    """y = scale * x with log|det| = sum(log scale), unclamped: NaN once a scale turns negative."""
-
-    def __init__(self, scale):
-        super().__init__(2)
-        self.scale = torch.nn.Parameter(torch.full((2,), float(scale), dtype=torch.float64))
-
-    def call_and_ladj(self, x):
-        return self.scale * x, torch.log(self.scale).sum().expand(x.shape[:-1])
-
-    def inverse_and_ladj(self, y):
-        return y / self.scale, (-torch.log(self.scale).sum()).expand(y.shape[:-1])
-
-
-class Sentinel(FlowTransform):
-    """The identity, whose log-det is NaN at points whose first coordinate exceeds 100."""
-
-    def _ladj(self, x):
-        first = x[..., 0]
-        return torch.where(first > 100, torch.full_like(first, math.nan), torch.zeros_like(first))
-
-    def call_and_ladj(self, x):
-        return x, self._ladj(x)
-
-    def inverse_and_ladj(self, y):
-        return y, self._ladj(y)
-
-
-def sentinel_flow():
-    torch.manual_seed(0)
-    return Flow(list(pf.build_flow("maf", 2, num_layers=1, hidden_dims=(8,)).double().parts) + [Sentinel(2)], 2)
-
-
-SENTINEL_DATA = np.concatenate([np.random.default_rng(9).normal(size=(40, 2)), [[1000.0, 0.0]]])
-
-
-def poisoned_steps(num_steps, batch_size):
-    """The steps whose minibatch holds the sentinel row (40): fit_mle's split and draws, replayed."""
-    train, _ = split_indices(len(SENTINEL_DATA), 0.0, 0)
-    rng = np.random.default_rng(0)
-    return [t for t in range(1, num_steps + 1) if 40 in batch_indices(train, batch_size, rng)]
-
-
-def test_fit_mle_skips_a_step_whose_loss_is_nan():
-    options = dict(batch_size=8, validation_fraction=0.0, standardize=False, lr=1e-2, progress=False)
-    poisoned = poisoned_steps(60, 8)
-    assert 1 < len(poisoned) < 30 and poisoned[0] > 1
-    k = poisoned[0]  # 4
-    fitted, history = pf.fit_mle(sentinel_flow(), SENTINEL_DATA, num_steps=60, eval_every=k, **options)
-    assert history.skipped_steps == len(poisoned)  # 14 of 60
-    assert np.isfinite(history.loss).all() and history.step == list(range(k, 61, k))
-    # the first poisoned step leaves the weights of the step before
-    before, _ = pf.fit_mle(sentinel_flow(), SENTINEL_DATA, num_steps=k - 1, eval_every=k, **options)
-    after, history = pf.fit_mle(sentinel_flow(), SENTINEL_DATA, num_steps=k, eval_every=k, **options)
-    assert history.skipped_steps == 1
-    for (name, a), b in zip(after.state_dict().items(), before.state_dict().values()):
-        assert torch.equal(a, b), name
-
-
-def test_fit_mle_raises_when_the_flow_is_not_finite_from_the_start():
-    data = np.random.default_rng(10).normal(size=(20, 2))
-    with pytest.raises(
-        ValueError,
-        match=r"fit_mle: 5 consecutive steps \(steps 1 to 5\) were skipped because the "
-        r"loss was NaN or inf at 5 of them, from the first step, before any update: "
-        r".*badly scaled .*standardize=True",
-    ):
-        pf.fit_mle(RawScale(-1.0), data, max_bad_steps=5, progress=False)
-
-
-def test_fit_mle_raises_naming_a_too_large_learning_rate():
-    # sd 0.1: the NLL pulls the scale down from 1, and Adam's first step of about lr = 5 makes it negative
-    data = 0.1 * np.random.default_rng(11).normal(size=(50, 2))
-    flow = RawScale(1.0)
-    with pytest.raises(
-        ValueError,
-        match=r"fit_mle: 20 consecutive steps \(steps 2 to 21\) were skipped.* after "
-        r"training had made progress: the learning rate lr=5 is too large"
-        r".*Try lr=0.5",
-    ):
-        pf.fit_mle(flow, data, lr=5.0, standardize=False, progress=False)
-    assert (flow.scale < 0).all()  # trained in place: the last update taken
 
 
 def test_progress_bar_only_when_asked(capfd):
@@ -381,19 +225,24 @@ class CountingTarget:
         return out
 
 
+def fit_reverse_kl_error(target, match, **options):
+    """``fit_reverse_kl`` of a small IAF on ``target`` raises a ``ValueError`` matching ``match``."""
+    flow = pf.build_flow("iaf", 2, num_layers=1, hidden_dims=(4,)).double()
+    with pytest.raises(ValueError, match=match):
+        pf.fit_reverse_kl(flow, target, progress=False, **options)
+
+
 def test_fit_reverse_kl_raises_at_once_on_a_nan_target_at_its_first_evaluation():
     target = CountingTarget(range(1, 10**6))
-    flow = pf.build_flow("iaf", 2, num_layers=1, hidden_dims=(4,)).double()
-    with pytest.raises(
-        ValueError,
-        match=r"fit_reverse_kl: the target log-density returned NaN at 256 of 256 "
+    message = (
+        r"fit_reverse_kl: the target log-density returned NaN at 256 of 256 "
         r"draws at its first evaluation \(step 1, before any update\): the target "
-        r"is broken, not the training.*unconstrained space",
-    ):
-        pf.fit_reverse_kl(flow, target, num_steps=100, progress=False)
+        r"is broken, not the training.*unconstrained space"
+    )
+    fit_reverse_kl_error(target, message, num_steps=100)
     assert target.calls == 1
-    with pytest.raises(ValueError, match="returned inf at 1 of 256 draws at its first evaluation"):
-        pf.fit_reverse_kl(flow, CountingTarget([1], every_draw=False, value=math.inf), progress=False)
+    inf_once = CountingTarget([1], every_draw=False, value=math.inf)
+    fit_reverse_kl_error(inf_once, "returned inf at 1 of 256 draws at its first evaluation")
 
 
 def test_fit_reverse_kl_skips_a_step_with_a_nan_target():
@@ -415,15 +264,12 @@ def test_fit_reverse_kl_skips_a_step_with_a_nan_target():
 
 
 def test_fit_reverse_kl_raises_naming_the_target_when_it_stays_nan():
-    target = CountingTarget(range(3, 10**6), every_draw=False)
-    flow = pf.build_flow("iaf", 2, num_layers=1, hidden_dims=(4,)).double()
-    with pytest.raises(
-        ValueError,
-        match=r"fit_reverse_kl: 4 consecutive steps \(steps 3 to 6\) were skipped.*the "
+    message = (
+        r"fit_reverse_kl: 4 consecutive steps \(steps 3 to 6\) were skipped.*the "
         r"target log-density returned NaN or inf at some of the flow's draws in 4 of "
-        r"them.*unconstrained space",
-    ):
-        pf.fit_reverse_kl(flow, target, max_bad_steps=4, progress=False)
+        r"them.*unconstrained space"
+    )
+    fit_reverse_kl_error(CountingTarget(range(3, 10**6), every_draw=False), message, max_bad_steps=4)
 
 
 def test_fit_reverse_kl_raises_naming_a_too_large_learning_rate():

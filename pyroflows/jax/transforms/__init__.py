@@ -1,8 +1,19 @@
 """Flow layers for NumPyro (equinox modules), one module per family; importing this registers their builders."""
 
+from ...exports import layer_names
 from . import autoregressive, base, conditioners, gaussianization, gdn, glow, planar, sylvester, transformers
 from .autoregressive import *  # noqa: F401,F403
-from .base import CholeskyAffine, ElementwiseAffine, EqxTransform, Flow, FlowTransform, LogTails, Permute
+from .base import (
+    CholeskyAffine,
+    ConditionalFlow,
+    ConditionedFlow,
+    ElementwiseAffine,
+    EqxTransform,
+    Flow,
+    FlowTransform,
+    LogTails,
+    Permute,
+)
 from .conditioners import *  # noqa: F401,F403
 from .continuous import *  # noqa: F401,F403
 from .gaussianization import *  # noqa: F401,F403
@@ -13,23 +24,4 @@ from .residual import *  # noqa: F401,F403
 from .sylvester import *  # noqa: F401,F403
 from .transformers import Additive, Affine, DeepSigmoid, RationalQuadraticSpline, Transformer
 
-__all__ = [
-    "FlowTransform",
-    "Flow",
-    "EqxTransform",
-    "Permute",
-    "ElementwiseAffine",
-    "CholeskyAffine",
-    "LogTails",
-    "Transformer",
-    "Additive",
-    "Affine",
-    "RationalQuadraticSpline",
-    "DeepSigmoid",
-] + [
-    name
-    for module in (planar, sylvester, conditioners, glow, autoregressive, gaussianization, gdn)
-    for name in module.__all__
-]
-__all__ += residual.__all__  # noqa: F405
-__all__ += continuous.__all__  # noqa: F405
+__all__ = layer_names(__name__, "EqxTransform")

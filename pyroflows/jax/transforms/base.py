@@ -23,17 +23,13 @@ import numpy as np
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import Transform
 
+from ...exports import BASE_LAYERS
 from ...registry import check_event_dim
 from ...structure import reverse_permutation
 
 __all__ = [
-    "FlowTransform",
-    "Flow",
+    *BASE_LAYERS,
     "EqxTransform",
-    "Permute",
-    "ElementwiseAffine",
-    "CholeskyAffine",
-    "LogTails",
     "soft_clamp",
     "bisect_increasing",
     "implicit_step",
@@ -83,23 +79,11 @@ class FlowTransform(eqx.Module):
     stochastic: ClassVar[bool] = False
 
     def call_and_ladj(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``(y, log|det dy/dx|)`` for one vector ``x`` of shape ``(dim,)``.
-
-        Example:
-            >>> y, ladj = LogTails(2).call_and_ladj(jnp.zeros(2))
-            >>> y.shape, ladj.shape
-            ((2,), ())
-        """
+        """``(y, log|det dy/dx|)`` for one vector ``x`` of shape ``(dim,)``."""
         raise NotImplementedError
 
     def inverse_and_ladj(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``(x, log|det dx/dy|)`` for one vector ``y`` of shape ``(dim,)``.
-
-        Example:
-            >>> x, ladj = LogTails(2).inverse_and_ladj(jnp.zeros(2))
-            >>> x.shape, ladj.shape
-            ((2,), ())
-        """
+        """``(x, log|det dx/dy|)`` for one vector ``y`` of shape ``(dim,)``."""
         raise NotImplementedError
 
     def forward_map(self, x: jax.Array) -> jax.Array:
@@ -175,11 +159,16 @@ def _fixed_key():
     return jax.random.key(0)
 
 
-def _call_layer(layer, x, inverse, key, log_det=True):
-    if not log_det:
+def _call_layer(layer, x, inverse, key, log_det=True, context=None):
+    conditional = context is not None and getattr(layer, "context_dim", 0)
+    if not (log_det or conditional):
         return (layer.inverse_map(x) if inverse else layer.forward_map(x)), None
     fn = layer.inverse_and_ladj if inverse else layer.call_and_ladj
-    return fn(x, key=key) if is_stochastic(layer) else fn(x)
+    kwargs = {"key": key} if is_stochastic(layer) else {}
+    if conditional:
+        kwargs["context"] = context
+    out = fn(x, **kwargs)
+    return out if log_det else (out[0], None)
 
 
 def float_dtype(module: object) -> jnp.dtype:
@@ -246,11 +235,11 @@ def _segments(parts, max_period=3):
     return tuple(out)
 
 
-def _run(chunk, x, inverse, keys=None, log_det=True):
+def _run(chunk, x, inverse, keys=None, log_det=True, context=None):
     total = jnp.zeros((), x.dtype)
     order = range(len(chunk) - 1, -1, -1) if inverse else range(len(chunk))
     for i in order:
-        x, ladj = _call_layer(chunk[i], x, inverse, None if keys is None else keys[i], log_det)
+        x, ladj = _call_layer(chunk[i], x, inverse, None if keys is None else keys[i], log_det, context)
         if log_det:
             total = total + ladj
     return x, total
@@ -289,7 +278,7 @@ class Flow(FlowTransform):
         """
         return any(is_stochastic(p) for p in self.parts)
 
-    def _apply(self, x, inverse, key, log_det=True):
+    def _apply(self, x, inverse, key, log_det=True, context=None):
         x = _as_input(self, x, batched=False)
         total = jnp.zeros((), x.dtype)
         # one key per part, so a part's noise does not depend on the direction of travel
@@ -303,14 +292,14 @@ class Flow(FlowTransform):
                 else keys[start : start + period * repeats].reshape((repeats, period) + keys.shape[1:])
             )
             if repeats == 1:
-                x, ladj = _run(chunks[0], x, inverse, None if seg_keys is None else seg_keys[0], log_det)
+                x, ladj = _run(chunks[0], x, inverse, None if seg_keys is None else seg_keys[0], log_det, context)
             else:
                 dynamic, static = eqx.partition(chunks, eqx.is_array)
                 stacked = jax.tree.map(lambda *a: jnp.stack(a), *dynamic)
 
                 def body(carry, xs, static=static[0]):
                     weights, chunk_keys = xs
-                    y, lad = _run(eqx.combine(weights, static), carry[0], inverse, chunk_keys, log_det)
+                    y, lad = _run(eqx.combine(weights, static), carry[0], inverse, chunk_keys, log_det, context)
                     return (y, carry[1] + lad), None
 
                 (x, ladj), _ = jax.lax.scan(body, (x, jnp.zeros((), x.dtype)), (stacked, seg_keys), reverse=inverse)
@@ -430,6 +419,131 @@ class Flow(FlowTransform):
     # --- end of TrainableFlow ---------------------------------------------------------------
 
 
+class ConditionalFlow(Flow):
+    """A flow whose layers read a context: JAX mirror of ``pyroflows.torch.transforms.ConditionalFlow``.
+
+    Maps one vector at one context vector; ``to_transform(context=c)`` is the NumPyro
+    transform at ``c`` (a pytree child, so it works under ``jit`` and ``vmap``), where an
+    unbatched ``c`` broadcasts against batched inputs.
+
+    Example:
+        >>> from pyroflows.jax import build_flow
+        >>> flow = build_flow("realnvp", 2, context_dim=3, hidden_dims=(8,))
+        >>> y, ladj = flow.call_and_ladj(jnp.zeros(2), jnp.ones(3))
+        >>> flow.to_transform(context=jnp.ones(3))(jnp.zeros((5, 2))).shape
+        (5, 2)
+        >>> flow.log_prob(jnp.zeros((4, 2)), jnp.ones((4, 3))).shape
+        (4,)
+    """
+
+    context_dim: int = eqx.field(static=True)
+
+    def __init__(self, parts: Sequence[FlowTransform], dim: int, context_dim: int, config: dict | None = None):
+        super().__init__(parts, dim, config)
+        self.context_dim = int(context_dim)
+
+    def _context(self, context, batched=False):
+        if context is None:
+            raise ValueError(
+                f"this flow is conditional (context_dim={self.context_dim}) and needs a context: pass one to "
+                "call_and_ladj / inverse_and_ladj / log_prob, or use flow.to_transform(context=c)"
+            )
+        c = jnp.asarray(context)
+        if batched:
+            check_event_dim(jnp.shape(c), self.context_dim, "context")
+        elif jnp.shape(c) != (self.context_dim,):
+            raise ValueError(
+                f"ConditionalFlow.call_and_ladj / inverse_and_ladj read one context of shape ({self.context_dim},), "
+                f"got shape {tuple(jnp.shape(c))}; for a batch use flow.to_transform(context=c)"
+            )
+        return c if jnp.issubdtype(c.dtype, jnp.inexact) else c.astype(float_dtype(self))
+
+    def call_and_ladj(
+        self, x: jax.Array, context: jax.Array | None = None, key: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """``(y, log|det dy/dx|)`` for one vector ``x`` at one ``context`` of shape ``(context_dim,)``."""
+        return self._apply(x, False, key, context=self._context(context))
+
+    def inverse_and_ladj(
+        self, y: jax.Array, context: jax.Array | None = None, key: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """``(x, log|det dx/dy|)`` for one vector ``y`` at one ``context``."""
+        return self._apply(y, True, key, context=self._context(context))
+
+    def forward_map(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        """The forward map alone at ``context``."""
+        return self._apply(x, False, None, log_det=False, context=self._context(context))[0]
+
+    def inverse_map(self, y: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        """The inverse map alone at ``context``."""
+        return self._apply(y, True, None, log_det=False, context=self._context(context))[0]
+
+    def to_transform(self, key: jax.Array | None = None, context: jax.Array | None = None) -> EqxTransform:
+        """The flow at ``context`` (shape ``(..., context_dim)``) as a NumPyro ``Transform``."""
+        return EqxTransform(self, key, self._context(context, batched=True))
+
+    def condition(self, context: jax.Array) -> ConditionedFlow:
+        """The flow at one context vector, as a layer (a ``ConditionedFlow``)."""
+        return ConditionedFlow(self, context)
+
+    def log_prob(self, x: jax.Array, context: jax.Array | None = None, key: jax.Array | None = None) -> jax.Array:
+        """``log q(x | context)`` for points ``(..., dim)`` and contexts broadcast against them."""
+        from ..density import pushforward_log_prob
+
+        return pushforward_log_prob(self, x, key, context)
+
+    def sample_and_log_prob(
+        self, num_samples: int, key: jax.Array, context: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """``num_samples`` draws at ``context`` (one, or one per draw) and their ``log q(x | context)``."""
+        from ..density import pushforward_sample_and_log_prob
+
+        return pushforward_sample_and_log_prob(self, num_samples, key, context)
+
+
+class ConditionedFlow(FlowTransform):
+    """A ``ConditionalFlow`` at one context vector: JAX mirror of ``pyroflows.torch.transforms.ConditionedFlow``.
+
+    A layer like any other (``to_transform()``, ``jit``, ``vmap``); the context is an array
+    leaf, so gradients reach whatever produced it. For a batch of contexts use
+    ``ConditionalFlow.to_transform(context=c)``.
+
+    Example:
+        >>> from pyroflows.jax import build_flow
+        >>> flow = build_flow("maf", 2, context_dim=1, hidden_dims=(8,)).condition(jnp.array([0.5]))
+        >>> flow.to_transform().inv(flow.to_transform()(jnp.ones((3, 2)))).round(6).tolist()
+        [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]
+    """
+
+    flow: ConditionalFlow
+    context: jax.Array
+
+    def __init__(self, flow: ConditionalFlow, context: jax.Array):
+        self.dim = flow.dim
+        self.flow, self.context = flow, flow._context(context)
+
+    @property
+    def is_stochastic(self) -> bool:
+        """Whether the flow's log-det is a random estimate (it then takes a ``key``)."""
+        return self.flow.is_stochastic
+
+    def call_and_ladj(self, x: jax.Array, key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """``(y, log|det dy/dx|)`` for one vector at the bound context."""
+        return self.flow.call_and_ladj(x, self.context, key)
+
+    def inverse_and_ladj(self, y: jax.Array, key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """``(x, log|det dx/dy|)`` for one vector at the bound context."""
+        return self.flow.inverse_and_ladj(y, self.context, key)
+
+    def forward_map(self, x: jax.Array) -> jax.Array:
+        """The forward map alone at the bound context."""
+        return self.flow.forward_map(x, self.context)
+
+    def inverse_map(self, y: jax.Array) -> jax.Array:
+        """The inverse map alone at the bound context."""
+        return self.flow.inverse_map(y, self.context)
+
+
 class _Frozen(dict):
     """A hashable dict, so a flow's config can be a static (compile-time) field."""
 
@@ -438,18 +552,16 @@ class _Frozen(dict):
 
 
 @eqx.filter_jit
-def _vmapped(module, flat, inverse: bool, keys):
+def _vmapped(module, flat, inverse: bool, keys, context=None):
     # Compiled once per flow structure and batch size, so eager use does not re-trace
     # every scan and solver loop on each call; inside an outer jit it simply inlines.
     # Keys are arguments, never constants, so a compiled program draws fresh noise.
-    if keys is None:
-        return jax.vmap(lambda v: _call_layer(module, v, inverse, None))(flat)
-    return jax.vmap(lambda v, k: _call_layer(module, v, inverse, k))(flat, keys)
+    return jax.vmap(lambda v, k, c: _call_layer(module, v, inverse, k, context=c))(flat, keys, context)
 
 
 @eqx.filter_jit
-def _vmapped_map(module, flat, inverse: bool):
-    return jax.vmap(lambda v: _call_layer(module, v, inverse, None, log_det=False)[0])(flat)
+def _vmapped_map(module, flat, inverse: bool, context=None):
+    return jax.vmap(lambda v, c: _call_layer(module, v, inverse, None, log_det=False, context=c)[0])(flat, context)
 
 
 def _available_key(key):
@@ -477,21 +589,28 @@ def _noise_key(module, key):
     return key
 
 
-def _batched(module, x, inverse, key=None):
+def _flat_inputs(module, x, context):
+    """``x`` (and the context, broadcast against it) flattened to one batch axis."""
     x = _as_input(module, x, batched=True)
-    shape = jnp.shape(x)
-    flat = jnp.reshape(x, (-1, module.dim))
+    if context is None:
+        return jnp.shape(x), jnp.reshape(x, (-1, module.dim)), None
+    batch = jnp.broadcast_shapes(jnp.shape(x)[:-1], jnp.shape(context)[:-1])
+    x = jnp.broadcast_to(x, batch + (module.dim,))
+    context = jnp.broadcast_to(context, batch + jnp.shape(context)[-1:])
+    return jnp.shape(x), jnp.reshape(x, (-1, module.dim)), jnp.reshape(context, (x.size // module.dim, -1))
+
+
+def _batched(module, x, inverse, key=None, context=None):
+    shape, flat, context = _flat_inputs(module, x, context)
     keys = jax.random.split(_noise_key(module, key), flat.shape[0]) if is_stochastic(module) else None
-    out, ladj = _vmapped(module, flat, inverse, keys)
+    out, ladj = _vmapped(module, flat, inverse, keys, context)
     return jnp.reshape(out, shape), jnp.reshape(ladj, shape[:-1])
 
 
-def _batched_map(module, x, inverse):
+def _batched_map(module, x, inverse, context=None):
     """The map alone on ``(..., dim)``: for a stochastic module without a key at hand."""
-    x = _as_input(module, x, batched=True)
-    shape = jnp.shape(x)
-    out = _vmapped_map(module, jnp.reshape(x, (-1, module.dim)), inverse)
-    return jnp.reshape(out, shape)
+    shape, flat, context = _flat_inputs(module, x, context)
+    return jnp.reshape(_vmapped_map(module, flat, inverse, context), shape)
 
 
 class EqxTransform(Transform):
@@ -523,9 +642,10 @@ class EqxTransform(Transform):
     domain = constraints.real_vector
     codomain = constraints.real_vector
 
-    def __init__(self, module: FlowTransform, key: jax.Array | None = None):
+    def __init__(self, module: FlowTransform, key: jax.Array | None = None, context: jax.Array | None = None):
         self.module = module
         self.key = key
+        self.context = context
         self._last_inverse = None
 
     @property
@@ -546,19 +666,23 @@ class EqxTransform(Transform):
             >>> y.shape, ladj.tolist()
             ((3, 2), [0.0, 0.0, 0.0])
         """
-        return _batched(self.module, x, False, self.key)
+        return _batched(self.module, x, False, self.key, self.context)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if is_stochastic(self.module):
             # Only the log-det needs noise: without a key at hand run the map alone.
             key = _available_key(self.key)
-            return _batched_map(self.module, x, False) if key is None else _batched(self.module, x, False, key)[0]
-        return _batched(self.module, x, False)[0]
+            if key is None:
+                return _batched_map(self.module, x, False, self.context)
+            return _batched(self.module, x, False, key, self.context)[0]
+        return _batched(self.module, x, False, None, self.context)[0]
 
     def _inverse(self, y: jax.Array) -> jax.Array:
         if is_stochastic(self.module):
             key = _available_key(self.key)
-            return _batched_map(self.module, y, True) if key is None else self._inverse_and_ladj(y, key)[0]
+            return (
+                _batched_map(self.module, y, True, self.context) if key is None else self._inverse_and_ladj(y, key)[0]
+            )
         return self._inverse_and_ladj(y, None)[0]
 
     def log_abs_det_jacobian(self, x: jax.Array, y: jax.Array, intermediates: jax.Array | None = None) -> jax.Array:
@@ -592,14 +716,14 @@ class EqxTransform(Transform):
         return self._inverse_and_ladj(y, self.key)
 
     def _inverse_and_ladj(self, y, key):
-        x, ladj = _batched(self.module, y, True, key)
+        x, ladj = _batched(self.module, y, True, key, self.context)
         # Held by identity (one entry, like Pyro's cache_size=1), so only the very
         # objects of this call can match; a new trace or a new array never does.
         self._last_inverse = (y, x, ladj)
         return x, ladj
 
     def tree_flatten(self) -> tuple[tuple, None]:
-        """The pytree children ``(module, key)`` and no auxiliary data.
+        """The pytree children ``(module, key, context)`` and no auxiliary data.
 
         Example:
             >>> layer = LogTails(2)
@@ -607,7 +731,7 @@ class EqxTransform(Transform):
             >>> children[0] is layer, children[1] is None
             (True, True)
         """
-        return (self.module, self.key), None
+        return (self.module, self.key, self.context), None
 
     @classmethod
     def tree_unflatten(cls, aux_data: None, children: tuple) -> EqxTransform:
@@ -621,7 +745,7 @@ class EqxTransform(Transform):
         return cls(*children)
 
     def __eq__(self, other):
-        return isinstance(other, EqxTransform) and other.module is self.module
+        return isinstance(other, EqxTransform) and other.module is self.module and other.context is self.context
 
     def __hash__(self):
         return id(self.module)
@@ -635,6 +759,8 @@ class Permute(FlowTransform):
     Example:
         >>> Permute([2, 0, 1]).call_and_ladj(jnp.array([10.0, 11.0, 12.0]))[0].tolist()
         [12.0, 10.0, 11.0]
+        >>> Permute.reverse(3).permutation.tolist()
+        [2, 1, 0]
     """
 
     permutation: jax.Array
@@ -648,12 +774,7 @@ class Permute(FlowTransform):
 
     @classmethod
     def reverse(cls, dim: int) -> Permute:
-        """The permutation that reverses the coordinates.
-
-        Example:
-            >>> Permute.reverse(3).permutation.tolist()
-            [2, 1, 0]
-        """
+        """The permutation that reverses the coordinates."""
         return cls(reverse_permutation(dim))
 
     @classmethod

@@ -25,6 +25,7 @@ __all__ = ["Coupling", "MaskedAutoregressive", "build_conditioned"]
 
 class _Conditioned(FlowTransform):
     transformer: Transformer = eqx.field(static=True)
+    context_dim: int = eqx.field(static=True, default=0)
 
     @property
     def numerical_inverse(self) -> bool:
@@ -60,24 +61,25 @@ class Coupling(_Conditioned):
         transformer: Transformer,
         hidden_dims: Sequence[int] = (64, 64),
         activation: str = "relu",
+        context_dim: int = 0,
         *,
         key: jax.Array,
     ):
-        self.dim = int(dim)
+        self.dim, self.context_dim = int(dim), int(context_dim)
         self.transformer = transformer
         self.split = self.dim // 2
-        self.conditioner = MLP(
-            self.split, hidden_dims, transformer.num_params * (self.dim - self.split), activation, key=key
-        )
+        out = transformer.num_params * (self.dim - self.split)
+        self.conditioner = MLP(self.split + self.context_dim, hidden_dims, out, activation, key=key)
 
-    def _map(self, v, inverse):
+    def _map(self, v, inverse, context):
         va, vb = v[: self.split], v[self.split :]
-        params = self.conditioner(va).reshape(self.transformer.num_params, self.dim - self.split).T
+        params = self.conditioner(va if context is None else jnp.concatenate([va, context]))
+        params = params.reshape(self.transformer.num_params, self.dim - self.split).T
         vb, logd = (self.transformer.inverse if inverse else self.transformer.forward)(vb, params)
         return jnp.concatenate([va, vb]), logd.sum()
 
-    def call_and_ladj(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``(y, log|det dy/dx|)`` for one vector.
+    def call_and_ladj(self, x: jax.Array, context: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """``(y, log|det dy/dx|)`` for one vector (and one context vector of a conditional layer).
 
         Example:
             >>> from pyroflows.jax.transforms.transformers import Additive
@@ -86,9 +88,9 @@ class Coupling(_Conditioned):
             >>> y.tolist(), float(ladj)  # a fresh layer is the identity
             ([1.0, 2.0], 0.0)
         """
-        return self._map(x, False)
+        return self._map(x, False, context)
 
-    def inverse_and_ladj(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def inverse_and_ladj(self, y: jax.Array, context: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """``(x, log|det dx/dy|)`` for one vector.
 
         Example:
@@ -100,7 +102,7 @@ class Coupling(_Conditioned):
             >>> bool(jnp.allclose(x_back, x, atol=1e-5))
             True
         """
-        return self._map(y, True)
+        return self._map(y, True, context)
 
 
 class MaskedAutoregressive(_Conditioned):
@@ -131,14 +133,15 @@ class MaskedAutoregressive(_Conditioned):
         hidden_dims: Sequence[int] = (64, 64),
         activation: str = "relu",
         reads: str = "input",
+        context_dim: int = 0,
         *,
         key: jax.Array,
     ):
         if reads not in ("input", "output"):
             raise ValueError(f"reads={reads!r} is not one of ['input', 'output']")
-        self.dim = int(dim)
+        self.dim, self.context_dim = int(dim), int(context_dim)
         self.transformer, self.reads = transformer, reads
-        self.made = MADE(self.dim, hidden_dims, transformer.num_params, activation, key=key)
+        self.made = MADE(self.dim, hidden_dims, transformer.num_params, activation, self.context_dim, key=key)
 
     def get_permutation(self) -> jax.Array:
         """The order in which coordinates are generated: the natural one.
@@ -150,21 +153,21 @@ class MaskedAutoregressive(_Conditioned):
         """
         return jnp.arange(self.dim)
 
-    def _parallel(self, v, inverse):
-        out, logd = (self.transformer.inverse if inverse else self.transformer.forward)(v, self.made(v))
+    def _parallel(self, v, inverse, context):
+        out, logd = (self.transformer.inverse if inverse else self.transformer.forward)(v, self.made(v, context))
         return out, logd.sum()
 
-    def _sequential(self, given, inverse):
+    def _sequential(self, given, inverse, context):
         step = self.transformer.inverse if inverse else self.transformer.forward
 
         def body(i, carry):
             v, total = carry
-            out, logd = step(given[i], self.made(v)[i])
+            out, logd = step(given[i], self.made(v, context)[i])
             return v.at[i].set(out.astype(v.dtype)), total + logd.astype(total.dtype)
 
         return jax.lax.fori_loop(0, self.dim, body, (jnp.zeros_like(given), jnp.zeros((), given.dtype)))
 
-    def call_and_ladj(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def call_and_ladj(self, x: jax.Array, context: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """``(y, log|det dy/dx|)`` for one vector (a ``fori_loop`` with ``reads="output"``).
 
         Example:
@@ -176,9 +179,9 @@ class MaskedAutoregressive(_Conditioned):
             >>> bool(jnp.allclose(x_back, x, atol=1e-5))
             True
         """
-        return self._parallel(x, False) if self.reads == "input" else self._sequential(x, False)
+        return self._parallel(x, False, context) if self.reads == "input" else self._sequential(x, False, context)
 
-    def inverse_and_ladj(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def inverse_and_ladj(self, y: jax.Array, context: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """``(x, log|det dx/dy|)`` for one vector (a ``fori_loop`` with ``reads="input"``).
 
         Example:
@@ -188,11 +191,18 @@ class MaskedAutoregressive(_Conditioned):
             >>> x.tolist(), float(ladj)
             ([1.0, 2.0], 0.0)
         """
-        return self._parallel(y, True) if self.reads == "output" else self._sequential(y, True)
+        return self._parallel(y, True, context) if self.reads == "output" else self._sequential(y, True, context)
 
 
 def conditioned_layer(
-    name: str, dim: int, hidden_dims: Sequence[int], activation: str, *, key: jax.Array, **options: Any
+    name: str,
+    dim: int,
+    hidden_dims: Sequence[int],
+    activation: str,
+    context_dim: int = 0,
+    *,
+    key: jax.Array,
+    **options: Any,
 ) -> FlowTransform:
     """One layer of family ``name``: JAX mirror of ``pyroflows.torch.transforms.conditioners.conditioned_layer``.
 
@@ -204,8 +214,8 @@ def conditioned_layer(
     kind = options.pop("conditioner", spec.conditioner)
     transformer = TRANSFORMERS[spec.transformer](**options)
     if kind == "coupling":
-        return Coupling(dim, transformer, hidden_dims, activation, key=key)
-    return MaskedAutoregressive(dim, transformer, hidden_dims, activation, spec.reads, key=key)
+        return Coupling(dim, transformer, hidden_dims, activation, context_dim, key=key)
+    return MaskedAutoregressive(dim, transformer, hidden_dims, activation, spec.reads, context_dim, key=key)
 
 
 def build_conditioned(

@@ -277,41 +277,11 @@ class CNF(FlowTransform):
         return final[0], final[1], reg
 
     def call_and_ladj(self, x: jax.Array, key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """``y = x(T)`` and ``integral_0^T tr(df/dx) dt``, for one vector.
-
-        Args:
-            x: one vector, shape ``(dim,)``.
-            key: draws the Hutchinson probe (``estimator="hutchinson"`` only).
-
-        Returns:
-            ``(y, log|det dy/dx|)``: shape ``(dim,)`` and a scalar.
-
-        Example:
-            >>> import jax, jax.numpy as jnp
-            >>> layer = CNF(2, (8,), estimator="exact", solver="euler", num_steps=4, key=jax.random.key(0))
-            >>> y, ladj = layer.call_and_ladj(jnp.full(2, 0.5))
-            >>> y.shape, ladj.shape
-            ((2,), ())
-        """
+        """``y = x(T)`` and ``integral_0^T tr(df/dx) dt``, for one vector."""
         return self._solve(x, 1.0, key)[:2]
 
     def inverse_and_ladj(self, y: jax.Array, key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """``x(0)`` from ``y = x(T)`` (the ODE backwards in time) and its log-determinant, for one vector.
-
-        Args:
-            y: one vector, shape ``(dim,)``.
-            key: draws the Hutchinson probe (``estimator="hutchinson"`` only).
-
-        Returns:
-            ``(x, log|det dx/dy|)``: shape ``(dim,)`` and a scalar.
-
-        Example:
-            >>> import jax, jax.numpy as jnp
-            >>> layer = CNF(2, (8,), estimator="exact", solver="euler", num_steps=4, key=jax.random.key(0))
-            >>> x, ladj = layer.inverse_and_ladj(jnp.full(2, 0.5))
-            >>> x.shape, ladj.shape
-            ((2,), ())
-        """
+        """``x(0)`` from ``y = x(T)`` (the ODE backwards in time) and its log-determinant, for one vector."""
         return self._solve(y, -1.0, key)[:2]
 
     def forward_map(self, x: jax.Array) -> jax.Array:
@@ -362,20 +332,9 @@ class CNF(FlowTransform):
 
 @register_flow("ffjord")
 def ffjord(dim: int, num_layers: int, hidden_dims: Sequence[int], *, key: jax.Array, **options: Any) -> list[CNF]:
-    """The ``ffjord`` family: ``num_layers`` ``CNF`` layers (Grathwohl et al. 2018).
-
-    Args:
-        dim: size of the vectors.
-        num_layers: how many layers.
-        hidden_dims: hidden widths of each dynamics network.
-        key: JAX key, split once per layer.
-        **options: the ``CNF`` options.
-
-    Returns:
-        The layers, in order.
+    """The ``ffjord`` family's layers: JAX mirror of ``pyroflows.torch.transforms.continuous.ffjord``.
 
     Example:
-        >>> import jax
         >>> [layer.solver for layer in ffjord(2, 2, (8,), solver="euler", key=jax.random.key(0))]
         ['euler', 'euler']
     """

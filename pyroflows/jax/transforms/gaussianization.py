@@ -1,18 +1,9 @@
-"""Gaussianization flows: Householder rotations and per-coordinate Gaussianizing CDFs (JAX mirror of torch).
+"""JAX mirror of ``pyroflows.torch.transforms.gaussianization``: the Gaussianization layer.
 
-A layer (Meng, Song, Song & Ermon 2020) rotates its input and then
-sends every coordinate through ``Phi^-1 o F``, where ``F`` is the CDF of a mixture of
-logistics and ``Phi`` the standard normal CDF. That is the data-to-noise direction, so
-here it is ``inverse_and_ladj``; the forward (noise to data) solves it per coordinate.
-
-The numerics live in log space: ``log F`` and ``log(1 - F)`` are log-sum-exps of
-log-sigmoids, and ``ndtri_exp`` inverts the normal CDF from a log-probability, so the
-layer stays exact and finite when ``F`` is far closer to 0 or 1 than a float can hold.
-The log-det ``log f(u) - log phi(z)`` is never formed as that difference (both terms
-are about ``-z^2/2``, so it would cancel to nothing in the tails); it is the difference
-of two hazards, ``log f - log F`` of the mixture and ``log phi - log Phi`` of the
-normal, taken in the same tail, each of the size of ``log|z|`` (see ``_tails`` and
-``_log_normal_hazard``).
+The same rotations, mixtures of logistics and log-space numerics as torch (whose module
+docstring explains why the log-determinant is a difference of hazards). JAX adds its own
+``log_ndtr`` and ``ndtri_exp``, exact in both tails and differentiable to any order through
+custom JVPs, and stacks the log-sum-exps, which the solver loops trace many times.
 
 References:
     Meng, Song, Song & Ermon 2020, "Gaussianization flows", arXiv:2003.01941.
@@ -262,28 +253,14 @@ def _initial_mixture(num_components: int):
 
 
 class Gaussianization(FlowTransform):
-    """One Gaussianization layer (Meng, Song, Song & Ermon 2020).
+    """One Gaussianization layer: JAX mirror of ``pyroflows.torch.transforms.Gaussianization``.
 
-    Data to noise (``inverse_and_ladj``)::
-
-        u = H_m ... H_1 y,          H_j = I - 2 v_j v_j^T / |v_j|^2
-        z_i = Phi^-1(F_i(u_i)),     F_i(u) = sum_k w_ik sigmoid((u - mu_ik) / s_ik)
-
-    with ``w_i = softmax(logits_i)`` and ``s_ik = exp(soft_clamp(raw_ik, log_scale_bound))``.
-    ``log F`` and ``log(1 - F)`` are log-sum-exps of log-sigmoids, and ``Phi^-1`` is taken
-    from whichever tail is smaller (``ndtri_exp``), so extreme inputs stay exact. The
-    log-determinant is ``sum_i log f_i(u_i) - log phi(z_i)`` with ``f_i`` the mixture
-    density, computed as a difference of hazards (module docstring) so that it stays
-    exact for any finite input; reflections contribute 0.
-
-    Noise to data (``call_and_ladj``) has no closed form: per coordinate ``u`` solves
-    ``F(u) = Phi(z)`` by bisection on ``logit F(u) = logit Phi(z)``, an increasing function
-    equivalent to ``Phi^-1(F(u)) = z``, inside the exact bracket
-    ``[min_k, max_k] (mu_k + s_k logit Phi(z))``, to ``inverse_tol * (1 + |u|)``
-    (``inverse_tol = 1e-10``, or 8 float32 epsilons in single precision); the bisection
-    runs in a ``lax.while_loop`` on stopped gradients, and one implicit Newton step on
-    ``Phi^-1(F(u)) = z`` then gives exact first derivatives; the reflections are undone
-    last. Works under ``jit``, ``vmap`` and reverse-mode ``grad``.
+    The same maps as torch, whose docstring gives the maths: data to noise
+    (``inverse_and_ladj``) rotates and sends each coordinate through ``Phi^-1 o F`` in
+    closed form; noise to data (``call_and_ladj``) bisects per coordinate in a
+    ``lax.while_loop`` on stopped gradients (to ``inverse_tol = 1e-10``, or 8 float32
+    epsilons in single precision), then takes one implicit Newton step for exact first
+    derivatives. Works under ``jit``, ``vmap`` and reverse-mode ``grad``.
 
     Args:
         dim: size of the vectors.
@@ -292,15 +269,11 @@ class Gaussianization(FlowTransform):
         log_scale_bound: bound on the logistic log-scales.
         key: JAX key for the random reflection vectors.
 
-    References:
-        Meng, Song, Song & Ermon 2020, "Gaussianization flows", arXiv:2003.01941.
-
     Example:
-        >>> import jax, jax.numpy as jnp
         >>> layer = Gaussianization(2, num_components=3, key=jax.random.key(0))
-        >>> y, ladj = layer.inverse_and_ladj(jnp.array([0.5, -1.0]))
-        >>> x, ildj = layer.call_and_ladj(y)
-        >>> [round(float(v), 4) for v in x], abs(round(float(ladj + ildj), 4))  # abs: no -0.0
+        >>> z, ildj = layer.inverse_and_ladj(jnp.array([0.5, -1.0]))  # data -> noise, closed form
+        >>> y, ladj = layer.call_and_ladj(z)  # noise -> data, solved
+        >>> [round(float(v), 4) for v in y], abs(round(float(ladj + ildj), 4))  # abs: no -0.0
         ([0.5, -1.0], 0.0)
     """
 
@@ -402,40 +375,14 @@ class Gaussianization(FlowTransform):
 
     # --- the two directions ------------------------------------------------------------
     def inverse_and_ladj(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Data to noise in closed form: rotate, then ``z_i = Phi^-1(F_i(u_i))``; with its log-determinant.
-
-        Args:
-            y: one vector, shape ``(dim,)``.
-
-        Returns:
-            ``(x, log|det dx/dy|)``: shape ``(dim,)`` and a scalar.
-
-        Example:
-            >>> import jax, jax.numpy as jnp
-            >>> x, ladj = Gaussianization(2, num_components=3, key=jax.random.key(0)).inverse_and_ladj(jnp.full(2, 0.5))
-            >>> x.shape, ladj.shape
-            ((2,), ())
-        """
+        """Data to noise in closed form: rotate, then ``z_i = Phi^-1(F_i(u_i))``; with its log-determinant."""
         u = self._reflect(y, self._unit_reflections())
         tails = self._tails(u, self._mixture_params())
         z = _normal_icdf_from_logs(tails[0], tails[1])
         return z, _log_slope(z, *tails).sum()
 
     def call_and_ladj(self, z: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Noise to data, solved per coordinate (bisection, one implicit Newton step); with its log-determinant.
-
-        Args:
-            z: one vector, shape ``(dim,)``.
-
-        Returns:
-            ``(y, log|det dy/dz|)``: shape ``(dim,)`` and a scalar.
-
-        Example:
-            >>> import jax, jax.numpy as jnp
-            >>> y, ladj = Gaussianization(2, num_components=3, key=jax.random.key(0)).call_and_ladj(jnp.full(2, 0.5))
-            >>> y.shape, ladj.shape
-            ((2,), ())
-        """
+        """Noise to data, solved per coordinate (bisection, one implicit Newton step); with its log-determinant."""
         params = self._mixture_params()
         # logit Phi(z), exact in both tails; only ever used as a (detached) target.
         target = jax.lax.stop_gradient(_logit_ndtr(z))
@@ -464,20 +411,9 @@ class Gaussianization(FlowTransform):
 def gaussianization(
     dim: int, num_layers: int, num_components: int, num_reflections: int | None, *, key: jax.Array
 ) -> list[Gaussianization]:
-    """The ``gaussianization`` family: ``num_layers`` ``Gaussianization`` layers (Meng et al. 2020).
-
-    Args:
-        dim: size of the vectors.
-        num_layers: how many layers.
-        num_components: logistic components per coordinate.
-        num_reflections: reflections per layer (None: ``dim``).
-        key: JAX key, split once per layer.
-
-    Returns:
-        The layers, in order.
+    """The family's layers: JAX mirror of ``pyroflows.torch.transforms.gaussianization.gaussianization``.
 
     Example:
-        >>> import jax
         >>> [layer.num_components for layer in gaussianization(2, 2, 3, None, key=jax.random.key(0))]
         [3, 3]
     """

@@ -1,9 +1,7 @@
-"""Generalised divisive normalisation (GDN) as a flow layer (JAX mirror of torch).
+"""JAX mirror of ``pyroflows.torch.transforms.gdn``: generalised divisive normalisation (GDN).
 
-GDN (Balle, Laparra & Simoncelli 2016) divides each coordinate by a
-power of a weighted sum of squares, the normalisation seen in early sensory neurons;
-between invertible linear maps it Gaussianizes natural data. Normalising is the
-data-to-noise direction (``inverse_and_ladj``); the forward (noise to data) is solved.
+Normalising is the data-to-noise direction (``inverse_and_ladj``); the forward (noise to
+data) is solved. The torch module gives the maths and why the map is a bijection.
 
 References:
     Balle, Laparra & Simoncelli 2016, "Density modeling of images using a generalized
@@ -12,25 +10,20 @@ References:
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from ...structure import GDN_VARIANTS, gdn_initial_parameters
 from ..flows import register_flow
 from .base import ElementwiseAffine, FlowTransform, bisect_increasing, implicit_step
 from .glow import InvertibleLinear
 
 __all__ = ["GDN"]
 
-VARIANTS = ("diagonal", "dense")
-
-
-def _softplus_inverse(value: float) -> float:
-    return math.log(math.expm1(value))
+VARIANTS = GDN_VARIANTS
 
 
 def _log_softplus(x):
@@ -39,51 +32,15 @@ def _log_softplus(x):
 
 
 class GDN(FlowTransform):
-    """Generalised divisive normalisation (Balle, Laparra & Simoncelli 2016).
+    """Generalised divisive normalisation: JAX mirror of ``pyroflows.torch.transforms.GDN``.
 
-    Data to noise (``inverse_and_ladj``), for data ``z`` and noise ``y``::
-
-        y_i = z_i / D_i^eps_i,      D_i = beta_i + sum_j gamma_ij z_j^2
-
-    with ``beta_i = beta_min + softplus(.)``, ``gamma_ij = softplus(.) >= 0`` (only
-    ``gamma_ii`` in the ``"diagonal"`` variant, the full matrix in ``"dense"``) and
-    ``eps_i = max_exponent * sigmoid(.)`` in ``(0, max_exponent)``, ``max_exponent < 1/2``.
-
-    Why it is a bijection of R^d for every parameter value: the Jacobian is
-    ``J = diag(s) (I - M)`` with ``s_i = D_i^-eps_i`` and
-    ``M_ik = 2 eps_i z_i gamma_ik z_k / D_i``. ``diag(z)^-1 M diag(z)`` is nonnegative
-    with row sums ``2 eps_i sum_k gamma_ik z_k^2 / D_i < 2 eps_i < 1``, so the spectral
-    radius of ``M`` is below 1 and ``det J > 0`` everywhere. The map is also proper: the
-    largest ``|z_i|`` gives ``|y_i| >= |z_i| / (beta_i + sum_k gamma_ik |z_i|^2)^eps_i``, which
-    grows like ``|z_i|^(1 - 2 eps_i)``. A proper local diffeomorphism of R^d is a global
-    one (Hadamard). In the diagonal variant each coordinate is an odd increasing map onto R.
-
-    Log-determinant: diagonal, ``sum_i -eps_i log D_i + log(beta_i + (1 - 2 eps_i) gamma_ii z_i^2)
-    - log D_i`` (every term positive before the log); dense,
-    ``sum_i -eps_i log D_i + log det(I - M)`` by ``jnp.linalg.slogdet``. Sums of squares
-    are formed after dividing by ``max |z|`` so that huge inputs do not overflow.
-
-    Noise to data (``call_and_ladj``) is solved in log-magnitudes ``w_i = log|z_i|``,
-    where the equations read ``w_i = log|y_i| + eps_i log(beta_i + sum_j gamma_ij e^(2 w_j))``
-    (``z_i = sign(y_i) e^(w_i)``), on stopped gradients. Diagonal: bisection per
-    coordinate inside the exact bracket given by the slope bounds
-    ``1 - 2 eps_i <= d(w - eps log D)/dw <= 1``, to ``inverse_tol * (1 + |w|)``. Dense:
-    Newton's method on that system in a ``lax.while_loop``, started from the diagonal
-    (one-coordinate) estimate. The system is concave with an M-matrix Jacobian ``I - A``
-    (``A >= 0``, row sums below ``2 eps_i``), so full Newton steps converge monotonically
-    from any start and need no damping; it stops when every step is below
-    ``inverse_tol * (1 + |w| + |log|y||) / (1 - 2 max eps)`` (the last factor bounds
-    ``|(I - A)^-1|``, which amplifies rounding), or after ``max_newton_steps = 100``
-    steps. ``inverse_tol = 1e-10`` (8 float32 epsilons in single precision). One
-    implicit Newton step in ``z`` with the detached Jacobian then gives exact first
-    derivatives.
-
-    Unlike torch, which raises ``RuntimeError`` when 100 Newton steps fall short, the
-    JAX layer cannot raise under ``jit``: it returns the last iterate (then refined by
-    the implicit step), and a step that would leave the finite range is not taken, so
-    finite input gives finite output. Quadratic convergence from the diagonal start
-    takes a handful of steps for finite inputs and parameters; ``newton_steps(y)``
-    reports how many a point needed, for checking.
+    The same map, parameters, log-determinant and solvers as torch, whose docstring gives
+    the maths (here the dense log-determinant uses ``jnp.linalg.slogdet``, and the dense
+    Newton solve runs in a ``lax.while_loop`` on stopped gradients). Unlike torch, which
+    raises ``RuntimeError`` when ``max_newton_steps = 100`` Newton steps fall short, the JAX
+    layer cannot raise under ``jit``: it returns the last iterate (then refined by the
+    implicit step), and a step that would leave the finite range is not taken, so finite
+    input gives finite output. ``newton_steps(y)`` reports how many steps a point needed.
 
     Args:
         dim: size of the vectors.
@@ -95,17 +52,12 @@ class GDN(FlowTransform):
     Raises:
         ValueError: an unknown variant, or ``max_exponent`` outside ``(0, 1/2)``.
 
-    References:
-        Balle, Laparra & Simoncelli 2016, "Density modeling of images using a
-        generalized normalization transformation", arXiv:1511.06281.
-
     Example:
-        >>> import jax, jax.numpy as jnp
         >>> layer = GDN(2, variant="dense")
-        >>> y, ladj = layer.inverse_and_ladj(jnp.array([0.5, -1.0]))
-        >>> x, ildj = layer.call_and_ladj(y)
-        >>> [round(float(v), 4) for v in x], abs(round(float(ladj + ildj), 4))
-        ([0.5, -1.0], 0.0)
+        >>> y, ildj = layer.inverse_and_ladj(jnp.array([0.5, -1.0]))  # data -> noise, closed form
+        >>> z, ladj = layer.call_and_ladj(y)  # noise -> data, solved by Newton's method
+        >>> [round(float(v), 4) for v in z], abs(round(float(ladj + ildj), 4)), int(layer.newton_steps(y)) < 10
+        ([0.5, -1.0], 0.0, True)
     """
 
     numerical_inverse: ClassVar[bool] = True
@@ -120,23 +72,14 @@ class GDN(FlowTransform):
     beta_min: float = eqx.field(static=True)
 
     def __init__(self, dim: int, variant: str = "diagonal", max_exponent: float = 0.4, beta_min: float = 1e-3):
-        if variant not in VARIANTS:
-            raise ValueError(f"GDN variant {variant!r} is not one of {list(VARIANTS)}")
-        if not 0.0 < max_exponent < 0.5:
-            raise ValueError(f"GDN max_exponent={max_exponent!r} must lie in (0, 0.5) for the map to be a bijection")
+        beta, gamma, exponent = gdn_initial_parameters(dim, variant, max_exponent, beta_min)  # checks too
         self.dim = int(dim)
         self.variant = variant
         self.max_exponent = float(max_exponent)
         self.beta_min = float(beta_min)
-        # Start near the identity: beta = 1, a weak gamma, eps a quarter of its bound.
-        self.unconstrained_beta = jnp.asarray(np.full(dim, _softplus_inverse(1.0 - beta_min)), dtype=float)
-        if variant == "diagonal":
-            gamma = np.full(dim, _softplus_inverse(0.1))
-        else:
-            gamma = np.full((dim, dim), _softplus_inverse(0.01))
-            np.fill_diagonal(gamma, _softplus_inverse(0.1))
+        self.unconstrained_beta = jnp.asarray(beta, dtype=float)
         self.unconstrained_gamma = jnp.asarray(gamma, dtype=float)
-        self.unconstrained_exponent = jnp.asarray(np.full(dim, math.log(1.0 / 3.0)), dtype=float)  # sigmoid = 1/4
+        self.unconstrained_exponent = jnp.asarray(exponent, dtype=float)
 
     # --- parameters --------------------------------------------------------------------
     def beta(self) -> jax.Array:
@@ -204,20 +147,7 @@ class GDN(FlowTransform):
         return y, (-eps * log_d).sum() + jnp.linalg.slogdet(self._i_minus_m(zs, inner, gamma, eps))[1]
 
     def inverse_and_ladj(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Data to noise in closed form, ``z_i / D_i^eps_i`` of the data ``z``, with its log-determinant.
-
-        Args:
-            y: one data vector, shape ``(dim,)``.
-
-        Returns:
-            ``(x, log|det dx/dy|)``: shape ``(dim,)`` and a scalar.
-
-        Example:
-            >>> import jax, jax.numpy as jnp
-            >>> x, ladj = GDN(2, variant="dense").inverse_and_ladj(jnp.full(2, 0.5))
-            >>> x.shape, ladj.shape
-            ((2,), ())
-        """
+        """Data to noise in closed form, ``z_i / D_i^eps_i`` of the data ``z``, with its log-determinant."""
         return self._normalise(y, self.beta(), self.gamma(), self.exponent())
 
     # --- noise to data -----------------------------------------------------------------
@@ -232,20 +162,7 @@ class GDN(FlowTransform):
         return log_y, log_beta, log_gamma, eps
 
     def call_and_ladj(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Noise to data, solved in log-magnitudes (bisection or Newton), with its log-determinant.
-
-        Args:
-            y: one noise vector, shape ``(dim,)``.
-
-        Returns:
-            ``(y, log|det dy/dx|)``: shape ``(dim,)`` and a scalar.
-
-        Example:
-            >>> import jax, jax.numpy as jnp
-            >>> y, ladj = GDN(2, variant="dense").call_and_ladj(jnp.full(2, 0.5))
-            >>> y.shape, ladj.shape
-            ((2,), ())
-        """
+        """Noise to data, solved in log-magnitudes (bisection or Newton), with its log-determinant."""
         beta, gamma, eps = self.beta(), self.gamma(), self.exponent()
         tol = self._tol(y.dtype)
         log_y, log_beta, log_gamma, e = self._log_magnitudes(y)
@@ -335,23 +252,9 @@ class GDN(FlowTransform):
 
 @register_flow("gdn")
 def gdn(dim: int, num_layers: int, variant: str, max_exponent: float, *, key: jax.Array) -> list[FlowTransform]:
-    """The ``gdn`` family: ``GDN`` and ``InvertibleLinear`` blocks, then an ``ElementwiseAffine`` map.
-
-    Read from data to noise, each block is Balle et al.'s stage (2016): a linear map of
-    the data, then the divisive normalisation.
-
-    Args:
-        dim: size of the vectors.
-        num_layers: how many ``GDN`` / ``InvertibleLinear`` pairs.
-        variant: the ``GDN`` variant.
-        max_exponent: the ``GDN`` layers' bound on ``eps``.
-        key: JAX key, split once per pair.
-
-    Returns:
-        The layers, in order.
+    """``GDN`` / ``InvertibleLinear`` blocks and an affine map: JAX mirror of ``pyroflows.torch.transforms.gdn.gdn``.
 
     Example:
-        >>> import jax
         >>> [type(layer).__name__ for layer in gdn(2, 1, "diagonal", 0.4, key=jax.random.key(0))]
         ['GDN', 'InvertibleLinear', 'ElementwiseAffine']
     """

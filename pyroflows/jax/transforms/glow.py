@@ -7,6 +7,7 @@ modules are immutable. Kingma & Dhariwal 2018, arXiv:1807.03039.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -175,12 +176,12 @@ class InvertibleLinear(FlowTransform):
 
 @register_flow("glow")
 def glow(
-    dim: int, num_layers: int, hidden_dims: Sequence[int], activation: str, log_scale_bound: float, *, key: jax.Array
+    dim: int, num_layers: int, hidden_dims: Sequence[int], activation: str, *, key: jax.Array, **options: Any
 ) -> list[FlowTransform]:
     """The layers of ``build_flow("glow", ...)``: JAX mirror of ``pyroflows.torch.transforms.glow.glow``.
 
     Example:
-        >>> [type(layer).__name__ for layer in glow(2, 1, (8,), "relu", 5.0, key=jax.random.key(0))]
+        >>> [type(layer).__name__ for layer in glow(2, 1, (8,), "relu", log_scale_bound=5.0, key=jax.random.key(0))]
         ['Coupling', 'InvertibleLinear', 'ActNorm']
     """
     layers = []
@@ -188,8 +189,8 @@ def glow(
         k1, k2 = jax.random.split(k)
         # Forward order, noise to data: the inverse (data side) meets ActNorm first, as in Glow.
         layers += [
-            conditioned_layer("glow", dim, hidden_dims, activation, key=k1, log_scale_bound=log_scale_bound),
-            InvertibleLinear(dim, log_scale_bound, key=k2),
-            ActNorm(dim, log_scale_bound),
+            conditioned_layer("glow", dim, hidden_dims, activation, key=k1, **options),
+            InvertibleLinear(dim, options["log_scale_bound"], key=k2),
+            ActNorm(dim, options["log_scale_bound"]),
         ]
     return layers

@@ -40,6 +40,12 @@ def _safe_log(x):
     return jnp.log(jnp.maximum(x, jnp.finfo(x.dtype).tiny))
 
 
+def _log_tanh_slope(z, one_plus_c):
+    """``log(1 + c tanh'(z))`` as ``log(tanh^2 z + (1 + c) sech^2 z)``, accurate near ``c = -1`` (Sylvester too)."""
+    th2 = jnp.square(jnp.tanh(z))
+    return _safe_log(th2 + one_plus_c * (1.0 - th2))
+
+
 def _safe_norm(v):
     """``|v|`` with a zero (not NaN) gradient at ``v = 0``, like torch's ``vector_norm``."""
     sq = jnp.sum(v * v)
@@ -48,44 +54,23 @@ def _safe_norm(v):
 
 
 class Planar(FlowTransform):
-    r"""Planar flow ``y = x + u_hat * tanh(w.x + b)``.
+    """Planar flow ``y = x + u_hat * tanh(w.x + b)``: JAX mirror of ``pyroflows.torch.transforms.Planar``.
 
-    The raw ``u`` is mapped to (Rezende & Mohamed 2015, appendix A.1)
-
-        u_hat = u + (m(w.u) - w.u) w / |w|^2,   m(a) = -1 + softplus(a),
-
-    so ``w.u_hat = m(w.u) > -1`` and the map is invertible for every value of the
-    parameters (softplus is floored at 1e-6, and ``|w|^2`` at 1e-12 so that ``w = 0`` is
-    the identity). The log-determinant is
-
-        log|det J| = log(1 + (w.u_hat) tanh'(w.x + b))
-                   = log(tanh^2(z) + (1 + w.u_hat) sech^2(z)),   z = w.x + b,
-
-    written as a sum of non-negative terms so it stays accurate when ``w.u_hat`` is
-    near -1.
-
-    Inverse: numerical. Along ``w`` the map is the scalar increasing equation
-    ``w.y = a + (w.u_hat) tanh(a + b)`` in ``a = w.x``; it is bracketed in
-    ``[w.y - |w.u_hat|, w.y + |w.u_hat|]``, bisected to ``inverse_tol * (1 + |a|)``
-    (1e-10; at least 8 machine epsilons in lower precision) inside a ``while_loop`` that
-    is never differentiated, refined by one implicit Newton step (exact first
-    derivatives), and then ``x = y - u_hat tanh(a + b)``.
+    The same parametrisation (``w.u_hat > -1`` for every parameter value), log-determinant
+    and numerical inverse as the torch layer, whose docstring gives the maths; here the
+    bisection along ``w`` runs in a ``while_loop`` that is never differentiated, and one
+    implicit Newton step after it gives exact first derivatives.
 
     Args:
         dim: size of the vectors.
         key: JAX key for the initial weights.
 
-    References:
-        Rezende & Mohamed 2015, "Variational inference with normalizing flows",
-        arXiv:1505.05770, appendix A.1.
-
     Example:
-        >>> import jax, jax.numpy as jnp
         >>> layer = Planar(2, key=jax.random.key(0))
         >>> y, ladj = layer.call_and_ladj(jnp.array([0.5, -1.0]))
         >>> x, ildj = layer.inverse_and_ladj(y)
-        >>> [round(float(v), 4) for v in x], abs(round(float(ladj + ildj), 4))
-        ([0.5, -1.0], 0.0)
+        >>> [round(float(v), 4) for v in x], abs(round(float(ladj + ildj), 4)), y.shape, ladj.shape
+        ([0.5, -1.0], 0.0, (2,), ())
     """
 
     numerical_inverse: ClassVar[bool] = True
@@ -142,46 +127,15 @@ class Planar(FlowTransform):
         """
         return self.constrained()[0]
 
-    @staticmethod
-    def _log_slope(z, one_plus_c):
-        th2 = jnp.square(jnp.tanh(z))
-        return _safe_log(th2 + one_plus_c * (1.0 - th2))
-
     def call_and_ladj(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``y = x + u_hat tanh(w.x + b)`` and its log-determinant, for one vector.
-
-        Args:
-            x: one vector, shape ``(dim,)``.
-
-        Returns:
-            ``(y, log|det dy/dx|)``: shape ``(dim,)`` and a scalar.
-
-        Example:
-            >>> import jax, jax.numpy as jnp
-            >>> y, ladj = Planar(2, key=jax.random.key(0)).call_and_ladj(jnp.full(2, 0.5))
-            >>> y.shape, ladj.shape
-            ((2,), ())
-        """
+        """``y = x + u_hat tanh(w.x + b)`` and its log-determinant, for one vector."""
         u_hat, one_plus_c = self.constrained()
         z = x @ self.w + self.b
         y = x + jnp.tanh(z) * u_hat
-        return y, self._log_slope(z, one_plus_c)
+        return y, _log_tanh_slope(z, one_plus_c)
 
     def inverse_and_ladj(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """The numerical inverse (bisection along ``w``, one implicit Newton step) and its log-determinant.
-
-        Args:
-            y: one vector, shape ``(dim,)``.
-
-        Returns:
-            ``(x, log|det dx/dy|)``: shape ``(dim,)`` and a scalar.
-
-        Example:
-            >>> import jax, jax.numpy as jnp
-            >>> x, ladj = Planar(2, key=jax.random.key(0)).inverse_and_ladj(jnp.full(2, 0.5))
-            >>> x.shape, ladj.shape
-            ((2,), ())
-        """
+        """The numerical inverse (bisection along ``w``, one implicit Newton step) and its log-determinant."""
         u_hat, one_plus_c = self.constrained()
         c = one_plus_c - 1.0
         target = y @ self.w
@@ -195,46 +149,29 @@ class Planar(FlowTransform):
             lo=target - spread,
             hi=target + spread,
         )
-        slope = jnp.exp(self._log_slope(a0 + b, one_plus_c))
+        slope = jnp.exp(_log_tanh_slope(a0 + b, one_plus_c))
         a = implicit_step(a0, a0 + c * jnp.tanh(a0 + b), slope, target)
         x = y - jnp.tanh(a + b) * u_hat
-        return x, -self._log_slope(a + b, one_plus_c)
+        return x, -_log_tanh_slope(a + b, one_plus_c)
 
 
 class Radial(FlowTransform):
-    r"""Radial flow ``y = x + beta_hat h(r) (x - x0)``, ``r = |x - x0|``, ``h(r) = 1 / (alpha + r)``.
+    """Radial flow ``y = x + beta_hat (x - x0) / (alpha + r)``: JAX mirror of ``pyroflows.torch.transforms.Radial``.
 
-    Rezende & Mohamed 2015, appendix A.2. ``alpha = softplus(raw_alpha)``
-    and ``beta_hat = -alpha + softplus(raw_beta)`` (both softplus outputs floored at 1e-6),
-    so ``beta_hat > -alpha`` and the radius map ``r -> r (1 + beta_hat h(r))`` is increasing:
-    the layer is invertible for every parameter value. With ``s = alpha + beta_hat`` the
-    log-determinant is
-
-        (dim - 1) log(1 + beta_hat h) + log(1 + beta_hat h + beta_hat h'(r) r)
-        = (dim - 1) log((r + s) / (alpha + r)) + log((r (r + 2 alpha) + alpha s) / (alpha + r)^2),
-
-    a form with no cancellation.
-
-    Inverse: exact, in closed form. ``r_y = |y - x0|`` satisfies ``r^2 + (s - r_y) r - alpha r_y = 0``;
-    its non-negative root is taken with the cancellation-free branch of the quadratic
-    formula, and ``x = x0 + (y - x0) (alpha + r) / (r + s)``, which needs no division by
-    ``r_y`` and so is exact at ``y = x0``. The norm has a zero gradient at ``x = x0``.
+    The same parametrisation (``beta_hat > -alpha``), log-determinant and closed-form
+    inverse as the torch layer, whose docstring gives the maths. The norm has a zero
+    gradient at ``x = x0``, as torch's ``vector_norm``.
 
     Args:
         dim: size of the vectors.
         key: JAX key for the initial centre ``x0`` and ``raw_beta``.
 
-    References:
-        Rezende & Mohamed 2015, "Variational inference with normalizing flows",
-        arXiv:1505.05770, appendix A.2.
-
     Example:
-        >>> import jax, jax.numpy as jnp
         >>> layer = Radial(2, key=jax.random.key(0))
-        >>> y, ladj = layer.call_and_ladj(jnp.array([0.5, -1.0]))
-        >>> x, ildj = layer.inverse_and_ladj(y)
-        >>> [round(float(v), 4) for v in x], abs(round(float(ladj + ildj), 4))
-        ([0.5, -1.0], 0.0)
+        >>> y, ladj = layer.call_and_ladj(layer.x0)  # the centre stays put
+        >>> x, ildj = layer.inverse_and_ladj(y)  # in closed form, exact at y = x0
+        >>> bool(jnp.all(y == layer.x0)), bool(jnp.all(x == layer.x0)), abs(round(float(ladj + ildj), 6))
+        (True, True, 0.0)
     """
 
     x0: jax.Array
@@ -271,20 +208,7 @@ class Radial(FlowTransform):
         return (self.dim - 1) * (jnp.log(r + s) - log_ar) + radial
 
     def call_and_ladj(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``y = x + beta_hat (x - x0) / (alpha + |x - x0|)`` and its log-determinant, for one vector.
-
-        Args:
-            x: one vector, shape ``(dim,)``.
-
-        Returns:
-            ``(y, log|det dy/dx|)``: shape ``(dim,)`` and a scalar.
-
-        Example:
-            >>> import jax, jax.numpy as jnp
-            >>> y, ladj = Radial(2, key=jax.random.key(0)).call_and_ladj(jnp.full(2, 0.5))
-            >>> y.shape, ladj.shape
-            ((2,), ())
-        """
+        """``y = x + beta_hat (x - x0) / (alpha + |x - x0|)`` and its log-determinant, for one vector."""
         alpha, beta, s = self.constrained()
         diff = x - self.x0
         r = _safe_norm(diff)
@@ -292,20 +216,7 @@ class Radial(FlowTransform):
         return y, self._ladj(r, alpha, s)
 
     def inverse_and_ladj(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """The closed-form inverse (the radius from a quadratic) and its log-determinant.
-
-        Args:
-            y: one vector, shape ``(dim,)``.
-
-        Returns:
-            ``(x, log|det dx/dy|)``: shape ``(dim,)`` and a scalar.
-
-        Example:
-            >>> import jax, jax.numpy as jnp
-            >>> x, ladj = Radial(2, key=jax.random.key(0)).inverse_and_ladj(jnp.full(2, 0.5))
-            >>> x.shape, ladj.shape
-            ((2,), ())
-        """
+        """The closed-form inverse (the radius from a quadratic) and its log-determinant."""
         alpha, _, s = self.constrained()
         diff = y - self.x0
         r_y = _safe_norm(diff)
@@ -325,18 +236,9 @@ class Radial(FlowTransform):
 
 @register_flow("planar")
 def planar(dim: int, num_layers: int, *, key: jax.Array) -> list[Planar]:
-    """The ``planar`` family: ``num_layers`` ``Planar`` layers (Rezende & Mohamed 2015).
-
-    Args:
-        dim: size of the vectors.
-        num_layers: how many layers.
-        key: JAX key, split once per layer.
-
-    Returns:
-        The layers, in order (``build_flow("planar", ...)`` wraps them in a ``Flow``).
+    """The ``planar`` family's layers: JAX mirror of ``pyroflows.torch.transforms.planar.planar``.
 
     Example:
-        >>> import jax
         >>> [type(layer).__name__ for layer in planar(2, 2, key=jax.random.key(0))]
         ['Planar', 'Planar']
     """
@@ -345,19 +247,10 @@ def planar(dim: int, num_layers: int, *, key: jax.Array) -> list[Planar]:
 
 @register_flow("radial")
 def radial(dim: int, num_layers: int, *, key: jax.Array) -> list[Radial]:
-    """The ``radial`` family: ``num_layers`` ``Radial`` layers (Rezende & Mohamed 2015).
-
-    Args:
-        dim: size of the vectors.
-        num_layers: how many layers.
-        key: JAX key, split once per layer.
-
-    Returns:
-        The layers, in order.
+    """The ``radial`` family's layers: JAX mirror of ``pyroflows.torch.transforms.planar.radial``.
 
     Example:
-        >>> import jax
-        >>> [type(layer).__name__ for layer in radial(2, 2, key=jax.random.key(0))]
-        ['Radial', 'Radial']
+        >>> len(radial(3, 4, key=jax.random.key(0)))
+        4
     """
     return [Radial(dim, key=k) for k in jax.random.split(key, num_layers)]

@@ -1,4 +1,4 @@
-"""Residual flows: invertible residual blocks whose log-determinant is a power series (JAX mirror of torch).
+"""JAX mirror of ``pyroflows.torch.transforms.residual``: invertible residual blocks.
 
 References:
     Behrmann, Grathwohl, Chen, Duvenaud & Jacobsen 2019, "Invertible residual
@@ -30,69 +30,37 @@ _stop = jax.lax.stop_gradient
 
 
 class ResidualBlock(FlowTransform):
-    r"""An invertible residual block ``x = y + g(y)`` from data ``y`` to noise ``x``.
+    """A residual block ``x = y + g(y)`` from data to noise: JAX mirror of ``pyroflows.torch.transforms.ResidualBlock``.
 
-    ``g`` is a ``LipschitzMLP``: spectrally normalised linear layers (each of norm at
-    most ``lipschitz`` < 1) and 1-Lipschitz LipSwish activations, so ``Lip(g) < 1`` and
-    ``y -> y + g(y)`` is a bijection of R^d (Behrmann et al. 2019).
-
-    Direction: the explicit residual map is ``inverse_and_ladj`` (data to noise), so
-    density evaluation (``log_prob``, maximum likelihood) is one pass. The forward
-    (noise to data, sampling) solves ``y + g(y) = x`` by the fixed-point iteration
-    ``y <- x - g(y)`` (a contraction, in a ``lax.while_loop``), started at ``x``, until
-    every step is below ``inverse_tol * (1 + |y|)`` (at least 8 machine epsilons) or
-    ``max_inverse_iter`` steps; the error is then at most ``Lip / (1 - Lip)`` times the
-    last step. One Newton step with the dense Jacobian, held fixed, follows: it refines
-    the root and gives exact first derivatives (implicit function theorem).
-
-    Log-determinant ``log det(I + J_g) = sum_{k>=1} (-1)^(k+1) tr(J_g^k) / k``
-    (``estimator``):
-
-    - ``"exact"``: the dense ``log det(I + J_g)``; ``J_g`` is written out from the
-      weights and the activation slopes (``dim`` columns; small dims). Draws no noise.
-    - ``"truncated"``: the first ``num_terms`` terms with ``tr(A) ~ v^T A v`` for one probe
-      ``v`` (Hutchinson; ``noise`` Gaussian or Rademacher). Biased by the dropped tail
-      (i-ResNet).
-    - ``"roulette"``: ``N = num_terms + M`` terms, ``M ~ Geometric(roulette_p)`` on
-      {0, 1, ...}, term ``k`` divided by ``P(N >= k) = (1 - p)^max(0, k - num_terms)``:
-      unbiased for the whole series (Chen et al. 2019).
+    The same contraction ``g`` (a ``LipschitzMLP``), directions, fixed-point inverse (here
+    in a ``lax.while_loop``) with one Newton step, and log-determinant estimators
+    (``"exact"``, ``"truncated"``, ``"roulette"``) as torch, whose docstring gives the maths.
 
     The stochastic estimators take a ``key`` per vector (``call_and_ladj(x, key)``; the
     flow's ``EqxTransform`` splits one per batch row and layer, from an explicit key or
-    ``numpyro.prng_key()``); ``N`` and ``v`` come from it. The maps alone
-    (``forward_map``, ``inverse_map``, the transform's ``__call__`` and ``inv`` without
-    a key) need none.
-
-    With ``neumann_gradient=True`` the series runs under ``stop_gradient`` and the gradient
-    comes from Chen et al.'s Neumann-series estimator of ``tr((I + J_g)^-1 dJ_g)``, with the
-    same ``N`` and ``v``: ``v^T d(J_g) w`` with ``w = sum_k c_k (-1)^(k+1) J_g^(k-1) v``.
-    Without it the roulette series runs in a checkpointed while loop, which reverse mode
+    ``numpyro.prng_key()``); the series length ``N`` and the probe ``v`` come from it. The
+    maps alone (``forward_map``, ``inverse_map``, the transform's ``__call__`` and ``inv``
+    without a key) need none. With ``neumann_gradient=True`` the series runs under
+    ``stop_gradient`` (the gradient is Chen et al.'s Neumann-series estimate); without it
+    the roulette series runs in a checkpointed while loop, which reverse mode
     differentiates but forward mode (``jvp``, ``jacfwd``) cannot.
 
     Args:
         dim: size of the vectors.
         hidden_dims: hidden widths of ``g``.
         key: seeds the initial weights.
-        **options: ``estimator``, ``num_terms``, ``roulette_p``, ``noise``,
-            ``neumann_gradient``, ``lipschitz``, ``power_iterations``, ``inverse_tol``,
-            ``max_inverse_iter``; defaults and checks in ``pyroflows.registry.SPECS["residual"]``.
+        **options: the options of ``pyroflows.registry.SPECS["residual"]`` (``estimator``,
+            ``num_terms``, ``lipschitz``, ...), with their defaults and checks.
 
     Raises:
         ValueError: an option ``pyroflows.registry.SPECS["residual"]`` rejects.
 
-    References:
-        Behrmann, Grathwohl, Chen, Duvenaud & Jacobsen 2019, "Invertible residual
-        networks", arXiv:1811.00995.
-        Chen, Behrmann, Duvenaud & Jacobsen 2019, "Residual flows for invertible
-        generative modeling", arXiv:1906.02735.
-
     Example:
-        >>> import jax, jax.numpy as jnp
-        >>> layer = ResidualBlock(2, (8,), estimator="exact", key=jax.random.key(0))
-        >>> y, ladj = layer.inverse_and_ladj(jnp.array([0.5, -1.0]))
-        >>> x, ildj = layer.call_and_ladj(y)
-        >>> [round(float(v), 4) for v in x], abs(round(float(ladj + ildj), 4))
-        ([0.5, -1.0], 0.0)
+        >>> layer = ResidualBlock(2, (8,), estimator="roulette", key=jax.random.key(0))
+        >>> y, ladj = layer.inverse_and_ladj(jnp.array([0.5, -1.0]), key=jax.random.key(1))  # data -> noise
+        >>> x = layer.forward_map(y)  # noise -> data, no key: the map draws no noise
+        >>> [round(float(v), 4) for v in x], layer.is_stochastic
+        ([0.5, -1.0], True)
     """
 
     g: LipschitzMLP
@@ -115,13 +83,7 @@ class ResidualBlock(FlowTransform):
 
     @property
     def is_stochastic(self) -> bool:
-        """Whether the log-determinant draws noise (every estimator but ``"exact"``).
-
-        Example:
-            >>> import jax
-            >>> ResidualBlock(2, (8,), estimator="roulette", key=jax.random.key(0)).is_stochastic
-            True
-        """
+        """Whether the log-determinant draws noise (every estimator but ``"exact"``)."""
         return self.estimator != "exact"
 
     # --- log-determinant -----------------------------------------------------------------
@@ -187,22 +149,7 @@ class ResidualBlock(FlowTransform):
 
     # --- the two directions -----------------------------------------------------------
     def inverse_and_ladj(self, y: jax.Array, key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """Data to noise in one pass, ``x = y + g(y)``, with ``log det(I + J_g)`` by the chosen estimator.
-
-        Args:
-            y: one vector, shape ``(dim,)``.
-            key: draws the probe and series length of a stochastic estimator.
-
-        Returns:
-            ``(x, log|det dx/dy|)``: shape ``(dim,)`` and a scalar.
-
-        Example:
-            >>> import jax, jax.numpy as jnp
-            >>> layer = ResidualBlock(2, (8,), estimator="exact", key=jax.random.key(0))
-            >>> x, ladj = layer.inverse_and_ladj(jnp.full(2, 0.5))
-            >>> x.shape, ladj.shape
-            ((2,), ())
-        """
+        """Data to noise in one pass, ``x = y + g(y)``, with ``log det(I + J_g)`` by the chosen estimator."""
         out, log_det = self._residual_and_log_det(y, self.g.weights(), key)
         return y + out, log_det
 
@@ -241,36 +188,13 @@ class ResidualBlock(FlowTransform):
         return root - jnp.linalg.solve(newton, root + out - x)
 
     def call_and_ladj(self, x: jax.Array, key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """Noise to data, solving ``y + g(y) = x`` (fixed point, one Newton step), with its log-determinant.
-
-        Args:
-            x: one vector, shape ``(dim,)``.
-            key: draws the probe and series length of a stochastic estimator.
-
-        Returns:
-            ``(y, log|det dy/dx|)``: shape ``(dim,)`` and a scalar.
-
-        Example:
-            >>> import jax, jax.numpy as jnp
-            >>> layer = ResidualBlock(2, (8,), estimator="exact", key=jax.random.key(0))
-            >>> y, ladj = layer.call_and_ladj(jnp.full(2, 0.5))
-            >>> y.shape, ladj.shape
-            ((2,), ())
-        """
+        """Noise to data, solving ``y + g(y) = x`` (fixed point, one Newton step), with its log-determinant."""
         weights = self.g.weights()
         y = self._solve(x, weights)
         return y, -self._residual_and_log_det(y, weights, key)[1]
 
     def forward_map(self, x: jax.Array) -> jax.Array:
-        """The solve of ``y + g(y) = x`` alone: no log-det, so no key for any estimator.
-
-        Example:
-            >>> import jax, jax.numpy as jnp
-            >>> block = ResidualBlock(2, (8,), estimator="roulette", key=jax.random.key(0))
-            >>> y = block.forward_map(jnp.ones(2))
-            >>> [round(float(v), 4) for v in block.inverse_map(y)]
-            [1.0, 1.0]
-        """
+        """The solve of ``y + g(y) = x`` alone: no log-det, so no key for any estimator."""
         return self._solve(x, self.g.weights())
 
 
@@ -278,23 +202,9 @@ class ResidualBlock(FlowTransform):
 def residual(
     dim: int, num_layers: int, hidden_dims: Sequence[int], *, key: jax.Array, **options: Any
 ) -> list[FlowTransform]:
-    """The ``residual`` family: ``ResidualBlock`` / ``ElementwiseAffine`` pairs (Chen et al. 2019).
-
-    Read from data to noise, each block follows an elementwise affine map (the ActNorm
-    of Chen et al.), which sets the scale the contraction ``g`` works at.
-
-    Args:
-        dim: size of the vectors.
-        num_layers: how many pairs.
-        hidden_dims: hidden widths of each ``g``.
-        key: JAX key, split once per pair.
-        **options: the ``ResidualBlock`` options.
-
-    Returns:
-        The layers, in order.
+    """``ResidualBlock`` / ``ElementwiseAffine`` pairs: JAX mirror of ``pyroflows.torch.transforms.residual.residual``.
 
     Example:
-        >>> import jax
         >>> [type(layer).__name__ for layer in residual(2, 1, (8,), key=jax.random.key(0))]
         ['ResidualBlock', 'ElementwiseAffine']
     """

@@ -17,17 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ...structure import SYLVESTER_VARIANTS, sylvester_num_vectors
 from ..flows import register_flow
 from ..nn import host_rng
 from .base import ElementwiseAffine, FlowTransform, bisect_increasing, implicit_step
+from .planar import _log_tanh_slope, _solver_tol
 
 __all__ = ["Sylvester", "Householder"]
 
-VARIANTS = ("orthogonal", "householder", "triangular")
-
-
-def _safe_log(x):
-    return jnp.log(jnp.maximum(x, jnp.finfo(x.dtype).tiny))
+VARIANTS = SYLVESTER_VARIANTS
 
 
 def _log_cosh(x):
@@ -106,11 +104,10 @@ def reflect(x: jax.Array, vectors: jax.Array, reverse: bool = False) -> jax.Arra
 
 
 class Householder(FlowTransform):
-    r"""A product of Householder reflections ``y = H_K ... H_1 x``, ``H_k = I - 2 v_k v_k^T / |v_k|^2``.
+    """Householder reflections ``y = H_K ... H_1 x``: JAX mirror of ``pyroflows.torch.transforms.Householder``.
 
-    Tomczak & Welling 2016. Orthogonal, so log|det J| = 0. Inverse: exact, the same
-    reflections in reverse order. ``|v|^2`` is floored at the smallest normal number of
-    the dtype, so a vector at 0 gives the identity instead of 0/0.
+    Orthogonal (log-determinant 0); the inverse applies the reflections in reverse order
+    (a ``scan``, see ``reflect``).
 
     Args:
         dim: size of the vectors.
@@ -120,17 +117,12 @@ class Householder(FlowTransform):
     Raises:
         ValueError: ``num_reflections < 1``.
 
-    References:
-        Tomczak & Welling 2016, "Improving variational auto-encoders using Householder
-        flow", arXiv:1611.09630.
-
     Example:
-        >>> import jax, jax.numpy as jnp
         >>> layer = Householder(2, key=jax.random.key(0))
-        >>> y, ladj = layer.call_and_ladj(jnp.array([0.5, -1.0]))
+        >>> y, ladj = layer.call_and_ladj(jnp.array([0.6, -0.8]))
         >>> x, ildj = layer.inverse_and_ladj(y)
-        >>> [round(float(v), 4) for v in x], abs(round(float(ladj + ildj), 4))
-        ([0.5, -1.0], 0.0)
+        >>> round(float(jnp.linalg.norm(y)), 6), [round(float(v), 4) for v in x], float(ladj), float(ildj)
+        (1.0, [0.6, -0.8], 0.0, 0.0)
     """
 
     vectors: jax.Array
@@ -156,73 +148,23 @@ class Householder(FlowTransform):
         return reflect(jnp.eye(self.dim, dtype=self.vectors.dtype), self.vectors).T
 
     def call_and_ladj(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``y = H_K ... H_1 x`` and its log-determinant 0, for one vector.
-
-        Args:
-            x: one vector, shape ``(dim,)``.
-
-        Returns:
-            ``(y, log|det dy/dx|)``: shape ``(dim,)`` and a scalar.
-
-        Example:
-            >>> import jax, jax.numpy as jnp
-            >>> y, ladj = Householder(2, key=jax.random.key(0)).call_and_ladj(jnp.full(2, 0.5))
-            >>> y.shape, ladj.shape
-            ((2,), ())
-        """
+        """``y = H_K ... H_1 x`` and its log-determinant 0, for one vector."""
         return reflect(x, self.vectors), jnp.zeros((), x.dtype)
 
     def inverse_and_ladj(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``x = H_1 ... H_K y`` and its log-determinant 0, for one vector.
-
-        Args:
-            y: one vector, shape ``(dim,)``.
-
-        Returns:
-            ``(x, log|det dx/dy|)``: shape ``(dim,)`` and a scalar.
-
-        Example:
-            >>> import jax, jax.numpy as jnp
-            >>> x, ladj = Householder(2, key=jax.random.key(0)).inverse_and_ladj(jnp.full(2, 0.5))
-            >>> x.shape, ladj.shape
-            ((2,), ())
-        """
+        """``x = H_1 ... H_K y`` and its log-determinant 0, for one vector."""
         return reflect(y, self.vectors, reverse=True), jnp.zeros((), y.dtype)
 
 
 class Sylvester(FlowTransform):
-    r"""Sylvester flow ``y = x + Q R tanh(R~ Q^T x + b)``.
+    """Sylvester flow ``y = x + Q R tanh(R~ Q^T x + b)``: JAX mirror of ``pyroflows.torch.transforms.Sylvester``.
 
-    van den Berg, Hasenclever, Tomczak & Welling 2018. ``Q`` is ``dim x M`` with orthonormal
-    columns; ``R`` and ``R~`` are ``M x M`` upper triangular with diagonals
-    ``r_ii = tanh(p_i)`` and ``r~_ii = tanh(q_i)`` (as in the paper), so
-    ``r_ii r~_ii > -1`` and the layer is invertible for every parameter value. By
-    Sylvester's determinant identity
-
-        log|det J| = sum_i log(1 + r_ii r~_ii tanh'(z_i)),   z = R~ Q^T x + b,
-
-    evaluated as ``log(tanh^2 z_i + (1 + r_ii r~_ii) sech^2 z_i)`` with
-    ``log(1 + tanh p tanh q) = log cosh(p + q) - log cosh p - log cosh q`` (no cancellation).
-
-    ``variant`` chooses ``Q``:
-
-    - ``"orthogonal"``: the first ``M = num_vectors`` (default ``dim``) columns of
-      ``expm(S - S^T)`` (scaling and squaring, see ``expm``);
-    - ``"householder"``: the product of ``dim`` Householder reflections (``M = dim``);
-    - ``"triangular"``: the identity, or with ``reverse=True`` the reversal permutation
-      (``M = dim``); stacks alternate the two so both triangles get mixed.
-
-    The masks and the fixed ``Q`` of the triangular variant are boolean arrays (torch
-    keeps them as float buffers under the same names), so NumPyro never trains them.
-
-    Inverse: numerical. With ``v = Q^T x``, ``Q^T y = v + R tanh(R~ v + b)`` is an
-    upper-triangular system; it is solved from the last coordinate to the first in a
-    ``fori_loop``, each a scalar increasing equation
-    ``v_i + r_ii tanh(r~_ii v_i + c_i) = s_i`` bracketed in ``[s_i - |r_ii|, s_i + |r_ii|]``,
-    bisected to ``inverse_tol * (1 + |v_i|)`` (1e-10; at least 8 machine epsilons in lower
-    precision) and refined by an implicit Newton step, one coordinate after another so
-    the first derivatives are exact. Then ``x = y - Q R tanh(R~ v + b)``, which also
-    restores the part of ``x`` outside the span of ``Q`` when ``M < dim``.
+    The same triangles, variants of ``Q``, log-determinant and numerical inverse as the
+    torch layer, whose docstring gives the maths. Here ``expm`` forms the orthogonal
+    variant's ``Q``, the triangular solve of the inverse runs in a ``fori_loop`` (one
+    bisection and implicit Newton step per coordinate), and the masks and the fixed ``Q``
+    of the triangular variant are boolean arrays (torch keeps float buffers under the same
+    names), so NumPyro never trains them.
 
     Args:
         dim: size of the vectors.
@@ -235,17 +177,12 @@ class Sylvester(FlowTransform):
         ValueError: an unknown variant, or a ``num_vectors`` out of ``[1, dim]`` or given
             to another variant.
 
-    References:
-        van den Berg, Hasenclever, Tomczak & Welling 2018, "Sylvester normalizing flows
-        for variational inference", arXiv:1803.05649.
-
     Example:
-        >>> import jax, jax.numpy as jnp
-        >>> layer = Sylvester(2, key=jax.random.key(0))
-        >>> y, ladj = layer.call_and_ladj(jnp.array([0.5, -1.0]))
+        >>> layer = Sylvester(3, num_vectors=2, key=jax.random.key(0))
+        >>> y, ladj = layer.call_and_ladj(jnp.array([0.5, -1.0, 2.0]))
         >>> x, ildj = layer.inverse_and_ladj(y)
-        >>> [round(float(v), 4) for v in x], abs(round(float(ladj + ildj), 4))
-        ([0.5, -1.0], 0.0)
+        >>> layer.q().shape, [round(float(v), 4) for v in x], abs(round(float(ladj + ildj), 4))
+        ((3, 2), [0.5, -1.0, 2.0], 0.0)
     """
 
     numerical_inverse: ClassVar[bool] = True
@@ -275,18 +212,7 @@ class Sylvester(FlowTransform):
         key: jax.Array,
     ):
         self.dim = dim = int(dim)
-        if variant not in VARIANTS:
-            raise ValueError(f"variant={variant!r} is not one of {list(VARIANTS)}")
-        if variant == "orthogonal":
-            m = dim if num_vectors is None else int(num_vectors)
-            if not 1 <= m <= dim:
-                raise ValueError(f"num_vectors={num_vectors!r} must lie in [1, dim={dim}] for the orthogonal variant")
-        else:
-            if num_vectors is not None:
-                raise ValueError(
-                    f"num_vectors applies only to the 'orthogonal' variant; the {variant!r} variant uses M = dim"
-                )
-            m = dim
+        m = sylvester_num_vectors(dim, variant, num_vectors)
         self.variant, self.num_vectors, self.reverse = variant, m, bool(reverse)
         rng = host_rng(key)
 
@@ -343,54 +269,23 @@ class Sylvester(FlowTransform):
         log_one_plus_d = _log_cosh(p + q) - _log_cosh(p) - _log_cosh(q)
         return r, r_tilde, log_one_plus_d
 
-    @staticmethod
-    def _log_slopes(z, one_plus_d):
-        th2 = jnp.square(jnp.tanh(z))
-        return _safe_log(th2 + one_plus_d * (1.0 - th2))
-
     # --- the map ---------------------------------------------------------------------
     def call_and_ladj(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``y = x + Q R tanh(R~ Q^T x + b)`` and its log-determinant, for one vector.
-
-        Args:
-            x: one vector, shape ``(dim,)``.
-
-        Returns:
-            ``(y, log|det dy/dx|)``: shape ``(dim,)`` and a scalar.
-
-        Example:
-            >>> import jax, jax.numpy as jnp
-            >>> y, ladj = Sylvester(2, key=jax.random.key(0)).call_and_ladj(jnp.full(2, 0.5))
-            >>> y.shape, ladj.shape
-            ((2,), ())
-        """
+        """``y = x + Q R tanh(R~ Q^T x + b)`` and its log-determinant, for one vector."""
         q = self.q()
         r, r_tilde, log_one_plus_d = self.triangles()
         z = (x @ q) @ r_tilde.T + self.bias
         y = x + (jnp.tanh(z) @ r.T) @ q.T
-        return y, self._log_slopes(z, jnp.exp(log_one_plus_d)).sum()
+        return y, _log_tanh_slope(z, jnp.exp(log_one_plus_d)).sum()
 
     def inverse_and_ladj(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """The numerical inverse (a triangular solve, coordinate by coordinate) and its log-determinant.
-
-        Args:
-            y: one vector, shape ``(dim,)``.
-
-        Returns:
-            ``(x, log|det dx/dy|)``: shape ``(dim,)`` and a scalar.
-
-        Example:
-            >>> import jax, jax.numpy as jnp
-            >>> x, ladj = Sylvester(2, key=jax.random.key(0)).inverse_and_ladj(jnp.full(2, 0.5))
-            >>> x.shape, ladj.shape
-            ((2,), ())
-        """
+        """The numerical inverse (a triangular solve, coordinate by coordinate) and its log-determinant."""
         q = self.q()
         r, r_tilde, log_one_plus_d = self.triangles()
         one_plus_d = jnp.exp(log_one_plus_d)
         m = self.num_vectors
         t = y @ q
-        tol = max(self.inverse_tol, 8 * float(jnp.finfo(y.dtype).eps))
+        tol = _solver_tol(self, y.dtype)
         r_diag, rt_diag = jnp.diagonal(r), jnp.diagonal(r_tilde)
         dtype = jnp.result_type(t, r, r_tilde, self.bias)
 
@@ -412,7 +307,7 @@ class Sylvester(FlowTransform):
                 hi=s + spread,
             )
             z0 = rt_ii * v0 + c
-            slope = jnp.exp(self._log_slopes(z0, one_plus_d[i]))
+            slope = jnp.exp(_log_tanh_slope(z0, one_plus_d[i]))
             vi = implicit_step(v0, v0 + r_ii * jnp.tanh(z0), slope, s)
             return v.at[i].set(vi), h.at[i].set(jnp.tanh(rt_ii * vi + c))
 
@@ -420,25 +315,14 @@ class Sylvester(FlowTransform):
         v, _ = jax.lax.fori_loop(0, m, solve, (zeros, zeros))
         z = v @ r_tilde.T + self.bias
         x = y - (jnp.tanh(z) @ r.T) @ q.T
-        return x, -self._log_slopes(z, one_plus_d).sum()
+        return x, -_log_tanh_slope(z, one_plus_d).sum()
 
 
 @register_flow("sylvester")
 def sylvester(dim: int, num_layers: int, variant: str, num_vectors: int | None, *, key: jax.Array) -> list[Sylvester]:
-    """The ``sylvester`` family: ``num_layers`` ``Sylvester`` layers (van den Berg et al. 2018).
-
-    Args:
-        dim: size of the vectors.
-        num_layers: how many layers.
-        variant: the layers' ``variant``.
-        num_vectors: ``M`` of the orthogonal variant (None: ``dim``).
-        key: JAX key, split once per layer.
-
-    Returns:
-        The layers, in order; the triangular variant alternates ``reverse``.
+    """The ``sylvester`` family's layers: JAX mirror of ``pyroflows.torch.transforms.sylvester.sylvester``.
 
     Example:
-        >>> import jax
         >>> [layer.reverse for layer in sylvester(2, 2, "triangular", None, key=jax.random.key(0))]
         [False, True]
     """
@@ -453,22 +337,9 @@ def sylvester(dim: int, num_layers: int, variant: str, num_vectors: int | None, 
 def householder(
     dim: int, num_layers: int, num_reflections: int | None, *, key: jax.Array
 ) -> list[ElementwiseAffine | Householder]:
-    """The ``householder`` family: an ``ElementwiseAffine`` map, then ``Householder`` layers.
-
-    Forward (noise to sample), ``Q (loc + scale * x)`` is a Gaussian with a full
-    covariance (Tomczak & Welling 2016).
-
-    Args:
-        dim: size of the vectors.
-        num_layers: how many ``Householder`` layers.
-        num_reflections: reflections per layer (None: ``dim``).
-        key: JAX key, split once per layer.
-
-    Returns:
-        The layers, in order.
+    """An affine map, then ``Householder`` layers: JAX mirror of ``pyroflows.torch.transforms.sylvester.householder``.
 
     Example:
-        >>> import jax
         >>> [type(layer).__name__ for layer in householder(2, 1, None, key=jax.random.key(0))]
         ['ElementwiseAffine', 'Householder']
     """

@@ -1,8 +1,18 @@
 """Flow layers for Pyro, one module per family; importing this registers their builders."""
 
+from ...exports import layer_names
 from . import autoregressive, base, conditioners, gaussianization, gdn, glow, planar, sylvester, transformers
 from .autoregressive import *  # noqa: F401,F403
-from .base import CholeskyAffine, ElementwiseAffine, Flow, FlowTransform, LogTails, Permute
+from .base import (
+    CholeskyAffine,
+    ConditionalFlow,
+    ConditionedFlow,
+    ElementwiseAffine,
+    Flow,
+    FlowTransform,
+    LogTails,
+    Permute,
+)
 from .conditioners import *  # noqa: F401,F403
 from .continuous import *  # noqa: F401,F403
 from .gaussianization import *  # noqa: F401,F403
@@ -13,22 +23,4 @@ from .residual import *  # noqa: F401,F403
 from .sylvester import *  # noqa: F401,F403
 from .transformers import Additive, Affine, DeepSigmoid, RationalQuadraticSpline, Transformer
 
-__all__ = [
-    "FlowTransform",
-    "Flow",
-    "Permute",
-    "ElementwiseAffine",
-    "CholeskyAffine",
-    "LogTails",
-    "Transformer",
-    "Additive",
-    "Affine",
-    "RationalQuadraticSpline",
-    "DeepSigmoid",
-] + [
-    name
-    for module in (planar, sylvester, conditioners, glow, autoregressive, gaussianization, gdn)
-    for name in module.__all__
-]
-__all__ += continuous.__all__  # noqa: F405
-__all__ += residual.__all__  # noqa: F405
+__all__ = layer_names(__name__)

@@ -19,23 +19,15 @@ import weakref
 from collections.abc import Callable, Sequence
 
 import torch
+from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.torch_transform import ComposeTransformModule, TransformModule
 from torch.distributions import constraints
 
+from ...exports import BASE_LAYERS
 from ...registry import check_event_dim
 from ...structure import reverse_permutation
 
-__all__ = [
-    "FlowTransform",
-    "Flow",
-    "Permute",
-    "ElementwiseAffine",
-    "CholeskyAffine",
-    "LogTails",
-    "bisect_increasing",
-    "soft_clamp",
-    "check_input",
-]
+__all__ = [*BASE_LAYERS, "bisect_increasing", "soft_clamp", "check_input"]
 
 
 def soft_clamp(x: torch.Tensor, bound: float) -> torch.Tensor:
@@ -159,6 +151,9 @@ class FlowTransform(TransformModule):
     #: True where ``inverse_and_ladj`` solves numerically; ``inverse_tol`` is its tolerance.
     numerical_inverse = False
     inverse_tol = 0.0
+    #: The size of the context a conditional layer reads (0: none); such a layer's
+    #: ``call_and_ladj`` and ``inverse_and_ladj`` take it as a second argument.
+    context_dim = 0
 
     def __init__(self, dim: int):
         super().__init__(cache_size=0)
@@ -189,35 +184,11 @@ class FlowTransform(TransformModule):
 
     # --- the two methods a layer implements -------------------------------------------
     def call_and_ladj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The forward map (noise to samples) and its log-determinant, in one pass.
-
-        Args:
-            x: points, shape ``(..., dim)``.
-
-        Returns:
-            ``(y, log|det dy/dx|)`` with shapes ``(..., dim)`` and ``(...)``.
-
-        Example:
-            >>> y, ladj = LogTails(2).call_and_ladj(torch.zeros(3, 2))
-            >>> tuple(y.shape), tuple(ladj.shape)
-            ((3, 2), (3,))
-        """
+        """The forward map (noise to samples) and its log-determinant, in one pass; shapes as in the class docstring."""
         raise NotImplementedError
 
     def inverse_and_ladj(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The inverse map (samples to noise) and its log-determinant, in one pass.
-
-        Args:
-            y: points, shape ``(..., dim)``.
-
-        Returns:
-            ``(x, log|det dx/dy|)`` with shapes ``(..., dim)`` and ``(...)``.
-
-        Example:
-            >>> x, ladj = LogTails(2).inverse_and_ladj(torch.zeros(3, 2))
-            >>> tuple(x.shape), tuple(ladj.shape)
-            ((3, 2), (3,))
-        """
+        """The inverse map (samples to noise) and its log-determinant, in one pass; shapes as in the class docstring."""
         raise NotImplementedError
 
     # --- torch.distributions.Transform interface ------------------------------------
@@ -249,23 +220,21 @@ class FlowTransform(TransformModule):
                 t.register_hook(consumed)
 
     def __call__(self, x):
-        e = self._lookup(x=x)
-        if e is not None:
-            return e.y
-        x = self._checked(x)
-        y, ladj = self.call_and_ladj(x)
-        self._store(x, y, ladj, y)
-        return y
+        return self._through(x, inverse=False)
 
     def _inv_call(self, y):
-        e = self._lookup(y=y)
+        return self._through(y, inverse=True)
+
+    def _through(self, v, inverse):
+        """The map at ``v`` (its inverse with ``inverse``), from the cache entry while it is valid."""
+        e = self._lookup(y=v) if inverse else self._lookup(x=v)
         if e is not None:
-            return e.x
-        y = self._checked(y)
-        x, ildj = self.inverse_and_ladj(y)
-        ladj = -ildj
-        self._store(x, y, ladj, x)
-        return x
+            return e.x if inverse else e.y
+        v = self._checked(v)
+        out, ladj = self.inverse_and_ladj(v) if inverse else self.call_and_ladj(v)
+        x, y, ladj = (out, v, -ladj) if inverse else (v, out, ladj)
+        self._store(x, y, ladj, out)
+        return out
 
     def _call(self, x):
         return self.call_and_ladj(self._checked(x))[0]
@@ -375,13 +344,7 @@ class Flow(ComposeTransformModule):
             >>> [round(v, 4) for v in y[0].tolist()], round(ladj.item(), 4)
             ([0.0, 2.0986], -1.0986)
         """
-        x = self._checked(x, "input")
-        total = x.new_zeros(x.shape[:-1])
-        for part in self.parts:
-            y = part(x)
-            total = total + part.log_abs_det_jacobian(x, y)
-            x = y
-        return x, total
+        return _run_stack(self.parts, self._checked(x, "input"), False)
 
     def inverse_and_ladj(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, log|det dx/dy|)`` of the whole stack (the inverse of ``call_and_ladj``).
@@ -393,13 +356,7 @@ class Flow(ComposeTransformModule):
             >>> [round(v, 4) for v in x[0].tolist()], bool(torch.allclose(inv_ladj, -ladj))
             ([0.5, 3.0], True)
         """
-        y = self._checked(y, "input")
-        total = y.new_zeros(y.shape[:-1])
-        for part in reversed(self.parts):
-            x = part.inv(y)
-            total = total - part.log_abs_det_jacobian(x, y)
-            y = x
-        return y, total
+        return _run_stack(self.parts, self._checked(y, "input"), True)
 
     def with_cache(self, cache_size: int = 1) -> Flow:
         """The flow itself: its layers keep their own caches.
@@ -462,6 +419,152 @@ class Flow(ComposeTransformModule):
     # --- end of the TrainableFlow block ----------------------------------------------------
 
 
+def _run_stack(parts, v, inverse, context=None):
+    """The stack's map of ``v`` (its inverse with ``inverse``) and log-det; ``context`` goes
+    to the conditional parts, the others run through their caches."""
+    total = v.new_zeros(v.shape[:-1])
+    for part in reversed(parts) if inverse else parts:
+        if context is not None and getattr(part, "context_dim", 0):
+            v, ladj = (part.inverse_and_ladj if inverse else part.call_and_ladj)(part._checked(v), context)
+        elif inverse:
+            x = part.inv(v)
+            v, ladj = x, -part.log_abs_det_jacobian(x, v)
+        else:
+            y = part(v)
+            v, ladj = y, part.log_abs_det_jacobian(v, y)
+        total = total + ladj
+    return v, total
+
+
+class ConditionalFlow(Flow, ConditionalTransformModule):
+    """A flow whose layers read a context ``c``: ``y = f(x; c)``, what ``build_flow(..., context_dim=k)`` returns.
+
+    A Pyro ``ConditionalTransformModule``: ``flow.condition(c)`` is the flow at context
+    ``c`` as a ``Transform`` (a ``ConditionedFlow``), so
+    ``dist.ConditionalTransformedDistribution(base, [flow]).condition(c)`` samples and
+    scores. Context and input batch shapes broadcast against each other. The context
+    enters the conditioner networks of the conditional layers; the other parts
+    (permutations, NICE's final scale) do not read it.
+
+    Args:
+        parts: the layers, in the forward order.
+        dim: the event size.
+        context_dim: the size of the context.
+        config: the builder's name and arguments (``context_dim`` included).
+
+    Example:
+        >>> import pyro.distributions as dist
+        >>> from pyroflows.torch import build_flow
+        >>> _ = torch.manual_seed(0)
+        >>> flow = build_flow("realnvp", 2, context_dim=3, hidden_dims=(8,))
+        >>> base = dist.Normal(torch.zeros(2), 1.0).to_event(1)
+        >>> d = dist.ConditionalTransformedDistribution(base, [flow]).condition(torch.ones(5, 3))
+        >>> x = d.sample()
+        >>> tuple(x.shape), tuple(d.log_prob(x).shape)
+        ((5, 2), (5,))
+        >>> y, ladj = flow.call_and_ladj(torch.zeros(4, 2), torch.ones(3))  # the context broadcasts
+        >>> tuple(y.shape), tuple(ladj.shape)
+        ((4, 2), (4,))
+    """
+
+    def __init__(self, parts: Sequence[FlowTransform], dim: int, context_dim: int, config: dict | None = None):
+        super().__init__(parts, dim, config)
+        self.context_dim = int(context_dim)
+
+    def _inputs(self, v, context):
+        v = self._checked(v, "input")
+        if context is None:
+            raise ValueError(
+                f"this flow is conditional (context_dim={self.context_dim}) and needs a context: pass one to "
+                "call_and_ladj / inverse_and_ladj / log_prob, or use flow.condition(context) as a transform"
+            )
+        context = check_input(context, self.context_dim, v.dtype, "context", "ConditionalFlow")
+        batch = torch.broadcast_shapes(v.shape[:-1], context.shape[:-1])
+        return v.expand(batch + v.shape[-1:]), context.expand(batch + context.shape[-1:])
+
+    def call_and_ladj(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y, log|det dy/dx|)`` at ``context`` (shape ``(..., context_dim)``, broadcast against ``x``)."""
+        v, context = self._inputs(x, context)
+        return _run_stack(self.parts, v, False, context)
+
+    def inverse_and_ladj(
+        self, y: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, log|det dx/dy|)`` at ``context`` (the inverse of ``call_and_ladj``)."""
+        v, context = self._inputs(y, context)
+        return _run_stack(self.parts, v, True, context)
+
+    def condition(self, context: torch.Tensor) -> ConditionedFlow:
+        """The flow at ``context``, as a Pyro ``Transform`` (Pyro's ``ConditionalTransform`` interface)."""
+        return ConditionedFlow(self, context)
+
+    def __call__(self, x):
+        return self._inputs(x, None)  # raises: the unconditioned map is not defined
+
+    _inv_call = __call__
+
+    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Not defined without a context: raises (use ``condition(context)``)."""
+        return self._inputs(x, None)
+
+    def log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """``log q(x | context)`` of ``N(0, I)`` pushed through the flow at ``context``, shape ``(...)``.
+
+        Example:
+            >>> from pyroflows.torch import build_flow
+            >>> flow = build_flow("maf", 2, context_dim=1, hidden_dims=(8,))
+            >>> flow.log_prob(torch.zeros(3, 2), torch.zeros(3, 1)).shape
+            torch.Size([3])
+        """
+        from ..density import pushforward_log_prob
+
+        return pushforward_log_prob(self.condition(context), x)
+
+    def sample_and_log_prob(
+        self, num_samples: int, rng: torch.Generator | None, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``num_samples`` draws at ``context`` and their ``log q(x | context)``.
+
+        A context of shape ``(context_dim,)`` gives ``(num_samples, dim)`` draws; one of
+        shape ``(num_samples, context_dim)`` gives one draw per context.
+        """
+        from ..density import pushforward_sample_and_log_prob
+
+        return pushforward_sample_and_log_prob(self.condition(context), num_samples, rng, self.dim)
+
+
+class ConditionedFlow(FlowTransform):
+    """A ``ConditionalFlow`` at a fixed context: a Pyro ``Transform`` (``ConditionalFlow.condition`` makes it).
+
+    Args:
+        flow: the conditional flow.
+        context: its context, shape ``(..., context_dim)``; broadcast against the inputs.
+
+    Example:
+        >>> from pyroflows.torch import build_flow
+        >>> flow = build_flow("nsf", 2, context_dim=2, hidden_dims=(8,))
+        >>> t = flow.condition(torch.tensor([0.5, -1.0]))
+        >>> x = torch.zeros(3, 2)
+        >>> bool(torch.allclose(t.inv(t(x)), x, atol=1e-6))
+        True
+    """
+
+    def __init__(self, flow: ConditionalFlow, context: torch.Tensor):
+        super().__init__(flow.dim)
+        self.flow = flow
+        # a buffer, so .to(dtype) moves it with the weights; not saved (save the flow)
+        context = flow._inputs(torch.zeros(flow.dim, dtype=_float_dtype(flow)), context)[1]
+        self.register_buffer("context", context, persistent=False)
+
+    def call_and_ladj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y, log|det dy/dx|)`` at the bound context."""
+        return self.flow.call_and_ladj(x, self.context)
+
+    def inverse_and_ladj(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, log|det dx/dy|)`` at the bound context."""
+        return self.flow.inverse_and_ladj(y, self.context)
+
+
 class Permute(FlowTransform):
     """A fixed permutation of the coordinates (log-det 0): ``y = x[..., permutation]``.
 
@@ -474,6 +577,8 @@ class Permute(FlowTransform):
     Example:
         >>> Permute([2, 0, 1])(torch.tensor([[10.0, 11.0, 12.0]])).tolist()
         [[12.0, 10.0, 11.0]]
+        >>> Permute.reverse(3).permutation.tolist()
+        [2, 1, 0]
     """
 
     def __init__(self, permutation: Sequence[int] | torch.Tensor):
@@ -484,12 +589,7 @@ class Permute(FlowTransform):
 
     @classmethod
     def reverse(cls, dim: int) -> Permute:
-        """The permutation that reverses the coordinates.
-
-        Example:
-            >>> Permute.reverse(3).permutation.tolist()
-            [2, 1, 0]
-        """
+        """The permutation that reverses the coordinates."""
         return cls(reverse_permutation(dim))
 
     @classmethod

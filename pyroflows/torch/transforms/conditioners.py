@@ -23,7 +23,33 @@ from .transformers import TRANSFORMERS, Transformer
 __all__ = ["Coupling", "MaskedAutoregressive", "build_conditioned"]
 
 
-class Coupling(FlowTransform):
+class _Conditioned(FlowTransform):
+    """A layer whose element-wise ``transformer`` gets its parameters from a network."""
+
+    @property
+    def numerical_inverse(self) -> bool:
+        """Whether the inverse is solved numerically (in either direction, per coordinate): the transformer's.
+
+        Example:
+            >>> from pyroflows.torch.transforms.transformers import DeepSigmoid
+            >>> Coupling(2, DeepSigmoid(4), hidden_dims=(8,)).numerical_inverse
+            True
+        """
+        return self.transformer.numerical_inverse
+
+    @property
+    def inverse_tol(self) -> float:
+        """The relative tolerance of a numerical inverse: the transformer's (0 for a closed form).
+
+        Example:
+            >>> from pyroflows.torch.transforms.transformers import DeepSigmoid
+            >>> MaskedAutoregressive(2, DeepSigmoid(4), hidden_dims=(8,)).inverse_tol
+            1e-10
+        """
+        return self.transformer.inverse_tol
+
+
+class Coupling(_Conditioned):
     """``y_a = x_a``, ``y_b = tau(x_b; theta(x_a))``: a coupling layer.
 
     The first ``dim // 2`` coordinates pass through and an MLP on them gives the
@@ -37,6 +63,8 @@ class Coupling(FlowTransform):
         transformer: the element-wise map, e.g. ``Affine()`` (RealNVP).
         hidden_dims: the MLP's hidden widths.
         activation: the MLP's non-linearity.
+        context_dim: the size of the context of a conditional layer (0: none); the MLP
+            reads ``x_a`` and the context.
 
     References:
         Dinh, Krueger & Bengio 2015, "NICE", arXiv:1410.8516; Dinh, Sohl-Dickstein &
@@ -51,44 +79,30 @@ class Coupling(FlowTransform):
     """
 
     def __init__(
-        self, dim: int, transformer: Transformer, hidden_dims: Sequence[int] = (64, 64), activation: str = "relu"
+        self,
+        dim: int,
+        transformer: Transformer,
+        hidden_dims: Sequence[int] = (64, 64),
+        activation: str = "relu",
+        context_dim: int = 0,
     ):
         super().__init__(dim)
-        self.transformer = transformer
+        self.transformer, self.context_dim = transformer, int(context_dim)
         self.split = dim // 2
-        self.conditioner = MLP(self.split, hidden_dims, transformer.num_params * (dim - self.split), activation)
+        out = transformer.num_params * (dim - self.split)
+        self.conditioner = MLP(self.split + self.context_dim, hidden_dims, out, activation)
 
-    @property
-    def numerical_inverse(self) -> bool:
-        """Whether the inverse is solved numerically: the transformer's.
-
-        Example:
-            >>> from pyroflows.torch.transforms.transformers import DeepSigmoid
-            >>> Coupling(2, DeepSigmoid(4), hidden_dims=(8,)).numerical_inverse
-            True
-        """
-        return self.transformer.numerical_inverse
-
-    @property
-    def inverse_tol(self) -> float:
-        """The relative tolerance of a numerical inverse: the transformer's (0 for a closed form).
-
-        Example:
-            >>> from pyroflows.torch.transforms.transformers import Affine
-            >>> Coupling(2, Affine(), hidden_dims=(8,)).inverse_tol
-            0.0
-        """
-        return self.transformer.inverse_tol
-
-    def _map(self, v, inverse):
+    def _map(self, v, inverse, context):
         va, vb = v[..., : self.split], v[..., self.split :]
-        out = self.conditioner(va).unflatten(-1, (self.transformer.num_params, self.dim - self.split))
+        out = self.conditioner(va if context is None else torch.cat([va, context], -1)).unflatten(
+            -1, (self.transformer.num_params, self.dim - self.split)
+        )
         params = out.transpose(-1, -2)
         vb, logd = (self.transformer.inverse if inverse else self.transformer.forward)(vb, params)
         return torch.cat([va, vb], -1), logd.sum(-1)
 
-    def call_and_ladj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(y, log|det dy/dx|)``: ``x_a`` kept, ``x_b`` transformed, in one pass.
+    def call_and_ladj(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y, log|det dy/dx|)``: ``x_a`` kept, ``x_b`` transformed, in one pass (``context``: see ``Flow``).
 
         Example:
             >>> from pyroflows.torch.transforms.transformers import Additive
@@ -97,9 +111,11 @@ class Coupling(FlowTransform):
             >>> y.tolist(), ladj.tolist()  # a fresh layer is the identity
             ([[1.0, 2.0]], [0.0])
         """
-        return self._map(x, False)
+        return self._map(x, False, context)
 
-    def inverse_and_ladj(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def inverse_and_ladj(
+        self, y: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, log|det dx/dy|)``: the same network pass, the transformer inverted.
 
         Example:
@@ -113,7 +129,7 @@ class Coupling(FlowTransform):
             >>> bool(torch.allclose(x_back, x, atol=1e-6)), bool(torch.allclose(inv_ladj, -ladj))
             (True, True)
         """
-        return self._map(y, True)
+        return self._map(y, True, context)
 
     def extra_repr(self) -> str:
         """The event size and the transformer, for the ``repr``.
@@ -126,7 +142,7 @@ class Coupling(FlowTransform):
         return f"dim={self.dim}, transformer={self.transformer}"
 
 
-class MaskedAutoregressive(FlowTransform):
+class MaskedAutoregressive(_Conditioned):
     """``y_i = tau(x_i; theta_i(v_<i))`` with ``theta`` from a MADE on ``v``: an autoregressive layer.
 
     ``reads="input"`` (``v = x``; IAF, NAF, autoregressive NSF): the forward (sampling)
@@ -143,6 +159,8 @@ class MaskedAutoregressive(FlowTransform):
         hidden_dims: the MADE's hidden widths.
         activation: the MADE's non-linearity.
         reads: ``"input"`` or ``"output"``: the side the MADE reads.
+        context_dim: the size of the context of a conditional layer (0: none); every
+            coordinate's parameters may read it.
 
     References:
         Kingma et al. 2016 (IAF), arXiv:1606.04934; Papamakarios, Pavlakou & Murray 2017
@@ -165,34 +183,13 @@ class MaskedAutoregressive(FlowTransform):
         hidden_dims: Sequence[int] = (64, 64),
         activation: str = "relu",
         reads: str = "input",
+        context_dim: int = 0,
     ):
         if reads not in ("input", "output"):
             raise ValueError(f"reads={reads!r} is not one of ['input', 'output']")
         super().__init__(dim)
-        self.transformer, self.reads = transformer, reads
-        self.made = MADE(dim, hidden_dims, transformer.num_params, activation)
-
-    @property
-    def numerical_inverse(self) -> bool:
-        """Whether the transformer's inverse is numerical (in either direction, per coordinate).
-
-        Example:
-            >>> from pyroflows.torch.transforms.transformers import Affine
-            >>> MaskedAutoregressive(2, Affine(), hidden_dims=(8,)).numerical_inverse
-            False
-        """
-        return self.transformer.numerical_inverse
-
-    @property
-    def inverse_tol(self) -> float:
-        """The relative tolerance of the transformer's numerical inverse (0 for a closed form).
-
-        Example:
-            >>> from pyroflows.torch.transforms.transformers import DeepSigmoid
-            >>> MaskedAutoregressive(2, DeepSigmoid(4), hidden_dims=(8,)).inverse_tol
-            1e-10
-        """
-        return self.transformer.inverse_tol
+        self.transformer, self.reads, self.context_dim = transformer, reads, int(context_dim)
+        self.made = MADE(dim, hidden_dims, transformer.num_params, activation, self.context_dim)
 
     def get_permutation(self) -> torch.Tensor:
         """The order in which coordinates are generated: the natural one (builders permute between layers).
@@ -204,23 +201,23 @@ class MaskedAutoregressive(FlowTransform):
         """
         return torch.arange(self.dim)
 
-    def _parallel(self, v, inverse):
-        out, logd = (self.transformer.inverse if inverse else self.transformer.forward)(v, self.made(v))
+    def _parallel(self, v, inverse, context):
+        out, logd = (self.transformer.inverse if inverse else self.transformer.forward)(v, self.made(v, context))
         return out, logd.sum(-1)
 
-    def _sequential(self, given, inverse):
+    def _sequential(self, given, inverse, context):
         """Solve for the side the MADE reads, one coordinate at a time (``dim`` MADE passes)."""
         step = self.transformer.inverse if inverse else self.transformer.forward
         cols, logds = [], []
         for i in range(self.dim):
             rest = given.new_zeros(given.shape[:-1] + (self.dim - i,))
             prefix = torch.cat([*cols, rest], -1) if cols else rest
-            out, logd = step(given[..., i], self.made(prefix)[..., i, :])
+            out, logd = step(given[..., i], self.made(prefix, context)[..., i, :])
             cols.append(out.unsqueeze(-1))
             logds.append(logd)
         return torch.cat(cols, -1), torch.stack(logds, -1).sum(-1)
 
-    def call_and_ladj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def call_and_ladj(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(y, log|det dy/dx|)``: one MADE pass with ``reads="input"``, ``dim`` passes with ``"output"``.
 
         Example:
@@ -234,9 +231,11 @@ class MaskedAutoregressive(FlowTransform):
             >>> bool(torch.allclose(x_back, x, atol=1e-5)), bool(torch.allclose(inv_ladj, -ladj, atol=1e-5))
             (True, True)
         """
-        return self._parallel(x, False) if self.reads == "input" else self._sequential(x, False)
+        return self._parallel(x, False, context) if self.reads == "input" else self._sequential(x, False, context)
 
-    def inverse_and_ladj(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def inverse_and_ladj(
+        self, y: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, log|det dx/dy|)``: one MADE pass with ``reads="output"``, ``dim`` passes with ``"input"``.
 
         Example:
@@ -246,7 +245,7 @@ class MaskedAutoregressive(FlowTransform):
             >>> x.tolist(), ladj.tolist()  # a fresh layer is the identity
             ([[1.0, 2.0]], [0.0])
         """
-        return self._parallel(y, True) if self.reads == "output" else self._sequential(y, True)
+        return self._parallel(y, True, context) if self.reads == "output" else self._sequential(y, True, context)
 
     def extra_repr(self) -> str:
         """The event size, the transformer and the side the MADE reads, for the ``repr``.
@@ -260,7 +259,7 @@ class MaskedAutoregressive(FlowTransform):
 
 
 def conditioned_layer(
-    name: str, dim: int, hidden_dims: Sequence[int], activation: str, **options: Any
+    name: str, dim: int, hidden_dims: Sequence[int], activation: str, context_dim: int = 0, **options: Any
 ) -> FlowTransform:
     """One layer of the conditioner x transformer family ``name``, as its ``FlowSpec`` says.
 
@@ -275,8 +274,8 @@ def conditioned_layer(
     kind = options.pop("conditioner", spec.conditioner)
     transformer = TRANSFORMERS[spec.transformer](**options)
     if kind == "coupling":
-        return Coupling(dim, transformer, hidden_dims, activation)
-    return MaskedAutoregressive(dim, transformer, hidden_dims, activation, spec.reads)
+        return Coupling(dim, transformer, hidden_dims, activation, context_dim)
+    return MaskedAutoregressive(dim, transformer, hidden_dims, activation, spec.reads, context_dim)
 
 
 def build_conditioned(

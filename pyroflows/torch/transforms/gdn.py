@@ -8,23 +8,18 @@ data-to-noise direction (``inverse_and_ladj``); the forward (noise to data) is s
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...structure import GDN_VARIANTS, gdn_initial_parameters
 from ..flows import register_flow
 from .base import ElementwiseAffine, FlowTransform, bisect_increasing, implicit_step
 from .glow import InvertibleLinear
 
 __all__ = ["GDN"]
 
-VARIANTS = ("diagonal", "dense")
-
-
-def _softplus_inverse(value: float) -> float:
-    return math.log(math.expm1(value))
+VARIANTS = GDN_VARIANTS
 
 
 def _log_softplus(x):
@@ -101,22 +96,13 @@ class GDN(FlowTransform):
 
     def __init__(self, dim: int, variant: str = "diagonal", max_exponent: float = 0.4, beta_min: float = 1e-3):
         super().__init__(dim)
-        if variant not in VARIANTS:
-            raise ValueError(f"GDN variant {variant!r} is not one of {list(VARIANTS)}")
-        if not 0.0 < max_exponent < 0.5:
-            raise ValueError(f"GDN max_exponent={max_exponent!r} must lie in (0, 0.5) for the map to be a bijection")
+        initial = gdn_initial_parameters(dim, variant, max_exponent, beta_min)  # checks the options too
         self.variant = variant
         self.max_exponent = float(max_exponent)
         self.beta_min = float(beta_min)
-        # Start near the identity: beta = 1, a weak gamma, eps a quarter of its bound.
-        self.unconstrained_beta = nn.Parameter(torch.full((dim,), _softplus_inverse(1.0 - beta_min)))
-        if variant == "diagonal":
-            gamma = torch.full((dim,), _softplus_inverse(0.1))
-        else:
-            gamma = torch.full((dim, dim), _softplus_inverse(0.01))
-            gamma.diagonal().fill_(_softplus_inverse(0.1))
-        self.unconstrained_gamma = nn.Parameter(gamma)
-        self.unconstrained_exponent = nn.Parameter(torch.full((dim,), math.log(1.0 / 3.0)))  # sigmoid = 1/4
+        for name, value in zip(("beta", "gamma", "exponent"), initial):
+            parameter = nn.Parameter(torch.as_tensor(value, dtype=torch.get_default_dtype()))
+            setattr(self, f"unconstrained_{name}", parameter)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, variant={self.variant!r}, max_exponent={self.max_exponent}"

@@ -7,6 +7,7 @@ Kingma & Dhariwal 2018, arXiv:1807.03039, for vectors: the 1x1 convolution becom
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,6 +47,12 @@ class ActNorm(ElementwiseAffine):
     def __init__(self, dim: int, log_scale_bound: float = 5.0):
         super().__init__(dim, log_scale_bound)
         self.register_buffer("initialized", torch.tensor(False))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # Loaded weights are someone's choice (a JAX flow trained without initialize_actnorm
+        # saves initialized=False): never overwrite them from data.
+        self.initialized.fill_(True)
 
     def initialize(self, y: torch.Tensor) -> None:
         """Set the weights from data ``y`` of shape ``(n, dim)`` (or any batch shape), in place.
@@ -187,21 +194,21 @@ class InvertibleLinear(FlowTransform):
 
 
 @register_flow("glow")
-def glow(
-    dim: int, num_layers: int, hidden_dims: Sequence[int], activation: str, log_scale_bound: float
-) -> list[FlowTransform]:
+def glow(dim: int, num_layers: int, hidden_dims: Sequence[int], activation: str, **options: Any) -> list[FlowTransform]:
     """The layers of ``build_flow("glow", ...)``: ``num_layers`` steps of coupling, linear map, ActNorm.
 
+    ``options``: ``log_scale_bound`` (of all three layers) and ``context_dim`` (of the coupling).
+
     Example:
-        >>> [type(layer).__name__ for layer in glow(2, 1, (8,), "relu", 5.0)]
+        >>> [type(layer).__name__ for layer in glow(2, 1, (8,), "relu", log_scale_bound=5.0)]
         ['Coupling', 'InvertibleLinear', 'ActNorm']
     """
     layers = []
     for _ in range(num_layers):
         # Forward order, noise to data: the inverse (data side) meets ActNorm first, as in Glow.
         layers += [
-            conditioned_layer("glow", dim, hidden_dims, activation, log_scale_bound=log_scale_bound),
-            InvertibleLinear(dim, log_scale_bound),
-            ActNorm(dim, log_scale_bound),
+            conditioned_layer("glow", dim, hidden_dims, activation, **options),
+            InvertibleLinear(dim, options["log_scale_bound"]),
+            ActNorm(dim, options["log_scale_bound"]),
         ]
     return layers

@@ -35,6 +35,12 @@ def _safe_log(x):
     return torch.log(x.clamp_min(torch.finfo(x.dtype).tiny))
 
 
+def _log_tanh_slope(z, one_plus_c):
+    """``log(1 + c tanh'(z))`` as ``log(tanh^2 z + (1 + c) sech^2 z)``, accurate near ``c = -1`` (Sylvester too)."""
+    th2 = torch.tanh(z).square()
+    return _safe_log(th2 + one_plus_c * (1.0 - th2))
+
+
 class Planar(FlowTransform):
     r"""Planar flow ``y = x + u_hat * tanh(w.x + b)`` (Rezende & Mohamed 2015).
 
@@ -108,16 +114,11 @@ class Planar(FlowTransform):
         """The constrained ``u_hat`` (``w.u_hat > -1``), shape ``(dim,)``."""
         return self.constrained()[0]
 
-    @staticmethod
-    def _log_slope(z, one_plus_c):
-        th2 = torch.tanh(z).square()
-        return _safe_log(th2 + one_plus_c * (1.0 - th2))
-
     def call_and_ladj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         u_hat, one_plus_c = self.constrained()
         z = x @ self.w + self.b
         y = x + torch.tanh(z).unsqueeze(-1) * u_hat
-        return y, self._log_slope(z, one_plus_c)
+        return y, _log_tanh_slope(z, one_plus_c)
 
     def inverse_and_ladj(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         u_hat, one_plus_c = self.constrained()
@@ -138,10 +139,10 @@ class Planar(FlowTransform):
                 lo=target - spread,
                 hi=target + spread,
             )
-        slope = torch.exp(self._log_slope(a0 + b, one_plus_c))
+        slope = torch.exp(_log_tanh_slope(a0 + b, one_plus_c))
         a = implicit_step(a0, g(a0), slope, target)
         x = y - torch.tanh(a + b).unsqueeze(-1) * u_hat
-        return x, -self._log_slope(a + b, one_plus_c)
+        return x, -_log_tanh_slope(a + b, one_plus_c)
 
 
 class Radial(FlowTransform):

@@ -12,16 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...structure import SYLVESTER_VARIANTS, sylvester_num_vectors
 from ..flows import register_flow
 from .base import ElementwiseAffine, FlowTransform, bisect_increasing, implicit_step
+from .planar import _log_tanh_slope, _solver_tol
 
 __all__ = ["Sylvester", "Householder"]
 
-VARIANTS = ("orthogonal", "householder", "triangular")
-
-
-def _safe_log(x):
-    return torch.log(x.clamp_min(torch.finfo(x.dtype).tiny))
+VARIANTS = SYLVESTER_VARIANTS
 
 
 def _log_cosh(x):
@@ -165,18 +163,7 @@ class Sylvester(FlowTransform):
 
     def __init__(self, dim: int, variant: str = "orthogonal", num_vectors: int | None = None, reverse: bool = False):
         super().__init__(dim)
-        if variant not in VARIANTS:
-            raise ValueError(f"variant={variant!r} is not one of {list(VARIANTS)}")
-        if variant == "orthogonal":
-            m = dim if num_vectors is None else int(num_vectors)
-            if not 1 <= m <= dim:
-                raise ValueError(f"num_vectors={num_vectors!r} must lie in [1, dim={dim}] for the orthogonal variant")
-        else:
-            if num_vectors is not None:
-                raise ValueError(
-                    f"num_vectors applies only to the 'orthogonal' variant; the {variant!r} variant uses M = dim"
-                )
-            m = dim
+        m = sylvester_num_vectors(dim, variant, num_vectors)
         self.variant, self.num_vectors, self.reverse = variant, m, bool(reverse)
 
         # Masks instead of torch.triu in the call path: triu costs milliseconds per call with
@@ -220,18 +207,13 @@ class Sylvester(FlowTransform):
         log_one_plus_d = _log_cosh(p + q) - _log_cosh(p) - _log_cosh(q)
         return r, r_tilde, log_one_plus_d
 
-    @staticmethod
-    def _log_slopes(z, one_plus_d):
-        th2 = torch.tanh(z).square()
-        return _safe_log(th2 + one_plus_d * (1.0 - th2))
-
     # --- the map ---------------------------------------------------------------------
     def call_and_ladj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = self.q()
         r, r_tilde, log_one_plus_d = self.triangles()
         z = (x @ q) @ r_tilde.transpose(0, 1) + self.bias
         y = x + (torch.tanh(z) @ r.transpose(0, 1)) @ q.transpose(0, 1)
-        return y, self._log_slopes(z, torch.exp(log_one_plus_d)).sum(-1)
+        return y, _log_tanh_slope(z, torch.exp(log_one_plus_d)).sum(-1)
 
     def inverse_and_ladj(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = self.q()
@@ -239,7 +221,7 @@ class Sylvester(FlowTransform):
         one_plus_d = torch.exp(log_one_plus_d)
         m = self.num_vectors
         t = y @ q
-        tol = max(self.inverse_tol, 8 * torch.finfo(y.dtype).eps)
+        tol = _solver_tol(self, y.dtype)
         vs, hs = [None] * m, [None] * m
         for i in range(m - 1, -1, -1):
             c = self.bias[i]
@@ -256,14 +238,14 @@ class Sylvester(FlowTransform):
                     lambda v: v + r_ * torch.tanh(rt_ * v + c_), s, tol=tol, lo=s - spread, hi=s + spread
                 )
             z0 = rt_ii * v0 + c
-            slope = torch.exp(self._log_slopes(z0, one_plus_d[i]))
+            slope = torch.exp(_log_tanh_slope(z0, one_plus_d[i]))
             v = implicit_step(v0, v0 + r_ii * torch.tanh(z0), slope, s)
             vs[i] = v
             hs[i] = torch.tanh(rt_ii * v + c)
         v = torch.stack(vs, -1)
         z = v @ r_tilde.transpose(0, 1) + self.bias
         x = y - (torch.tanh(z) @ r.transpose(0, 1)) @ q.transpose(0, 1)
-        return x, -self._log_slopes(z, one_plus_d).sum(-1)
+        return x, -_log_tanh_slope(z, one_plus_d).sum(-1)
 
     def extra_repr(self) -> str:
         extra = f", reverse={self.reverse}" if self.variant == "triangular" else ""
