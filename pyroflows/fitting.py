@@ -14,9 +14,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -401,6 +403,96 @@ def check_fit_options(caller: str = "fit", **options: Any) -> None:
             validation.non_negative_int(name, value, caller=caller)
         else:
             raise ValueError(f"check_fit_options: unknown option {name!r}")
+
+
+def check_context(context: Any, context_dim: int, rows: int, caller: str = "fit_mle") -> np.ndarray | None:
+    """The contexts of a conditional fit: one finite row of size ``context_dim`` per data row.
+
+    Args:
+        context: what was passed as ``context`` (numpy, torch or JAX), or ``None``.
+        context_dim: the flow's context size (0 for a flow that is not conditional).
+        rows: the number of data rows.
+        caller: the name the messages start with.
+
+    Returns:
+        ``None`` for a flow that is not conditional, else a float64 array ``(rows, context_dim)``.
+
+    Raises:
+        ValueError: a context for a flow that is not conditional, none for one that is, the
+            wrong shape, or NaN or inf (the message says which rows).
+
+    Example:
+        >>> check_context([[0.0], [1.0]], 1, 2).shape
+        (2, 1)
+        >>> check_context(None, 3, 2)
+        Traceback (most recent call last):
+        ValueError: fit_mle: the flow is conditional (context_dim=3): pass context=, one row per data row
+    """
+    if not context_dim:
+        if context is not None:
+            raise ValueError(
+                f"{caller}: got a context, but the flow is not conditional; build it with "
+                "build_flow(name, dim, context_dim=...)"
+            )
+        return None
+    if context is None:
+        raise ValueError(
+            f"{caller}: the flow is conditional (context_dim={context_dim}): pass context=, one row per data row"
+        )
+    if hasattr(context, "detach"):
+        context = context.detach().cpu()
+    try:
+        array = np.asarray(context, dtype=float)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{caller}: context must be a numeric array of shape (num_points, context_dim): {e}") from None
+    if array.ndim == 1 and context_dim == 1:
+        array = array[:, None]
+    if array.shape != (rows, context_dim):
+        raise ValueError(
+            f"{caller}: context has shape {array.shape}, expected ({rows}, {context_dim}): one row of size "
+            "context_dim per data row"
+        )
+    bad = np.flatnonzero(~np.isfinite(array).all(1))
+    if bad.size:
+        raise ValueError(
+            f"{caller}: context contains NaN or inf in {bad.size} row(s) (rows {', '.join(map(str, bad[:5]))}); "
+            "drop those rows, and their data, before fitting"
+        )
+    return array
+
+
+_FIT_OPTIONS = (
+    "num_steps batch_size num_samples eval_every num_particles max_bad_steps lr init_scale "
+    "validation_fraction patience standardize anneal_steps"
+).split()
+
+
+def checks_fit_options(func: Callable) -> Callable:
+    """Decorator: ``check_fit_options`` on the fitting options among ``func``'s arguments,
+    by name, before ``func`` runs.
+
+    Both backends' ``fit_mle``, ``fit_reverse_kl`` and ``evaluate`` use it, so their
+    options are checked the same way from their signatures.
+
+    Example:
+        >>> @checks_fit_options
+        ... def fit(data, *, num_steps=10, lr=1e-3):
+        ...     return num_steps
+        >>> fit(None, num_steps=0)
+        Traceback (most recent call last):
+        ValueError: fit: num_steps=0 must be a positive integer
+    """
+    signature = inspect.signature(func)
+    names = [name for name in signature.parameters if name in _FIT_OPTIONS]
+
+    @functools.wraps(func)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        check_fit_options(func.__name__, **{name: bound.arguments[name] for name in names})
+        return func(*args, **kwargs)
+
+    return checked
 
 
 def anneal_factor(step: int, anneal_steps: int) -> float:

@@ -8,10 +8,6 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
-# Most of a JAX test's time is XLA compiling programs it runs once or twice, which XLA's
-# optimisation passes do not repay (about 28% less time on the JAX family tests); the
-# programs compute the same functions. Notebook kernels started by the suite inherit it.
-os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import torch  # noqa: E402
 

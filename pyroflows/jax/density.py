@@ -275,7 +275,9 @@ def as_trainable(flow: Any) -> TrainableFlow:
     return flow if isinstance(flow, TrainableFlow) else TransformFlow(flow)
 
 
-def keyed_log_prob(flow: TrainableFlow, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+def keyed_log_prob(
+    flow: TrainableFlow, x: jax.Array, key: jax.Array | None = None, context: jax.Array | None = None
+) -> jax.Array:
     """``flow.log_prob(x)`` with ``key`` feeding the noise its layers draw.
 
     The protocol's ``log_prob`` takes no key; a JAX flow that draws noise takes it from
@@ -287,6 +289,7 @@ def keyed_log_prob(flow: TrainableFlow, x: jax.Array, key: jax.Array | None = No
         flow: a ``TrainableFlow``.
         x: points of shape ``(..., dim)``.
         key: a JAX PRNG key, or None.
+        context: the contexts of a conditional flow (``flow.log_prob(x, context)``), or None.
 
     Returns:
         ``flow.log_prob(x)``, shape ``(...)``.
@@ -297,10 +300,11 @@ def keyed_log_prob(flow: TrainableFlow, x: jax.Array, key: jax.Array | None = No
         >>> keyed_log_prob(flow, jnp.zeros((3, 2)), jax.random.key(1)).shape
         (3,)
     """
+    args = (x,) if context is None else (x, context)
     if key is None:
-        return flow.log_prob(x)
+        return flow.log_prob(*args)
     with handlers.seed(rng_seed=key):
-        return flow.log_prob(x)
+        return flow.log_prob(*args)
 
 
 def log_prob_stop_gradient(flow: Any, x: jax.Array, key: jax.Array | None = None) -> jax.Array:

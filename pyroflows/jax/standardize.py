@@ -108,7 +108,7 @@ def with_standardize(flow: FlowTransform, layer: Standardize) -> Flow:
     """
     if isinstance(flow, Flow):
         config = dict(flow.config, standardize=True) if flow.config else {}
-        return Flow(tuple(flow.parts) + (layer,), layer.dim, config)
+        return flow.with_parts(tuple(flow.parts) + (layer,), config)
     return Flow((flow, layer), layer.dim, {})
 
 
@@ -132,5 +132,5 @@ def split_standardize(flow: FlowTransform) -> tuple[FlowTransform, Standardize |
     """
     if isinstance(flow, Flow) and len(flow.parts) > 1 and isinstance(flow.parts[-1], Standardize):
         config = {k: v for k, v in flow.config.items() if k != "standardize"}
-        return Flow(flow.parts[:-1], flow.dim, config), flow.parts[-1]
+        return flow.with_parts(flow.parts[:-1], config), flow.parts[-1]
     return flow, None

@@ -75,8 +75,8 @@ def flow_log_prob(flow: Any, x: jax.Array, key: jax.Array | None = None) -> jax.
     return keyed_log_prob(as_trainable(flow), x, key)
 
 
-def _nll(params, static, x, key):
-    return -jnp.mean(keyed_log_prob(eqx.combine(params, static), x, key))
+def _nll(params, static, x, key, context=None):
+    return -jnp.mean(keyed_log_prob(eqx.combine(params, static), x, key, context))
 
 
 def _all_finite(loss, grads):
@@ -123,24 +123,26 @@ def _guard_chunk(guard, start, losses, ok, target_bad=None):
 
 
 @eqx.filter_jit
-def _mle_chunk(params, static, opt_state, data, idx, keys, active):
+def _mle_chunk(params, static, opt_state, data, context, idx, keys, active):
     def loss(params, static, x):
         rows, key = x
-        return _nll(params, static, data[rows], key), None
+        return _nll(params, static, data[rows], key, None if context is None else context[rows]), None
 
     (params, opt_state), (losses, ok, _) = _adam_steps(loss, params, static, opt_state, (idx, keys), active)
     return params, opt_state, losses, ok
 
 
 @eqx.filter_jit
-def _mle_eval(params, static, data, key):
-    return _nll(params, static, data, key)
+def _mle_eval(params, static, data, context, key):
+    return _nll(params, static, data, key, context)
 
 
+@fitting.checks_fit_options
 def fit_mle(
     flow: Any,
     data: Any,
     *,
+    context: Any = None,
     num_steps: int = 1000,
     batch_size: int = 256,
     lr: float = 1e-3,
@@ -184,6 +186,9 @@ def fit_mle(
         flow: a ``TrainableFlow``: a ``Flow`` from ``build_flow``, a ``StochasticFlow``,
             a user's own; or a lone ``FlowTransform`` layer.
         data: array of shape ``(n, dim)``, ``n >= 2``, finite real numbers.
+        context: for a ``ConditionalFlow``, its context for each data row, shape
+            ``(n, context_dim)``; z-scored into the flow's ``context_loc`` and
+            ``context_scale`` with ``standardize=True`` (see the torch ``fit_mle``).
         num_steps: Adam steps.
         batch_size: rows per minibatch.
         lr: Adam's learning rate.
@@ -223,25 +228,22 @@ def fit_mle(
         >>> history.step, type(fitted.parts[-1]).__name__
         ([5, 10], 'Standardize')
     """
-    fitting.check_fit_options(
-        "fit_mle",
-        num_steps=num_steps,
-        batch_size=batch_size,
-        lr=lr,
-        validation_fraction=validation_fraction,
-        eval_every=eval_every,
-        patience=patience,
-        standardize=standardize,
-        max_bad_steps=max_bad_steps,
-    )
     from .standardize import Standardize, split_standardize, with_standardize
+    from .transforms.base import Flow
+    from .transforms.glow import initialize_actnorm
 
     trainable = as_trainable(flow)
     wrapped = trainable is not flow  # a lone layer: trained in its adapter, handed back bare
     flow = trainable
     dtype = result_float_dtype(flow)
     array = fitting.check_data(data, flow.dim)
+    contexts = fitting.check_context(context, getattr(flow, "context_dim", 0), array.shape[0])
     train_idx, val_idx = fitting.split_indices(array.shape[0], validation_fraction, seed)
+    unscaled = contexts is not None and not (np.any(flow.context_loc) or np.any(flow.context_scale != 1))
+    if standardize and unscaled:
+        loc, scale = fitting.standardization(contexts[train_idx])
+        stats = (jnp.asarray(loc, dtype), jnp.asarray(scale, dtype))
+        flow = eqx.tree_at(lambda f: (f.context_loc, f.context_scale), flow, stats)
     inner, layer, offset = flow, None, 0.0
     if standardize and flow.standardizable:
         inner, layer = split_standardize(flow)
@@ -254,7 +256,14 @@ def fit_mle(
         offset = float(np.log(scale).sum())  # NLL(x) = NLL(z) + sum(log sd)
     device_data = jnp.asarray(array, dtype)
     validation = device_data[val_idx] if val_idx.size else None
+    device_context = None if contexts is None else jnp.asarray(contexts, dtype)
+    val_context = None if contexts is None or not val_idx.size else device_context[val_idx]
     rng = np.random.default_rng(seed)
+    if isinstance(inner, Flow) and not getattr(inner, "context_dim", 0):
+        # Glow's ActNorm starts from the first minibatch, as torch's does on its first
+        # training inverse (a fresh generator with the seed draws that same batch).
+        first = fitting.batch_indices(train_idx, batch_size, np.random.default_rng(seed))
+        inner = initialize_actnorm(inner, device_data[first])
     train_key, val_key = jax.random.split(jax.random.key(seed) if key is None else key)
 
     params, static = eqx.partition(inner, eqx.is_inexact_array)
@@ -272,7 +281,7 @@ def fit_mle(
                 idx[i] = fitting.batch_indices(train_idx, batch_size, rng)
             keys = jax.random.split(jax.random.fold_in(train_key, step), chunk)
             params, opt_state, losses, ok = _mle_chunk(
-                params, static, opt_state, device_data, jnp.asarray(idx), keys, jnp.arange(chunk) < n
+                params, static, opt_state, device_data, device_context, jnp.asarray(idx), keys, jnp.arange(chunk) < n
             )
             losses, ok = np.asarray(losses)[:n], np.asarray(ok)[:n]
             taken = _guard_chunk(guard, step, losses, ok)
@@ -283,7 +292,8 @@ def fit_mle(
             train_loss = float(np.mean(losses[taken])) + offset
             val_loss = None
             if validation is not None:
-                val_loss = float(_mle_eval(params, static, validation, jax.random.fold_in(val_key, step))) + offset
+                val_key_step = jax.random.fold_in(val_key, step)
+                val_loss = float(_mle_eval(params, static, validation, val_context, val_key_step)) + offset
                 fitting.check_finite_loss(
                     val_loss,
                     step,
@@ -330,6 +340,7 @@ def _reverse_kl_chunk(params, static, opt_state, log_density, keys, betas, activ
     return params, opt_state, losses, ok, target_bad, target_nan
 
 
+@fitting.checks_fit_options
 def fit_reverse_kl(
     flow: Any,
     log_density: Callable[[jax.Array], jax.Array] | None = None,
@@ -406,14 +417,6 @@ def fit_reverse_kl(
         >>> history.step
         [1, 2, 3, 4, 5]
     """
-    fitting.check_fit_options(
-        "fit_reverse_kl",
-        num_steps=num_steps,
-        num_samples=num_samples,
-        lr=lr,
-        anneal_steps=anneal_steps,
-        max_bad_steps=max_bad_steps,
-    )
     trainable = as_trainable(flow)
     wrapped = trainable is not flow  # a lone layer: trained in its adapter, handed back bare
     flow = trainable
@@ -457,6 +460,7 @@ def fit_reverse_kl(
     return (fitted.transform if wrapped else fitted), history
 
 
+@fitting.checks_fit_options
 def evaluate(
     model: Callable,
     guide: Callable,
@@ -507,7 +511,6 @@ def evaluate(
         >>> round(out["elbo"], 6), round(out["ess_fraction"], 6)
         (0.0, 1.0)
     """
-    fitting.check_fit_options("evaluate", num_samples=num_samples)
     key = jax.random.key(0) if key is None else key
     keys = jax.random.split(key, num_samples)
     log_w = _log_weights(keys, params, args, kwargs, model=model, guide=guide)

@@ -81,7 +81,7 @@ def with_standardize(flow: FlowTransform | Flow, layer: Standardize) -> Flow:
     """
     if isinstance(flow, Flow):
         config = dict(flow.config, standardize=True) if flow.config else {}
-        return Flow(list(flow.parts) + [layer], layer.dim, config)
+        return flow.with_parts(list(flow.parts) + [layer], config)
     return Flow([flow, layer], layer.dim, {})
 
 
@@ -108,5 +108,5 @@ def split_standardize(flow: Any) -> tuple[Any, Standardize | None]:
     """
     if isinstance(flow, Flow) and len(flow.parts) > 1 and isinstance(flow.parts[-1], Standardize):
         config = {k: v for k, v in flow.config.items() if k != "standardize"}
-        return Flow(list(flow.parts)[:-1], flow.dim, config), flow.parts[-1]
+        return flow.with_parts(list(flow.parts)[:-1], config), flow.parts[-1]
     return flow, None

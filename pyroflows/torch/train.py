@@ -37,12 +37,13 @@ from ..fitting import (
     NonFiniteGuard,
     anneal_factor,
     batch_indices,
+    check_context,
     check_data,
     check_finite_loss,
     check_first_log_density,
-    check_fit_options,
     check_log_density,
     check_log_density_shape,
+    checks_fit_options,
     progress_bar,
     split_indices,
     standardization,
@@ -76,9 +77,14 @@ def flow_log_prob(flow: Any, x: torch.Tensor) -> torch.Tensor:
     return as_trainable(flow).log_prob(x)
 
 
+def _log_prob(model, x, context=None):
+    return model.log_prob(x) if context is None else model.log_prob(x, context)
+
+
 @torch.no_grad()
-def _mean_nll(model, x, chunk=8192):
-    total = sum(-model.log_prob(x[i : i + chunk]).sum().item() for i in range(0, len(x), chunk))
+def _mean_nll(model, x, context=None, chunk=8192):
+    rows = [slice(i, i + chunk) for i in range(0, len(x), chunk)]
+    total = sum(-_log_prob(model, x[r], None if context is None else context[r]).sum().item() for r in rows)
     return total / len(x)
 
 
@@ -108,10 +114,12 @@ def _step(optimizer, params, loss, value, guard, step, target_bad=0):
     return value
 
 
+@checks_fit_options
 def fit_mle(
     flow: Any,
     data: Any,
     *,
+    context: Any = None,
     num_steps: int = 1000,
     batch_size: int = 256,
     lr: float = 1e-3,
@@ -146,6 +154,12 @@ def fit_mle(
     sample a target in the data's own coordinates, and its ``log_prob`` is the
     reverse-path lower bound.
 
+    A conditional flow (``build_flow(..., context_dim=k)``) fits ``q(x | c)`` to pairs of
+    rows of ``data`` and ``context``; with ``standardize=True`` its ``context_loc`` and
+    ``context_scale`` are set to the mean and sd of the training contexts (unless set
+    already), so the fitted flow takes contexts on their own scale, as sbi's density
+    estimators do.
+
     A step whose loss or gradient is NaN or inf is skipped (no update;
     ``history.skipped_steps`` counts them); ``max_bad_steps`` consecutive ones raise a
     ValueError naming the likely cause (``pyroflows.fitting.NonFiniteGuard``).
@@ -159,6 +173,8 @@ def fit_mle(
             ``TransformModule`` on vectors (wrapped by ``density.as_trainable``); trained
             in place.
         data: array of shape ``(n, dim)``, ``n >= 2``, finite real numbers.
+        context: for a conditional flow, its context for each data row, shape
+            ``(n, context_dim)``; ``None`` otherwise.
         num_steps: Adam steps.
         batch_size: rows per minibatch.
         lr: Adam's learning rate.
@@ -194,24 +210,19 @@ def fit_mle(
         >>> history.step, type(fitted.parts[-1]).__name__
         ([2, 4], 'Standardize')
     """
-    check_fit_options(
-        "fit_mle",
-        num_steps=num_steps,
-        batch_size=batch_size,
-        lr=lr,
-        validation_fraction=validation_fraction,
-        eval_every=eval_every,
-        patience=patience,
-        standardize=standardize,
-        max_bad_steps=max_bad_steps,
-    )
     from .standardize import Standardize, split_standardize, with_standardize
 
     model = as_trainable(flow)
     array = check_data(data, model.dim)
+    contexts = check_context(context, getattr(model, "context_dim", 0), len(array))
     train_idx, val_idx = split_indices(len(array), validation_fraction, seed)
     inner, layer, offset = flow, None, 0.0
     dtype, device = dtype_and_device(model)
+    c = None if contexts is None else torch.as_tensor(contexts, dtype=dtype, device=device)
+    if c is not None and standardize and not (model.context_loc.any() or (model.context_scale != 1).any()):
+        loc, scale = standardization(contexts[train_idx])
+        model.context_loc.copy_(torch.as_tensor(loc))
+        model.context_scale.copy_(torch.as_tensor(scale))
     if standardize and model.standardizable:
         inner, layer = split_standardize(flow)
         if layer is None:
@@ -227,6 +238,7 @@ def fit_mle(
     trained = model if inner is flow else as_trainable(inner)
     x = torch.as_tensor(array, dtype=dtype, device=device)
     x_val = x[torch.as_tensor(val_idx)]
+    c_val = None if c is None else c[torch.as_tensor(val_idx)]
     rng = np.random.default_rng(seed)
     params = list(trained.parameters())
     optimizer = torch.optim.Adam(params, lr=lr)
@@ -235,8 +247,8 @@ def fit_mle(
     running, count = 0.0, 0
     with progress_bar(num_steps, "fit_mle", progress) as bar:
         for step in range(1, num_steps + 1):
-            batch = x[torch.as_tensor(batch_indices(train_idx, batch_size, rng))]
-            loss = -trained.log_prob(batch).mean()
+            rows = torch.as_tensor(batch_indices(train_idx, batch_size, rng))
+            loss = -_log_prob(trained, x[rows], None if c is None else c[rows]).mean()
             value = _step(optimizer, params, loss, loss.item(), guard, step)
             if value is not None:
                 running, count = running + value, count + 1
@@ -248,7 +260,7 @@ def fit_mle(
             train_loss = running / count + offset
             val_loss = None
             if len(val_idx):
-                val_loss = _mean_nll(trained, x_val) + offset
+                val_loss = _mean_nll(trained, x_val, c_val) + offset
                 check_finite_loss(
                     val_loss,
                     step,
@@ -273,6 +285,7 @@ def fit_mle(
     return with_standardize(flow, layer), history
 
 
+@checks_fit_options
 def fit_reverse_kl(
     flow: Any,
     log_density: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -347,14 +360,6 @@ def fit_reverse_kl(
         >>> history.step
         [1, 2, 3]
     """
-    check_fit_options(
-        "fit_reverse_kl",
-        num_steps=num_steps,
-        num_samples=num_samples,
-        lr=lr,
-        anneal_steps=anneal_steps,
-        max_bad_steps=max_bad_steps,
-    )
     model = as_trainable(flow)
     log_density = model.fit_target(log_density, stick_the_landing)
     check_log_density(log_density)
@@ -408,6 +413,7 @@ def _max_plate_nesting(model, guide, args, kwargs):
 
 
 @torch.no_grad()
+@checks_fit_options
 def evaluate(model: Callable, guide: Callable, *args: Any, num_samples: int = 1000, **kwargs: Any) -> dict:
     """Importance diagnostics of a fitted guide: ``log w = log p(x, z) - log q(z)``, ``z ~ q``.
 
@@ -444,7 +450,6 @@ def evaluate(model: Callable, guide: Callable, *args: Any, num_samples: int = 10
         >>> out["num_samples"], round(out["elbo"], 6), round(out["ess_fraction"], 6)
         (200, 0.0, 1.0)
     """
-    check_fit_options("evaluate", num_samples=num_samples)
     # One plain run sets up an autoguide's prototype outside the particle plate.
     with poutine.block():
         nesting = _max_plate_nesting(model, guide, args, kwargs)

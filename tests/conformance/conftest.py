@@ -10,7 +10,9 @@ float64 JAX training path is exercised by the family tests' fits.
 
 from __future__ import annotations
 
-from tests.collection import deselect, params
+import pytest
+
+from tests.collection import deselect, params, unoptimised_jax
 
 JAX_DIMS = {1, 5}
 JAX_FLOAT32_ONLY = {"test_training_steps_stay_finite_and_rescoring_works"}
@@ -27,3 +29,8 @@ def pytest_collection_modifyitems(config, items):
         return values.get("dim") not in (None, *JAX_DIMS) or float64_only_in_torch
 
     deselect(config, items, drop)
+
+
+@pytest.fixture(autouse=True)
+def _without_xla_optimisations():
+    yield from unoptimised_jax()

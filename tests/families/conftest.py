@@ -9,7 +9,7 @@ dim, dtype) is an XLA compilation of each function the test runs, and the suite 
 
 import pytest
 
-from tests.collection import deselect, params
+from tests.collection import deselect, params, unoptimised_jax
 from tests.conformance.backends import ADAPTERS
 
 
@@ -32,3 +32,8 @@ def pytest_collection_modifyitems(config, items):
         return marker is not None and getattr(backend, "name", None) == "jax" and not marker.args[0](**values)
 
     deselect(config, items, drop)
+
+
+@pytest.fixture(autouse=True)
+def _without_xla_optimisations():
+    yield from unoptimised_jax()

@@ -268,6 +268,16 @@ class Flow(FlowTransform):
         self.config = _Frozen(config or {})
         self.segments = _segments(self.parts)
 
+    def with_parts(self, parts: Sequence[FlowTransform], config: dict) -> Flow:
+        """A flow of this kind with other ``parts`` and ``config`` (JAX mirror of torch's ``Flow.with_parts``).
+
+        Example:
+            >>> flow = Flow([LogTails(2)], 2, {"name": "tails"})
+            >>> len(flow.with_parts((*flow.parts, Permute.reverse(2)), {}).parts)
+            2
+        """
+        return Flow(parts, self.dim, config)
+
     @property
     def is_stochastic(self) -> bool:
         """Whether a part draws noise, so ``call_and_ladj`` and ``inverse_and_ladj`` need a ``key``.
@@ -437,10 +447,26 @@ class ConditionalFlow(Flow):
     """
 
     context_dim: int = eqx.field(static=True)
+    # Fixed z-scoring of the context (fit_mle sets it); read through stop_gradient, so an
+    # optimiser that sees them as weights (NumPyro's eqx_module) leaves them unchanged.
+    context_loc: jax.Array
+    context_scale: jax.Array
 
     def __init__(self, parts: Sequence[FlowTransform], dim: int, context_dim: int, config: dict | None = None):
         super().__init__(parts, dim, config)
         self.context_dim = int(context_dim)
+        dtype = float_dtype(tuple(parts))
+        self.context_loc = jnp.zeros(self.context_dim, dtype)
+        self.context_scale = jnp.ones(self.context_dim, dtype)
+
+    def with_parts(self, parts: Sequence[FlowTransform], config: dict) -> ConditionalFlow:
+        """A conditional flow with other ``parts`` and ``config``, with this one's context z-scoring."""
+        out = ConditionalFlow(parts, self.dim, self.context_dim, config)
+        return eqx.tree_at(lambda f: (f.context_loc, f.context_scale), out, (self.context_loc, self.context_scale))
+
+    def _apply(self, x, inverse, key, log_det=True, context=None):
+        loc, scale = jax.lax.stop_gradient(self.context_loc), jax.lax.stop_gradient(self.context_scale)
+        return super()._apply(x, inverse, key, log_det, (context - loc) / scale)
 
     def _context(self, context, batched=False):
         if context is None:

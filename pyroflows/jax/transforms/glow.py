@@ -81,13 +81,17 @@ def initialize_actnorm(flow: Flow, data: jax.Array) -> Flow:
         >>> [round(v, 4) for v in z.std(0, ddof=1).tolist()]
         [1.0, 1.0]
     """
-    x = jnp.reshape(data, (-1, flow.dim))
     parts = list(flow.parts)
-    for i in reversed(range(len(parts))):
+    pending = [i for i, p in enumerate(parts) if isinstance(p, ActNorm) and not bool(p.initialized)]
+    if not pending:
+        return flow
+    x = jnp.reshape(data, (-1, flow.dim))
+    for i in range(len(parts) - 1, pending[0] - 1, -1):  # no pass below the last one to set
         layer = parts[i]
-        if isinstance(layer, ActNorm) and not bool(layer.initialized):
+        if i in pending:
             parts[i] = layer = layer.initialize(x)
-        x = jax.vmap(lambda v: layer.inverse_and_ladj(v)[0])(x)
+        if i > pending[0]:
+            x = jax.vmap(lambda v: layer.inverse_and_ladj(v)[0])(x)
     return eqx.tree_at(lambda f: f.parts, flow, tuple(parts))
 
 

@@ -358,6 +358,16 @@ class Flow(ComposeTransformModule):
         """
         return _run_stack(self.parts, self._checked(y, "input"), True)
 
+    def with_parts(self, parts: Sequence[FlowTransform], config: dict) -> Flow:
+        """A flow of this kind with other ``parts`` (shared, not copied) and ``config``.
+
+        Example:
+            >>> flow = Flow([LogTails(2)], 2, {"name": "tails"})
+            >>> flow.with_parts([*flow.parts, Permute.reverse(2)], {}).parts[0] is flow.parts[0]
+            True
+        """
+        return Flow(parts, self.dim, config)
+
     def with_cache(self, cache_size: int = 1) -> Flow:
         """The flow itself: its layers keep their own caches.
 
@@ -444,7 +454,9 @@ class ConditionalFlow(Flow, ConditionalTransformModule):
     ``dist.ConditionalTransformedDistribution(base, [flow]).condition(c)`` samples and
     scores. Context and input batch shapes broadcast against each other. The context
     enters the conditioner networks of the conditional layers; the other parts
-    (permutations, NICE's final scale) do not read it.
+    (permutations, NICE's final scale) do not read it. The layers read the context
+    z-scored by the fixed buffers ``context_loc`` and ``context_scale`` (zero and one
+    until ``fit_mle`` sets them from the training contexts).
 
     Args:
         parts: the layers, in the forward order.
@@ -470,6 +482,22 @@ class ConditionalFlow(Flow, ConditionalTransformModule):
     def __init__(self, parts: Sequence[FlowTransform], dim: int, context_dim: int, config: dict | None = None):
         super().__init__(parts, dim, config)
         self.context_dim = int(context_dim)
+        dtype = _float_dtype(self) or torch.get_default_dtype()
+        self.register_buffer("context_loc", torch.zeros(self.context_dim, dtype=dtype))
+        self.register_buffer("context_scale", torch.ones(self.context_dim, dtype=dtype))
+
+    def with_parts(self, parts: Sequence[FlowTransform], config: dict) -> ConditionalFlow:
+        """A conditional flow with other ``parts`` and ``config``, sharing the context standardization.
+
+        Example:
+            >>> from pyroflows.torch import build_flow
+            >>> flow = build_flow("maf", 2, context_dim=1, hidden_dims=(8,))
+            >>> type(flow.with_parts(list(flow.parts), flow.config)).__name__
+            'ConditionalFlow'
+        """
+        out = ConditionalFlow(parts, self.dim, self.context_dim, config)
+        out.context_loc, out.context_scale = self.context_loc, self.context_scale
+        return out
 
     def _inputs(self, v, context):
         v = self._checked(v, "input")
@@ -479,6 +507,7 @@ class ConditionalFlow(Flow, ConditionalTransformModule):
                 "call_and_ladj / inverse_and_ladj / log_prob, or use flow.condition(context) as a transform"
             )
         context = check_input(context, self.context_dim, v.dtype, "context", "ConditionalFlow")
+        context = (context - self.context_loc) / self.context_scale
         batch = torch.broadcast_shapes(v.shape[:-1], context.shape[:-1])
         return v.expand(batch + v.shape[-1:]), context.expand(batch + context.shape[-1:])
 
@@ -553,7 +582,7 @@ class ConditionedFlow(FlowTransform):
         super().__init__(flow.dim)
         self.flow = flow
         # a buffer, so .to(dtype) moves it with the weights; not saved (save the flow)
-        context = flow._inputs(torch.zeros(flow.dim, dtype=_float_dtype(flow)), context)[1]
+        context = check_input(context, flow.context_dim, _float_dtype(flow), "context", "ConditionalFlow")
         self.register_buffer("context", context, persistent=False)
 
     def call_and_ladj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
