@@ -464,6 +464,10 @@ class ConditionalFlow(Flow, ConditionalTransformModule):
         context_dim: the size of the context.
         config: the builder's name and arguments (``context_dim`` included).
 
+    References:
+        Papamakarios, Pavlakou & Murray 2017, "Masked Autoregressive Flow for Density
+        Estimation", arXiv:1705.07057 (conditional MADE and MAF).
+
     Example:
         >>> import pyro.distributions as dist
         >>> from pyroflows.torch import build_flow
