@@ -1,4 +1,11 @@
-"""The ten posteriordb models of ``../shared/posteriordb``, written once for Pyro and NumPyro.
+"""Ten posteriordb models (stan-dev/posteriordb), written once for Pyro and NumPyro.
+
+The data and reference draws are not in this repository. ``ROOT`` (the environment
+variable ``PYROFLOWS_POSTERIORDB``, default ``data/posteriordb`` in the repository, which
+git ignores) holds, for each name in ``NAMES``, files copied from a posteriordb clone:
+``posteriors/NAME.json`` (the metadata), ``data/DATA.json.zip`` (the data set named in the
+metadata) and ``reference_draws/NAME.json.zip`` (the reference draws). Without them the
+benchmark cannot run and ``tests/test_posteriordb_models.py`` is skipped.
 
 Each model is a function ``model(B, data)`` of a small backend namespace ``B`` (its
 ``sample``, ``deterministic``, ``factor``, ``dist``, ``constraints`` and a handful of
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import types
 import zipfile
 from functools import cache
@@ -23,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "posteriordb"
+ROOT = Path(os.environ.get("PYROFLOWS_POSTERIORDB", Path(__file__).resolve().parents[1] / "data" / "posteriordb"))
 NAMES = [
     "eight_schools-eight_schools_noncentered",
     "arK-arK",

@@ -18,7 +18,7 @@ import functools
 import inspect
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,8 @@ __all__ = [
     "History",
     "progress_bar",
     "check_fit_options",
+    "check_context_sampler",
+    "check_context_shape",
     "anneal_factor",
     "check_finite_loss",
     "check_latent_sites",
@@ -41,6 +43,10 @@ __all__ = [
     "check_quantiles",
     "AUTOFLOW_LOG_SCALE_BOUND",
     "MAX_BAD_STEPS",
+    "MLE_MAX_STEPS",
+    "EVAL_CHUNK",
+    "chunk_sizes",
+    "MLE_PATIENCE",
     "NonFiniteGuard",
     "check_first_log_density",
     "standardization",
@@ -50,6 +56,18 @@ __all__ = [
 MAX_BAD_STEPS: int = 20
 """A fit raises after this many consecutive steps whose loss or gradient was NaN or inf
 (each of them skipped: no update); the ``max_bad_steps`` option of the fits overrides it."""
+
+MLE_MAX_STEPS: int = 20_000
+"""``fit_mle(num_steps=None)``, the default, takes at most this many steps (it usually stops
+earlier, on the validation plateau of ``MLE_PATIENCE``)."""
+
+MLE_PATIENCE: int = 20
+"""``fit_mle``'s default ``patience``: evaluations without a better validation loss before it
+stops and restores the best weights (as sbi's density estimators train by default)."""
+
+EVAL_CHUNK: int = 2000
+"""``evaluate`` draws the guide in vectorised passes of at most this many samples, so
+memory stays bounded however many draws the diagnostics ask for."""
 
 SD_FLOOR: float = 1e-8
 """``standardization``: a column whose sd is below ``SD_FLOOR * max(1, |mean|)`` counts as constant."""
@@ -405,6 +423,70 @@ def check_fit_options(caller: str = "fit", **options: Any) -> None:
             raise ValueError(f"check_fit_options: unknown option {name!r}")
 
 
+def check_context_sampler(
+    sampler: Callable | None, context_dim: int, stick_the_landing: bool = False, caller: str = "fit_reverse_kl"
+) -> None:
+    """A conditional flow trained by reverse KL needs a sampler of contexts; any other flow none.
+
+    Args:
+        sampler: ``context_sampler`` as passed, or ``None``.
+        context_dim: the flow's context size (0 for a flow that is not conditional).
+        stick_the_landing: whether the path-derivative estimator was asked for (not yet
+            available for a conditional flow).
+        caller: the name the messages start with.
+
+    Raises:
+        ValueError: a sampler for a flow that is not conditional, none (or not a function)
+            for one that is, or ``stick_the_landing`` with a conditional flow.
+
+    Example:
+        >>> check_context_sampler(None, 2)
+        Traceback (most recent call last):
+        ValueError: fit_reverse_kl: the flow is conditional (context_dim=2): pass context_sampler=, ...
+    """
+    if not context_dim:
+        if sampler is not None:
+            raise ValueError(
+                f"{caller}: got a context_sampler, but the flow is not conditional; build it with "
+                "build_flow(name, dim, context_dim=...)"
+            )
+        return
+    if sampler is None or not callable(sampler):
+        raise ValueError(
+            f"{caller}: the flow is conditional (context_dim={context_dim}): pass context_sampler=, a function "
+            f"that draws num_samples contexts of shape (num_samples, {context_dim}), and a log_density of "
+            "(x, context)"
+        )
+    if stick_the_landing:
+        raise ValueError(f"{caller}: stick_the_landing=True is not available for a conditional flow yet")
+
+
+def check_context_shape(
+    shape: Sequence[int], num_samples: int, context_dim: int, caller: str = "fit_reverse_kl"
+) -> None:
+    """``context_sampler``'s draws must have shape ``(num_samples, context_dim)``.
+
+    Args:
+        shape: the shape the sampler returned.
+        num_samples: the draws per step.
+        context_dim: the flow's context size.
+        caller: the name the messages start with.
+
+    Raises:
+        ValueError: another shape.
+
+    Example:
+        >>> check_context_shape((8,), 8, 1)
+        Traceback (most recent call last):
+        ValueError: fit_reverse_kl: context_sampler returned shape (8,), expected (8, 1): ...
+    """
+    if tuple(shape) != (num_samples, context_dim):
+        raise ValueError(
+            f"{caller}: context_sampler returned shape {tuple(shape)}, expected ({num_samples}, {context_dim}): "
+            "one context of size context_dim per draw"
+        )
+
+
 def check_context(context: Any, context_dim: int, rows: int, caller: str = "fit_mle") -> np.ndarray | None:
     """The contexts of a conditional fit: one finite row of size ``context_dim`` per data row.
 
@@ -472,7 +554,8 @@ def checks_fit_options(func: Callable) -> Callable:
     by name, before ``func`` runs.
 
     Both backends' ``fit_mle``, ``fit_reverse_kl`` and ``evaluate`` use it, so their
-    options are checked the same way from their signatures.
+    options are checked the same way from their signatures. An option whose default is
+    ``None`` may be ``None`` (``fit_mle(num_steps=None)``).
 
     Example:
         >>> @checks_fit_options
@@ -484,15 +567,35 @@ def checks_fit_options(func: Callable) -> Callable:
     """
     signature = inspect.signature(func)
     names = [name for name in signature.parameters if name in _FIT_OPTIONS]
+    defaults = {name: signature.parameters[name].default for name in names}
 
     @functools.wraps(func)
     def checked(*args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        check_fit_options(func.__name__, **{name: bound.arguments[name] for name in names})
+        given = bound.arguments
+        options = {n: given[n] for n in names if given[n] is not None or defaults[n] is not None}
+        check_fit_options(func.__name__, **options)
         return func(*args, **kwargs)
 
     return checked
+
+
+def chunk_sizes(total: int, chunk: int = EVAL_CHUNK) -> list[int]:
+    """``total`` split into passes of ``chunk`` (the last one shorter).
+
+    Args:
+        total: how many draws in all.
+        chunk: the most per pass.
+
+    Returns:
+        The size of each pass; they sum to ``total``.
+
+    Example:
+        >>> chunk_sizes(4500), chunk_sizes(10)
+        ([2000, 2000, 500], [10])
+    """
+    return [min(chunk, total - start) for start in range(0, total, chunk)]
 
 
 def anneal_factor(step: int, anneal_steps: int) -> float:

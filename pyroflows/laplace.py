@@ -293,7 +293,8 @@ def find_mode(
 
     Raises:
         ValueError: ``U`` or its gradient is not finite at ``x0``, the Hessian is not
-            finite at an iterate, or no minimum is reached in ``max_steps`` Newton steps (an
+            finite at an iterate, it is not positive definite at a stationary point (a flat
+            direction or a saddle), or no minimum is reached in ``max_steps`` Newton steps (an
             improper posterior, or a funnel whose density grows without bound). Each
             message names the problem and the fix.
 
@@ -334,7 +335,13 @@ def find_mode(
         floor = 1e-12 * max(np.abs(w).max(), 1.0)
         direction = -v @ ((v.T @ g) / np.maximum(np.abs(w), floor))
         decrement = float(-g @ direction)
-        if decrement / 2 <= tol * (1 + abs(f)) and w.min() > 0:
+        if decrement / 2 <= tol * (1 + abs(f)) and not w.min() > 0:
+            raise ValueError(
+                f"{caller}(init_scale='laplace'): log p(x, z) is flat (or has a saddle) at its stationary point "
+                f"{x}: the Hessian of -log p there is not positive definite (smallest eigenvalue {w.min():.3g}), "
+                f"so there is no Laplace approximation; a parameter may be unidentified or have a flat prior{_FIX}"
+            )
+        if decrement / 2 <= tol * (1 + abs(f)):
             # one more full step squares the error, and costs one Hessian
             polished = x + direction
             f_new, g_new = _safely(potential_and_grad, polished) or (np.nan, np.nan)

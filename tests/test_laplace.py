@@ -53,6 +53,14 @@ def test_failures_name_the_problem_and_the_fix():
 
     with pytest.raises(ValueError, match="found no posterior mode after 30 Newton steps.*init_scale=0.1"):
         find_mode(unbounded, lambda x: np.diag([0.0, 2.0]), np.zeros(2), max_steps=30)
+
+    def flat(x):  # x[1] is not identified: the minimum is a line, where H is singular
+        return float((x[0] - 1) ** 2), np.array([2 * (x[0] - 1), 0.0])
+
+    with pytest.raises(
+        ValueError, match=r"flat .*at its stationary point \[1. 0.\].*smallest eigenvalue 0.*unidentified"
+    ):
+        find_mode(flat, lambda x: np.diag([2.0, 0.0]), np.zeros(2))
     with pytest.raises(ValueError, match="not finite at the init_loc_fn point"):
         find_mode(lambda x: (np.nan, np.zeros(1)), lambda x: np.eye(1), np.zeros(1))
     with pytest.raises(ValueError, match="not positive definite.*smallest eigenvalue -1"):

@@ -34,3 +34,10 @@ def test_errors_name_the_problem(adapter):
         target, key = (lambda x: x.sum()), []
     with pytest.raises(ValueError, match="shape"):
         snf.StochasticFlow([snf.MALA(0.1)], 2, target, schedule="target").sample_and_log_weight(*key, 3)
+    # a per-coordinate target (shape (n, dim), or (dim,) for JAX's one point) is named by
+    # the blocks too, not only where the path's weight is scored
+    flow = snf.StochasticFlow(
+        [adapter.transforms().ElementwiseAffine(2), snf.MALA(0.1)], 2, lambda x: -0.5 * x**2, schedule="target"
+    )
+    with pytest.raises(ValueError, match=r"target_log_density must map an array of shape \(n, 2\) to shape \(n,\)"):
+        pf.fit_reverse_kl(flow, num_steps=1, num_samples=8, progress=False)

@@ -8,7 +8,7 @@ import importlib
 import numpy as np
 import pytest
 
-from pyroflows.fitting import batch_indices, split_indices
+from pyroflows.fitting import MLE_MAX_STEPS, MLE_PATIENCE, batch_indices, split_indices
 from tests.conformance.backends import ADAPTERS
 
 pytestmark = pytest.mark.parametrize("adapter", ADAPTERS, ids=lambda a: a.name)
@@ -169,6 +169,21 @@ def test_fit_mle_starts_glow_actnorm_from_the_first_minibatch(adapter):
     np.testing.assert_allclose(actnorm[f"{last}.loc"], data.mean(0), atol=1e-6)
 
 
+def test_fit_mle_stops_on_the_validation_plateau_and_keeps_the_best_weights(adapter):
+    # 60 rows: the held-out NLL bottoms out long before MLE_MAX_STEPS, so the defaults
+    # (num_steps=None, patience=MLE_PATIENCE) stop there and restore the best weights.
+    data = np.random.default_rng(12).normal(size=(60, 2)) * [2.0, 0.5] + [1.0, -1.0]
+    fitted, history = adapter.pf.fit_mle(small_flow(adapter), data, lr=1e-2, eval_every=10, progress=False)
+    assert history.stopped_early and history.step[-1] < MLE_MAX_STEPS
+    assert history.step[-1] - history.best_step == MLE_PATIENCE * 10
+    best = min(history.validation_loss)
+    assert history.validation_loss[history.step.index(history.best_step)] == best
+    assert history.validation_loss[-1] > best  # the last weights are not the ones returned
+    _, val = split_indices(len(data), 0.1, 0)
+    log_q = adapter.fn(lambda x: fitted.log_prob(x), data[val], dtype=adapter.float_dtype(fitted))
+    np.testing.assert_allclose(-np.mean(np.asarray(log_q)), best, rtol=1e-4)
+
+
 def _conditional_gaussian(n, seed):
     """Pairs ``(x, c)`` with ``c ~ N(50, 10^2)`` (far from a unit scale) and ``x | c`` Gaussian,
     and the exact ``log p(x | c)``."""
@@ -198,6 +213,71 @@ def test_fit_mle_fits_a_conditional_density_with_contexts_on_their_own_scale(ada
     loaded = other.pf.load_flow(tmp_path / "fit.npz")
     log_q2 = np.asarray(other.fn(lambda a, b: loaded.log_prob(a, b), x_test, c_test, dtype=other.float_dtype(loaded)))
     np.testing.assert_allclose(log_q2, log_q, atol=1e-4)
+
+
+def _context_sampler(adapter):
+    """Contexts ``c ~ U(-2, 2)``, drawn from the generator (torch) or key (JAX) fit_reverse_kl passes."""
+    if adapter.name == "torch":
+        import torch
+
+        return lambda n, generator: 4 * torch.rand(n, 1, generator=generator, dtype=torch.float64) - 2
+    import jax
+
+    return lambda key, n: jax.random.uniform(key, (n, 1), minval=-2.0, maxval=2.0)
+
+
+def _draws_at(adapter, flow, n, c):
+    """``n`` draws of a conditional flow at the context ``(c,)`` and their ``log q``, as numpy."""
+    if adapter.name == "torch":
+        import torch
+
+        with torch.no_grad():
+            context = torch.tensor([c], dtype=next(flow.parameters()).dtype)
+            x, log_q = flow.sample_and_log_prob(n, torch.Generator().manual_seed(1), context)
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        x, log_q = flow.sample_and_log_prob(n, jax.random.key(1), jnp.array([c]))
+    return np.asarray(x, dtype=float), np.asarray(log_q, dtype=float)
+
+
+def test_fit_reverse_kl_fits_a_family_of_targets_with_a_conditional_flow(adapter):
+    # p(x | c) = N((c, -c), 0.5^2 I), unnormalised: log Z(c) = log(2 pi 0.25) for every c
+    def log_density(x, c):
+        return -2.0 * ((x[:, :1] - c) ** 2 + (x[:, 1:] + c) ** 2).sum(-1)
+
+    log_z = np.log(2 * np.pi * 0.25)
+    flow = adapter.build_flow("maf", 2, context_dim=1, num_layers=2, hidden_dims=(16, 16))
+    flow, history = adapter.pf.fit_reverse_kl(
+        flow, log_density, context_sampler=_context_sampler(adapter), num_steps=1500, lr=1e-2, progress=False
+    )
+    # the loss is the KL averaged over contexts minus log Z: near -log Z once fitted
+    assert abs(np.mean(history.loss[-50:]) + log_z) < 0.05
+    for c in (-1.5, 0.0, 1.5):  # one flow, three targets: KL(q(. | c) || p(. | c)) from draws at c
+        x, log_q = _draws_at(adapter, flow, 4000, c)
+        kl = np.mean(log_q - log_density(x, np.full((len(x), 1), c))) + log_z
+        assert kl < 0.05, (c, kl)  # from N(0, I), before training: 1.6 + 4 c^2 nats
+        np.testing.assert_allclose(x.mean(0), [c, -c], atol=0.15)
+
+
+def test_fit_reverse_kl_checks_the_context_sampler(adapter):
+    conditional = adapter.build_flow("maf", 2, context_dim=1, num_layers=1, hidden_dims=(4,))
+    fit = adapter.pf.fit_reverse_kl
+    with pytest.raises(ValueError, match=r"conditional \(context_dim=1\): pass context_sampler="):
+        fit(conditional, lambda x, c: -(x**2).sum(-1), num_steps=1, progress=False)
+    with pytest.raises(ValueError, match="got a context_sampler, but the flow is not conditional"):
+        fit(small_flow(adapter), standard_normal, context_sampler=_context_sampler(adapter), progress=False)
+    if adapter.name == "torch":
+        import torch
+
+        wrong = lambda n, generator: torch.zeros(n)  # noqa: E731
+    else:
+        import jax.numpy as jnp
+
+        wrong = lambda key, n: jnp.zeros(n)  # noqa: E731
+    with pytest.raises(ValueError, match=r"context_sampler returned shape \(16,\), expected \(16, 1\)"):
+        fit(conditional, lambda x, c: -(x**2).sum(-1), context_sampler=wrong, num_samples=16, progress=False)
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,7 @@ def fit_posterior(
     """Fit ``AutoFlow(model, flow=flow)`` by SVI with the benchmark-backed recipe.
 
     The guide starts at ``init_scale="auto"`` (the Laplace approximation where the model
-    has a proper mode, else a diagonal start) and trains on ``Trace_ELBO`` with 8
+    has a proper mode, else a diagonal start) and trains on ``Trace_ELBO`` with 16
     particles and Adam from ``lr=2e-3``, jitted in windows of 1000 steps (a ``lax.scan``).
     With ``num_steps=None`` the rate halves each time the ELBO stops improving (three
     windows in a row without beating the best window mean by two standard errors) and the

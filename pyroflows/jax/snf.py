@@ -498,10 +498,10 @@ class StochasticFlow(eqx.Module):
 
     def _interpolated(self, level):
         if isinstance(level, float) and level == 1.0:
-            return self.target_log_density
+            return self._target  # checks the shape of what the target returns
         if isinstance(level, float) and level == 0.0:
             return self.base_log_prob
-        return lambda y: (1.0 - level) * self.base_log_prob(y) + level * self.target_log_density(y)
+        return lambda y: (1.0 - level) * self.base_log_prob(y) + level * self._target(y)
 
     # --- paths (one vector) -----------------------------------------------------------
     def _draw(self, key, dtype, num_paths=None, extra=0):

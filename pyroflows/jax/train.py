@@ -143,12 +143,12 @@ def fit_mle(
     data: Any,
     *,
     context: Any = None,
-    num_steps: int = 1000,
+    num_steps: int | None = None,
     batch_size: int = 256,
     lr: float = 1e-3,
     validation_fraction: float = 0.1,
     eval_every: int = 50,
-    patience: int | None = None,
+    patience: int | None = fitting.MLE_PATIENCE,
     standardize: bool = True,
     max_bad_steps: int = fitting.MAX_BAD_STEPS,
     seed: int = 0,
@@ -162,11 +162,13 @@ def fit_mle(
     pass for ``maf``); for a ``StochasticFlow`` its reverse-path lower bound.
     ``validation_fraction`` of the rows (``pyroflows.fitting.split_indices``, seeded by
     ``seed``) are held out; every ``eval_every`` steps the validation NLL (the mean
-    training NLL since the last evaluation when nothing is held out) is recorded, and
-    ``patience`` evaluations without improvement stop the fit. Minibatches of ``batch_size`` rows are drawn
-    without replacement by a numpy generator seeded by ``seed``; ``key`` (default
-    ``jax.random.key(seed)``) feeds layers that draw noise. An evaluation after which
-    every step was skipped (see below) is not recorded: the weights did not change.
+    training NLL since the last evaluation when nothing is held out) is recorded;
+    ``patience`` evaluations (20 by default) without improvement, or ``num_steps`` (default
+    ``None``: up to ``fitting.MLE_MAX_STEPS``), stop the fit, and the best weights are
+    restored. Minibatches of ``batch_size`` rows are drawn without replacement by a
+    numpy generator seeded by ``seed``; ``key`` (default ``jax.random.key(seed)``) feeds
+    layers that draw noise. An evaluation after which every step was skipped (see below)
+    is not recorded: the weights did not change.
 
     With ``standardize=True`` (the default) the flow is trained on the z-scored data
     ``z = (x - mean) / sd`` (per column, mean and sd of the training rows;
@@ -189,7 +191,7 @@ def fit_mle(
         context: for a ``ConditionalFlow``, its context for each data row, shape
             ``(n, context_dim)``; z-scored into the flow's ``context_loc`` and
             ``context_scale`` with ``standardize=True`` (see the torch ``fit_mle``).
-        num_steps: Adam steps.
+        num_steps: the most Adam steps; None: ``fitting.MLE_MAX_STEPS``.
         batch_size: rows per minibatch.
         lr: Adam's learning rate.
         validation_fraction: share of the rows held out, in ``[0, 1)``.
@@ -271,6 +273,7 @@ def fit_mle(
     history, stopper = fitting.History(), fitting.EarlyStopping(patience)
     guard = fitting.NonFiniteGuard("fit_mle", lr, history, max_bad_steps)
     best, step = params, 0
+    num_steps = fitting.MLE_MAX_STEPS if num_steps is None else num_steps
     chunk = min(eval_every, num_steps)
     rows = min(batch_size, train_idx.size)
     with fitting.progress_bar(num_steps, "fit_mle", progress) as bar:
@@ -316,23 +319,30 @@ def fit_mle(
     return with_standardize(fitted, layer), history
 
 
-def _reverse_kl(params, static, log_density, key, beta, num_samples, stick_the_landing):
+def _reverse_kl(params, static, log_density, context_sampler, key, beta, num_samples, stick_the_landing):
     flow = eqx.combine(params, static)
+    context = ()  # a conditional flow: one context per draw, passed to the flow and the target
+    if context_sampler is not None:
+        c = jnp.asarray(context_sampler(jax.random.fold_in(key, 2), num_samples), result_float_dtype(flow))
+        fitting.check_context_shape(jnp.shape(c), num_samples, flow.context_dim)
+        context = (jax.lax.stop_gradient(c),)
     # a Flow: N(0, I) draws pushed forward; a StochasticFlow: log q of the whole path
-    x, log_q = flow.sample_and_log_prob(num_samples, key)
+    x, log_q = flow.sample_and_log_prob(num_samples, key, *context)
     if stick_the_landing:  # the draws scored again with the weights held fixed
         log_q = log_prob_stop_gradient(flow, x, jax.random.fold_in(key, 1))
-    log_p = log_density(x)
+    log_p = log_density(x, *context)
     fitting.check_log_density_shape(jnp.shape(log_p), num_samples, flow.dim)
     bad = jax.lax.stop_gradient(~jnp.isfinite(log_p))
     return jnp.mean(log_q - beta * log_p), (jnp.sum(bad), jnp.any(bad & jnp.isnan(log_p)))
 
 
 @eqx.filter_jit
-def _reverse_kl_chunk(params, static, opt_state, log_density, keys, betas, active, num_samples, stick_the_landing):
+def _reverse_kl_chunk(
+    params, static, opt_state, log_density, context_sampler, keys, betas, active, num_samples, stick_the_landing
+):
     def loss(params, static, x):
         key, beta = x
-        return _reverse_kl(params, static, log_density, key, beta, num_samples, stick_the_landing)
+        return _reverse_kl(params, static, log_density, context_sampler, key, beta, num_samples, stick_the_landing)
 
     (params, opt_state), (losses, ok, (target_bad, target_nan)) = _adam_steps(
         loss, params, static, opt_state, (keys, betas), active
@@ -350,6 +360,7 @@ def fit_reverse_kl(
     lr: float = 1e-3,
     anneal_steps: int = 0,
     stick_the_landing: bool = False,
+    context_sampler: Callable[[jax.Array, int], jax.Array] | None = None,
     max_bad_steps: int = fitting.MAX_BAD_STEPS,
     seed: int = 0,
     key: jax.Array | None = None,
@@ -375,6 +386,11 @@ def fit_reverse_kl(
     learning rate). Steps run in compiled chunks of 50, so the error comes at the end of
     the chunk in which it arose.
 
+    A ``ConditionalFlow`` is fitted to a family of targets at once (amortised VI): each
+    step draws ``c = context_sampler(key, num_samples)``, shape ``(num_samples,
+    context_dim)``, one ``x ~ q(. | c_i)`` per context, and minimises the mean of
+    ``log q(x | c) - beta_t log_density(x, c)`` (see the torch ``fit_reverse_kl``).
+
     ``flow.fit_target(log_density, stick_the_landing)`` names the density trained
     against: a ``Flow`` takes ``log_density`` itself, a ``pyroflows.jax.snf.StochasticFlow``
     its own target (``log_density=None``) and trains on ``E[-log w]`` of its whole paths.
@@ -382,12 +398,15 @@ def fit_reverse_kl(
     Args:
         flow: a ``TrainableFlow`` (``Flow``, ``StochasticFlow``, a user's own) or a lone
             ``FlowTransform`` layer.
-        log_density: maps an ``(n, dim)`` array to shape ``(n,)``; jax-traceable.
+        log_density: maps an ``(n, dim)`` array to shape ``(n,)``; jax-traceable; for a
+            ``ConditionalFlow`` a function of ``(x, context)``.
         num_steps: Adam steps.
         num_samples: draws per step.
         lr: Adam's learning rate.
         anneal_steps: steps of the linear ramp of ``beta`` (0: none).
         stick_the_landing: use the path-derivative gradient.
+        context_sampler: for a ``ConditionalFlow``, ``(key, num_samples) -> contexts``;
+            jax-traceable.
         max_bad_steps: consecutive non-finite steps that raise.
         seed: the default ``key``'s seed.
         key: draws the base samples.
@@ -422,6 +441,7 @@ def fit_reverse_kl(
     flow = trainable
     log_density = flow.fit_target(log_density, bool(stick_the_landing))
     fitting.check_log_density(log_density)
+    fitting.check_context_sampler(context_sampler, getattr(flow, "context_dim", 0), bool(stick_the_landing))
     dtype = result_float_dtype(flow)
     key = jax.random.key(seed) if key is None else key
     params, static = eqx.partition(flow, eqx.is_inexact_array)
@@ -439,6 +459,7 @@ def fit_reverse_kl(
                 static,
                 opt_state,
                 log_density,
+                context_sampler,
                 keys,
                 jnp.asarray(betas, dtype),
                 jnp.arange(chunk) < n,
@@ -473,8 +494,9 @@ def evaluate(
     """Importance-weight diagnostics of a fitted guide: ELBO, importance-weighted ELBO, k-hat, ESS.
 
     Draws ``num_samples`` latents ``z ~ q`` from ``guide`` (with ``params``, e.g.
-    ``svi.get_params(state)``), computes ``log w = log p(x, z) - log q(z)`` for each in one
-    vectorised, jitted pass, and summarises them with
+    ``svi.get_params(state)``), computes ``log w = log p(x, z) - log q(z)`` for each in
+    vectorised, jitted passes of at most ``pyroflows.fitting.EVAL_CHUNK`` draws (the same
+    draws as one pass), and summarises them with
     ``pyroflows.diagnostics.summarize_weights``.
 
     Args:
@@ -513,8 +535,12 @@ def evaluate(
     """
     key = jax.random.key(0) if key is None else key
     keys = jax.random.split(key, num_samples)
-    log_w = _log_weights(keys, params, args, kwargs, model=model, guide=guide)
-    return summarize_weights(np.asarray(log_w))
+    starts = np.cumsum([0, *fitting.chunk_sizes(num_samples)])
+    log_w = [
+        np.asarray(_log_weights(keys[a:b], params, args, kwargs, model=model, guide=guide))
+        for a, b in zip(starts[:-1], starts[1:])
+    ]
+    return summarize_weights(np.concatenate(log_w))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "guide"))

@@ -408,10 +408,10 @@ class StochasticFlow(torch.nn.Module):
 
     def _interpolated(self, level):
         if level == 1.0:
-            return self.target_log_density
+            return self._target  # checks the shape of what the target returns
         if level == 0.0:
             return self.base_log_prob
-        return lambda y: (1.0 - level) * self.base_log_prob(y) + level * self.target_log_density(y)
+        return lambda y: (1.0 - level) * self.base_log_prob(y) + level * self._target(y)
 
     def _blocks_and_levels(self):
         levels = iter(self.schedule)

@@ -32,18 +32,23 @@ from pyro.infer.importance import vectorized_importance_weights
 from ..diagnostics import summarize_weights
 from ..fitting import (
     MAX_BAD_STEPS,
+    MLE_MAX_STEPS,
+    MLE_PATIENCE,
     EarlyStopping,
     History,
     NonFiniteGuard,
     anneal_factor,
     batch_indices,
     check_context,
+    check_context_sampler,
+    check_context_shape,
     check_data,
     check_finite_loss,
     check_first_log_density,
     check_log_density,
     check_log_density_shape,
     checks_fit_options,
+    chunk_sizes,
     progress_bar,
     split_indices,
     standardization,
@@ -120,12 +125,12 @@ def fit_mle(
     data: Any,
     *,
     context: Any = None,
-    num_steps: int = 1000,
+    num_steps: int | None = None,
     batch_size: int = 256,
     lr: float = 1e-3,
     validation_fraction: float = 0.1,
     eval_every: int = 50,
-    patience: int | None = None,
+    patience: int | None = MLE_PATIENCE,
     standardize: bool = True,
     max_bad_steps: int = MAX_BAD_STEPS,
     seed: int = 0,
@@ -137,9 +142,12 @@ def fit_mle(
     minimises the mean of ``-flow.log_prob(x)``; a ``validation_fraction`` of the rows is
     held out, and every ``eval_every`` steps (and at the last) the mean validation NLL is
     recorded. Without a validation split the mean training loss since the last
-    evaluation takes its place. ``patience`` (in evaluations, ``None``: never) stops
-    early; the weights with the best monitored loss are restored. ``seed`` fixes the
-    split and the minibatches. An evaluation after which every step was skipped (see
+    evaluation takes its place. The fit stops after ``patience`` evaluations (20 by
+    default; ``None``: never) without a better monitored loss, or after ``num_steps``
+    (default ``None``: up to ``pyroflows.fitting.MLE_MAX_STEPS`` = 20,000), and the
+    weights with the best monitored loss are restored, so by default the validation
+    plateau decides how long to train, as in sbi. ``seed`` fixes the split and the
+    minibatches. An evaluation after which every step was skipped (see
     below) is not recorded: the weights did not change.
 
     With ``standardize=True`` (the default) and a flow whose ``standardizable`` is true,
@@ -175,7 +183,7 @@ def fit_mle(
         data: array of shape ``(n, dim)``, ``n >= 2``, finite real numbers.
         context: for a conditional flow, its context for each data row, shape
             ``(n, context_dim)``; ``None`` otherwise.
-        num_steps: Adam steps.
+        num_steps: the most Adam steps; None: ``MLE_MAX_STEPS``.
         batch_size: rows per minibatch.
         lr: Adam's learning rate.
         validation_fraction: share of the rows held out, in ``[0, 1)``.
@@ -245,6 +253,7 @@ def fit_mle(
     history, stopper, best_state = History(), EarlyStopping(patience), None
     guard = NonFiniteGuard("fit_mle", lr, history, max_bad_steps)
     running, count = 0.0, 0
+    num_steps = MLE_MAX_STEPS if num_steps is None else num_steps
     with progress_bar(num_steps, "fit_mle", progress) as bar:
         for step in range(1, num_steps + 1):
             rows = torch.as_tensor(batch_indices(train_idx, batch_size, rng))
@@ -295,6 +304,7 @@ def fit_reverse_kl(
     lr: float = 1e-3,
     anneal_steps: int = 0,
     stick_the_landing: bool = False,
+    context_sampler: Callable[[int, torch.Generator], torch.Tensor] | None = None,
     max_bad_steps: int = MAX_BAD_STEPS,
     seed: int = 0,
     progress: bool = True,
@@ -312,6 +322,12 @@ def fit_reverse_kl(
     (``density.log_prob_stop_gradient``), which adds one inverse pass. ``seed`` seeds a
     private generator for the base noise.
 
+    A conditional flow (``build_flow(..., context_dim=k)``) is fitted to a family of
+    targets at once (amortised VI): each step draws ``c = context_sampler(num_samples,
+    generator)``, shape ``(num_samples, k)``, one ``x ~ q(. | c_i)`` per context, and
+    minimises the mean of ``log q(x | c) - beta_t log_density(x, c)``, i.e. the KL
+    averaged over the contexts the sampler draws.
+
     A ``pyroflows.torch.snf.StochasticFlow`` trains on ``E[-log w]`` of its whole paths
     (``log q`` of the path, its blocks' ``dS`` included) against its own target
     (``log_density=None``; another target or ``stick_the_landing=True`` raise).
@@ -327,12 +343,15 @@ def fit_reverse_kl(
             ``Flow`` from ``build_flow``, a ``StochasticFlow``) or a Pyro
             ``TransformModule`` with ``dim``; trained in place.
         log_density: maps an ``(n, dim)`` tensor to shape ``(n,)``; ``None`` for a
-            ``StochasticFlow`` (its own target).
+            ``StochasticFlow`` (its own target); for a conditional flow a function of
+            ``(x, context)``.
         num_steps: Adam steps.
         num_samples: draws per step.
         lr: Adam's learning rate.
         anneal_steps: steps of the linear ramp of ``beta`` (0: none).
         stick_the_landing: use the path-derivative gradient.
+        context_sampler: for a conditional flow, draws ``num_samples`` contexts from the
+            generator it is given (the one that draws the base noise).
         max_bad_steps: consecutive non-finite steps that raise.
         seed: seeds the base noise.
         progress: show a progress bar.
@@ -366,7 +385,9 @@ def fit_reverse_kl(
     dim = model.dim
     if dim is None:
         raise ValueError("fit_reverse_kl: the flow needs a `dim` attribute; build it with build_flow")
-    _, device = dtype_and_device(model)
+    context_dim = getattr(model, "context_dim", 0)
+    check_context_sampler(context_sampler, context_dim, stick_the_landing)
+    dtype, device = dtype_and_device(model)
     generator = torch.Generator(device=device).manual_seed(seed)
     params = list(model.parameters())
     optimizer = torch.optim.Adam(params, lr=lr)
@@ -376,10 +397,15 @@ def fit_reverse_kl(
     with progress_bar(num_steps, "fit_reverse_kl", progress) as bar:
         for step in range(1, num_steps + 1):
             beta = anneal_factor(step - 1, anneal_steps)
-            x, log_q = model.sample_and_log_prob(num_samples, generator)
+            context = ()  # a conditional flow: one context per draw, passed to the flow and the target
+            if context_sampler is not None:
+                c = torch.as_tensor(context_sampler(num_samples, generator), dtype=dtype, device=device)
+                check_context_shape(c.shape, num_samples, context_dim)
+                context = (c,)
+            x, log_q = model.sample_and_log_prob(num_samples, generator, *context)
             if stick_the_landing:
                 log_q = log_prob_stop_gradient(model, x)
-            log_p = log_density(x)
+            log_p = log_density(x, *context)
             check_log_density_shape(log_p.shape, num_samples, dim)
             loss = (log_q - beta * log_p).mean()
             value, target_bad = loss.item(), 0
@@ -417,11 +443,12 @@ def _max_plate_nesting(model, guide, args, kwargs):
 def evaluate(model: Callable, guide: Callable, *args: Any, num_samples: int = 1000, **kwargs: Any) -> dict:
     """Importance diagnostics of a fitted guide: ``log w = log p(x, z) - log q(z)``, ``z ~ q``.
 
-    Draws ``num_samples`` from the guide in one vectorised pass (the model must
-    broadcast over an extra leading batch dimension, as for vectorised ELBO
-    particles) and summarises the log-weights with ``pyroflows.diagnostics.summarize_weights``.
-    ``log q`` is whatever the guide's sample sites report: for ``AutoFlow`` the flow's
-    exact density, for ``AutoSNF`` the log-density of the drawn path.
+    Draws ``num_samples`` from the guide in vectorised passes of at most
+    ``pyroflows.fitting.EVAL_CHUNK`` (the model must broadcast over an extra leading batch
+    dimension, as for vectorised ELBO particles) and summarises the log-weights with
+    ``pyroflows.diagnostics.summarize_weights``. ``log q`` is whatever the guide's sample
+    sites report: for ``AutoFlow`` the flow's exact density, for ``AutoSNF`` the
+    log-density of the drawn path.
 
     Args:
         model: a Pyro model.
@@ -453,8 +480,10 @@ def evaluate(model: Callable, guide: Callable, *args: Any, num_samples: int = 10
     # One plain run sets up an autoguide's prototype outside the particle plate.
     with poutine.block():
         nesting = _max_plate_nesting(model, guide, args, kwargs)
-    log_w, _, _ = vectorized_importance_weights(
-        model, guide, *args, num_samples=num_samples, max_plate_nesting=nesting, normalized=False, **kwargs
-    )
-    log_w = log_w.detach().to("cpu", torch.float64).reshape(-1).numpy()
-    return summarize_weights(log_w)
+    parts = []
+    for size in chunk_sizes(num_samples):
+        log_w, _, _ = vectorized_importance_weights(
+            model, guide, *args, num_samples=size, max_plate_nesting=nesting, normalized=False, **kwargs
+        )
+        parts.append(log_w.detach().to("cpu", torch.float64).reshape(-1).numpy())
+    return summarize_weights(np.concatenate(parts))
