@@ -102,6 +102,7 @@ def fit(backend, name, task, steps, lr, seed):
         batch_size=BATCH,
         lr=lr,
         eval_every=min(EVAL_EVERY, steps),
+        patience=None,  # every step: the sweep asks whether long runs stay finite
         seed=seed,
         progress=False,
     )[1]

@@ -47,14 +47,16 @@ SYLVESTER_VARIANTS = ("orthogonal", "householder", "triangular")
 GDN_VARIANTS = ("diagonal", "dense")
 
 
-def made_degrees(dim: int, hidden_dims: Sequence[int]) -> list[np.ndarray]:
+def made_degrees(dim: int, hidden_dims: Sequence[int], lowest: int = 1) -> list[np.ndarray]:
     """Degrees of MADE's units (Germain et al. 2015): inputs ``1..dim``, hidden units cyclic.
 
-    Hidden degrees cycle through ``1..dim-1`` (deterministic, so both backends agree).
+    Hidden degrees cycle through ``lowest..dim-1`` (deterministic, so both backends agree).
 
     Args:
         dim: the number of inputs.
         hidden_dims: the hidden layer widths.
+        lowest: the smallest hidden degree: 1, or 0 for a conditional MADE (units of
+            degree 0 read the context only, and feed the first coordinate).
 
     Returns:
         One integer array per layer, inputs first.
@@ -67,7 +69,7 @@ def made_degrees(dim: int, hidden_dims: Sequence[int]) -> list[np.ndarray]:
         [[1, 2, 3], [1, 2, 1, 2]]
     """
     top = max(dim - 1, 1)
-    return [np.arange(1, dim + 1)] + [np.arange(h) % top + 1 for h in hidden_dims]
+    return [np.arange(1, dim + 1)] + [np.arange(h) % (top - lowest + 1) + lowest for h in hidden_dims]
 
 
 def made_masks(dim: int, hidden_dims: Sequence[int], num_params: int, context_dim: int = 0) -> list[np.ndarray]:
@@ -76,7 +78,9 @@ def made_masks(dim: int, hidden_dims: Sequence[int], num_params: int, context_di
     A hidden unit of degree k sees the units of degree ``<= k`` below it; output i (each
     of its ``num_params`` entries, in coordinate-major order) sees hidden units of degree
     ``< i``. So the outputs of coordinate i depend on inputs ``< i`` only. Context inputs
-    (appended after the ``dim`` coordinates) have degree 0, so every unit sees them.
+    (appended after the ``dim`` coordinates) have degree 0, so every unit sees them, and a
+    conditional MADE's hidden degrees start at 0, so the first coordinate's outputs read
+    the context too (through hidden units that see nothing else).
 
     Args:
         dim: the number of inputs (and of output coordinates).
@@ -94,8 +98,10 @@ def made_masks(dim: int, hidden_dims: Sequence[int], num_params: int, context_di
         False
         >>> bool(made_masks(3, [4], 2, context_dim=1)[0][:, 3].all())  # all see the context
         True
+        >>> bool(made_masks(3, [4], 2, context_dim=1)[-1][:2].any())  # coordinate 1 reads it
+        True
     """
-    degrees = made_degrees(dim, hidden_dims)
+    degrees = made_degrees(dim, hidden_dims, lowest=0 if context_dim else 1)
     degrees[0] = np.concatenate([degrees[0], np.zeros(context_dim, dtype=degrees[0].dtype)])
     masks = [d_out[:, None] >= d_in[None, :] for d_in, d_out in zip(degrees[:-1], degrees[1:])]
     out_degrees = np.repeat(np.arange(1, dim + 1), num_params)

@@ -248,9 +248,10 @@ def test_fit_reverse_kl_fits_a_family_of_targets_with_a_conditional_flow(adapter
         return -2.0 * ((x[:, :1] - c) ** 2 + (x[:, 1:] + c) ** 2).sum(-1)
 
     log_z = np.log(2 * np.pi * 0.25)
-    flow = adapter.build_flow("maf", 2, context_dim=1, num_layers=2, hidden_dims=(16, 16))
+    # one conditional affine MAF layer can be exact here: x1 = m1(c) + s1(c) u1, x2 = m2(x1, c) + s2 u2
+    flow = adapter.build_flow("maf", 2, context_dim=1, num_layers=1, hidden_dims=(16,))
     flow, history = adapter.pf.fit_reverse_kl(
-        flow, log_density, context_sampler=_context_sampler(adapter), num_steps=1500, lr=1e-2, progress=False
+        flow, log_density, context_sampler=_context_sampler(adapter), num_steps=800, lr=1e-2, progress=False
     )
     # the loss is the KL averaged over contexts minus log Z: near -log Z once fitted
     assert abs(np.mean(history.loss[-50:]) + log_z) < 0.05

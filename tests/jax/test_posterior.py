@@ -15,7 +15,7 @@ import pyroflows.jax as pf
 from pyroflows.jax.transforms import LogTails
 from tests.backend_checks import two_sites_model
 
-SMALL = dict(num_layers=2, hidden_dims=(8,))
+SMALL = dict(num_layers=2, hidden_dims=(8,))  # fit_posterior calls also shorten the report to 2000 draws
 
 
 def test_log_tails_log_det_and_inverse_match_autodiff():
@@ -40,7 +40,7 @@ def normal_mean(y):
 
 def test_fit_posterior_matches_the_conjugate_posterior_and_reports():
     y = jnp.linspace(-1.0, 3.0, 20)
-    guide, params, report = pf.fit_posterior(normal_mean, y, num_steps=300, progress=False, **SMALL)
+    guide, params, report = pf.fit_posterior(normal_mean, y, num_steps=300, progress=False, **SMALL, num_samples=2000)
     precision = 1 / 4 + len(y)
     mean, sd = float(y.sum()) / precision, precision**-0.5
     draws = guide.sample_posterior(jax.random.key(1), params, sample_shape=(4000,))["mu"]
@@ -53,7 +53,7 @@ def test_fit_posterior_matches_the_conjugate_posterior_and_reports():
 
 def test_fit_posterior_stops_on_a_plateau_within_max_steps():
     y = jnp.linspace(-1.0, 3.0, 20)
-    _, _, report = pf.fit_posterior(normal_mean, y, progress=False, window=20, max_steps=200, **SMALL)
+    _, _, report = pf.fit_posterior(normal_mean, y, progress=False, window=20, max_steps=200, **SMALL, num_samples=2000)
     assert report["stopped"] in ("plateau", "max_steps") and report["num_steps"] <= 200
 
 
@@ -63,7 +63,7 @@ def test_fit_posterior_warns_when_khat_says_the_guide_misses_mass():
 
     # a guide of sd 0.01 against a Cauchy posterior: the importance weights have no variance
     with pytest.warns(UserWarning, match="k-hat .* > 0.7"):
-        _, _, report = pf.fit_posterior(cauchy, num_steps=1, progress=False, init_scale=0.01, **SMALL)
+        _, _, report = pf.fit_posterior(cauchy, num_steps=1, progress=False, init_scale=0.01, **SMALL, num_samples=2000)
     assert report["khat"] > 0.7
 
 
