@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 BENCH_STAMP := $(VENV)/.bench-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 # Two workers: the suite is sized for a 2-core machine.
-PYTEST_ARGS ?= -q -n 2
+PYTEST_ARGS ?= -q -n 2 --durations=25
 
 .PHONY: install test demo bench docs clean
 

@@ -730,6 +730,27 @@ class FlowRegistry:
 
         return decorator
 
+    def unregister(self, name: str) -> None:
+        """Remove a builder that ``register`` added under ``name``.
+
+        Args:
+            name: a registered name that is not one of the built-in families (``SPECS``).
+
+        Raises:
+            ValueError: the name is not registered, or is a built-in family.
+
+        Example:
+            >>> registry = FlowRegistry("numpy")
+            >>> _ = registry.register("mine")(lambda dim, num_layers, hidden_dims: [])
+            >>> registry.unregister("mine"); registry.names()
+            []
+        """
+        if name in SPECS:
+            raise ValueError(f"{name!r} is a built-in family and cannot be unregistered")
+        if name not in self._builders:
+            raise ValueError(f"no flow named {name!r} is registered; registered: {self.names()}")
+        del self._builders[name]
+
     def resolve(
         self,
         name: str,

@@ -130,3 +130,32 @@ def two_sites_model(ppl):
             ppl.sample("y", dist.Normal(mu, sigma), obs=y)
 
     return two_sites
+
+
+def record_tail_choice(monkeypatch):
+    """Patch ``fit_posterior``'s choice of its final iterate to record the tail's iterates
+    and their k-hats, and to pick the worst (so that the choice differs from the last
+    iterate by more than chance). Returns the lists the fit fills: tails, k-hat lists."""
+    from pyroflows import recipe
+
+    tails, scores = [], []
+
+    class Recorded(recipe.TailIterates):
+        def __init__(self, schedule):
+            super().__init__(schedule)
+            tails.append(self)
+
+    monkeypatch.setattr(recipe, "TailIterates", Recorded)
+    monkeypatch.setattr(recipe, "best_iterate", lambda khats: scores.append(list(khats)) or int(np.argmax(khats)))
+    return tails, scores
+
+
+# the tail is the windows that start in the last min(10 * 2, 40 // 2) steps: those ending at 30 and 40
+TAIL_OPTIONS = dict(num_steps=40, window=10, patience=2, progress=False, num_samples=2000)
+
+
+def chosen_iterate(tails, scores):
+    """The iterate the patched choice picked, after checking the tail and the k-hats it saw."""
+    (tail,) = tails
+    assert len(tail.iterates) == 2 and len(scores) == 1 and all(k < 0.7 for k in scores[0])
+    return tail.iterates[int(np.argmax(scores[0]))]

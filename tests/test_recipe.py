@@ -6,7 +6,15 @@ import warnings
 import numpy as np
 import pytest
 
-from pyroflows.recipe import RECIPE, PlateauSchedule, Recipe, check_posterior_options, make_report
+from pyroflows.recipe import (
+    RECIPE,
+    PlateauSchedule,
+    Recipe,
+    TailIterates,
+    best_iterate,
+    check_posterior_options,
+    make_report,
+)
 
 
 def run(schedule, window_losses):
@@ -22,7 +30,7 @@ def run(schedule, window_losses):
 
 
 def test_a_fixed_number_of_steps_decays_the_rate_exponentially_to_lr_final():
-    recipe = Recipe(window=100)
+    recipe = Recipe(window=100, lr=2e-3, lr_final=1e-4)
     schedule = PlateauSchedule(recipe, num_steps=1000)
     rates = run(schedule, [np.zeros(100)] * 20)
     assert len(rates) == 10 and schedule.step == 1000 and schedule.reason == "num_steps"
@@ -56,6 +64,41 @@ def test_skipped_steps_do_not_count_as_losses():
     assert schedule.lr == RECIPE.lr and schedule.best == 1.0
 
 
+def tail_of_window_ends(schedule, window_losses):
+    """Run the schedule, handing it the step number as each window-end 'iterate'; the tail kept."""
+    tail = TailIterates(schedule)
+    for losses in window_losses:
+        n = schedule.next_window()
+        if not n:
+            break
+        schedule.update(losses[:n])
+        tail.add(schedule.step, n)
+    return tail.iterates
+
+
+def test_the_plateau_tail_is_the_windows_after_the_last_improvement_at_the_final_rate():
+    recipe = Recipe(window=10, patience=2, lr=1e-3, lr_final=5e-4, decay=0.5)
+    falling = [np.full(10, 100.0 - 10 * k) for k in range(3)]  # windows 1-3 improve
+    flat = [np.full(10, 85.0)] * 2  # windows 4-5: no improvement, the rate halves to 5e-4
+    lower = [np.full(10, 60.0), np.full(10, 50.0)]  # windows 6-7 improve at 5e-4
+    tail = [np.full(10, 50.0)] * 2  # windows 8-9: the plateau that stops the fit
+    schedule = PlateauSchedule(recipe, num_steps=None)
+    assert tail_of_window_ends(schedule, falling + flat + lower + tail + tail) == [70, 80, 90]
+    assert schedule.reason == "plateau" and schedule.step == 90
+
+
+def test_a_fixed_run_keeps_the_windows_that_start_in_its_last_window_times_patience_steps_or_half():
+    windows = [np.zeros(10)] * 20
+    assert tail_of_window_ends(PlateauSchedule(Recipe(window=10, patience=3), num_steps=100), windows) == [80, 90, 100]
+    assert tail_of_window_ends(PlateauSchedule(Recipe(window=10, patience=3), num_steps=25), windows) == [25]
+    assert tail_of_window_ends(PlateauSchedule(Recipe(window=10), num_steps=1), windows) == [1]
+
+
+def test_the_best_iterate_has_the_lowest_khat_and_nan_scores_worst():
+    assert best_iterate([0.5, 0.2, 0.9]) == 1
+    assert best_iterate([math.nan, 0.9]) == 1 and best_iterate([math.inf, math.nan, 3.0]) == 2
+
+
 @pytest.mark.parametrize(
     "options, match",
     [
@@ -64,6 +107,7 @@ def test_skipped_steps_do_not_count_as_losses():
         ({"decay": 1.5}, "decay=1.5 must lie strictly between 0 and 1"),
         ({"window": 0}, "eval_every=0"),
         ({"num_particles": True}, "num_particles=True"),
+        ({"select": "yes"}, "select='yes'"),
         ({"max_steps": float("inf")}, "num_steps=inf"),
         ({"learning_rate": 1e-3}, r"unknown option\(s\) \['learning_rate'\]"),
     ],

@@ -116,7 +116,12 @@ def test_register_flow_adds_a_user_builder(backend):
         with pytest.raises(ValueError, match="already registered"):
             backend.pf.register_flow(name)(builder)
     finally:
-        backend.pf.REGISTRY._builders.pop(name)
+        backend.pf.REGISTRY.unregister(name)
+    assert name not in backend.pf.available_flows()
+    with pytest.raises(ValueError, match="no flow named 'test-user-affine' is registered"):
+        backend.pf.REGISTRY.unregister(name)
+    with pytest.raises(ValueError, match="'iaf' is a built-in family and cannot be unregistered"):
+        backend.pf.REGISTRY.unregister("iaf")
 
 
 @pytest.mark.parametrize(

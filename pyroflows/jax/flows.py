@@ -41,6 +41,7 @@ def register_flow(name: str, *, replace: bool = False) -> Callable[[Callable], C
         ...     return ElementwiseAffine(dim)
         >>> build_flow("example_affine", 2).parts[0].dim
         2
+        >>> REGISTRY.unregister("example_affine")  # leave the registry as it was
     """
     return REGISTRY.register(name, replace=replace)
 

@@ -41,8 +41,10 @@ def fit_posterior(
     particles and Adam from ``lr=2e-3``, jitted in windows of 1000 steps (a ``lax.scan``).
     With ``num_steps=None`` the rate halves each time the ELBO stops improving (three
     windows in a row without beating the best window mean by two standard errors) and the
-    fit stops when it would fall below ``lr_final=1e-4``, or after ``max_steps=40000``; a
+    fit stops when it would fall below ``lr_final=5e-5``, or after ``max_steps=40000``; a
     number of steps decays the rate exponentially to ``lr_final`` over exactly that many.
+    The fit ends on the window-end iterate of the stationary tail with the lowest PSIS
+    k-hat (``select=True``; ``Recipe.select``), and the report scores it on fresh draws.
     Steps with a NaN or inf loss or gradient leave the parameters and Adam's state as
     they were; 20 in a row raise a ValueError that names the likely cause.
 
@@ -55,7 +57,8 @@ def fit_posterior(
         model_kwargs: the model's keyword arguments.
         rng_key: the key of SVI's draws (default ``jax.random.key(0)``).
         **options: the recipe's settings (``lr``, ``lr_final``, ``num_particles``, ``window``,
-            ``patience``, ``decay``, ``max_steps``, ``num_samples``; ``pyroflows.recipe.Recipe``)
+            ``patience``, ``decay``, ``max_steps``, ``num_samples``, ``select``;
+            ``pyroflows.recipe.Recipe``)
             and ``AutoFlow``'s keywords (``num_layers``, ``hidden_dims``, ``init_loc_fn``,
             ``init_scale``, ``stick_the_landing``, ``prefix``, ``key``, the flow's options).
 
@@ -63,7 +66,9 @@ def fit_posterior(
         ``(guide, params, report)``: the trained ``AutoFlow``, its parameters (as
         ``svi.get_params`` gives them) and a dict with ``elbo``, ``iwelbo``, ``khat``
         (PSIS; above 0.7 a ``UserWarning`` says what to try), ``ess``, ``ess_fraction``,
-        ``seconds``, ``num_steps``, ``lr_final``, ``stopped`` and ``start``.
+        ``seconds``, ``num_steps``, ``lr_final``, ``stopped``, ``start``,
+        ``skipped_steps`` and ``tail_khats`` (the k-hat of each candidate of ``select``; empty
+        when there was one, or with ``select=False``).
 
     Raises:
         ValueError: bad recipe options, a model with discrete latent sites, or 20
@@ -120,6 +125,7 @@ def fit_posterior(
     schedule = _recipe.PlateauSchedule(recipe, num_steps)
     guard = NonFiniteGuard("fit_posterior", recipe.lr, History())
     size = min(recipe.window, schedule.total)
+    tail = _recipe.TailIterates(schedule)
     with progress_bar(schedule.total, "fit_posterior", progress) as bar:
         while (length := schedule.next_window()) > 0:
             opt_state.hyperparams["learning_rate"] = jnp.asarray(schedule.lr, dtype=jnp.result_type(float))
@@ -133,12 +139,21 @@ def fit_posterior(
             for i in range(length):
                 guard.update(schedule.step + i + 1, bool(np.isfinite(losses[i])), bool(ok[i]))
             schedule.update(losses)
+            tail.add(params, length)
             bar.update(length)
             bar.set_postfix(
                 elbo=f"{-np.nanmean(np.where(np.isfinite(losses), losses, np.nan)):.4g}", lr=f"{schedule.lr:.2g}"
             )
+    khats = []
+    if recipe.select and len(tail.iterates) > 1:
+        rng_key, *keys = jax.random.split(rng_key, len(tail.iterates) + 1)
+        khats = [
+            float(evaluate(model, guide, p, *args, key=k, num_samples=recipe.num_samples, **kwargs)["khat"])
+            for p, k in zip(tail.iterates, keys)
+        ]
+        params = tail.iterates[_recipe.best_iterate(khats)]
     rng_key, eval_key = jax.random.split(rng_key)
     diagnostics = evaluate(model, guide, params, *args, key=eval_key, num_samples=recipe.num_samples, **kwargs)
     report = _recipe.make_report(diagnostics, time.perf_counter() - began, schedule, guide.start.message)
-    report["skipped_steps"] = guard.history.skipped_steps
+    report.update(skipped_steps=guard.history.skipped_steps, tail_khats=khats)
     return guide, params, report

@@ -53,6 +53,7 @@ def register_flow(name: str, *, replace: bool = False) -> Callable[[Callable], C
         ...     return ElementwiseAffine(dim)
         >>> type(build_flow("doc_affine", 2).parts[0]).__name__
         'ElementwiseAffine'
+        >>> REGISTRY.unregister("doc_affine")  # leave the registry as it was
     """
     return REGISTRY.register(name, replace=replace)
 

@@ -37,10 +37,12 @@ def fit_posterior(
     vectorised particles and Adam from ``lr=2e-3``. With ``num_steps=None`` the rate halves
     each time the ELBO stops improving (three windows of 1000 steps without beating the best
     window mean by two standard errors) and the fit stops when it would fall below
-    ``lr_final=1e-4``, or after ``max_steps=40000``; a number of steps decays the rate
-    exponentially to ``lr_final`` over exactly that many. Steps with a NaN or inf loss or
-    gradient are skipped (the weights stay as they were); 20 in a row raise a ValueError
-    that names the likely cause.
+    ``lr_final=5e-5``, or after ``max_steps=40000``; a number of steps decays the rate
+    exponentially to ``lr_final`` over exactly that many. The fit ends on the window-end
+    iterate of the stationary tail with the lowest PSIS k-hat (``select=True``;
+    ``Recipe.select``), and the report scores it on fresh draws. Steps with a NaN or inf
+    loss or gradient are skipped (the weights stay as they were); 20 in a row raise a
+    ValueError that names the likely cause.
 
     The guide's parameters live in Pyro's param store, as after ``SVI``; an earlier
     guide's parameters under the same name (``AutoFlow.*``) are replaced.
@@ -54,14 +56,17 @@ def fit_posterior(
         model_kwargs: the model's keyword arguments.
         seed: seeds Pyro's global RNG first (``pyro.set_rng_seed``); None leaves it.
         **options: the recipe's settings (``lr``, ``lr_final``, ``num_particles``, ``window``,
-            ``patience``, ``decay``, ``max_steps``, ``num_samples``; ``pyroflows.recipe.Recipe``)
+            ``patience``, ``decay``, ``max_steps``, ``num_samples``, ``select``;
+            ``pyroflows.recipe.Recipe``)
             and ``AutoFlow``'s keywords (``num_layers``, ``hidden_dims``, ``init_loc_fn``,
             ``init_scale``, ``stick_the_landing``, the flow's options).
 
     Returns:
         ``(guide, report)``: the trained ``AutoFlow`` and a dict with ``elbo``, ``iwelbo``,
         ``khat`` (PSIS; above 0.7 a ``UserWarning`` says what to try), ``ess``,
-        ``ess_fraction``, ``seconds``, ``num_steps``, ``lr_final``, ``stopped`` and ``start``.
+        ``ess_fraction``, ``seconds``, ``num_steps``, ``lr_final``, ``stopped``, ``start``,
+        ``skipped_steps`` and ``tail_khats`` (the k-hat of each candidate of ``select``; empty
+        when there was one, or with ``select=False``).
 
     Raises:
         ValueError: an unknown option, bad settings, or 20 consecutive non-finite steps.
@@ -94,6 +99,7 @@ def fit_posterior(
     schedule = _recipe.PlateauSchedule(recipe, num_steps)
     guard = NonFiniteGuard("fit_posterior", recipe.lr, History())
     loss_fn = _first_loss_fn(elbo, model, guide, args, kwargs, recipe)
+    tail = _recipe.TailIterates(schedule)
     with progress_bar(schedule.total, "fit_posterior", progress) as bar:
         while (length := schedule.next_window()) > 0:
             for group in optimizer.param_groups:
@@ -111,15 +117,27 @@ def fit_posterior(
                     optimizer.step()
                 losses.append(value)
             schedule.update(losses)
+            tail.add([p.detach().clone() for p in params], length)
             bar.update(length)
             bar.set_postfix(
                 elbo=f"{-sum(v for v in losses if math.isfinite(v)) / max(len(losses), 1):.4g}", lr=f"{schedule.lr:.2g}"
             )
+    khats = []
     with torch.no_grad():
+        if recipe.select and len(tail.iterates) > 1:
+            for iterate in tail.iterates:
+                _assign(params, iterate)
+                khats.append(float(evaluate(model, guide, *args, num_samples=recipe.num_samples, **kwargs)["khat"]))
+            _assign(params, tail.iterates[_recipe.best_iterate(khats)])
         diagnostics = evaluate(model, guide, *args, num_samples=recipe.num_samples, **kwargs)
     report = _recipe.make_report(diagnostics, time.perf_counter() - began, schedule, guide.start.message)
-    report["skipped_steps"] = guard.history.skipped_steps
+    report.update(skipped_steps=guard.history.skipped_steps, tail_khats=khats)
     return guide, report
+
+
+def _assign(params: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    for p, v in zip(params, values):
+        p.copy_(v)
 
 
 def _first_loss_fn(elbo, model, guide, args, kwargs, recipe):

@@ -13,7 +13,7 @@ from numpyro.infer import SVI, Trace_ELBO, init_to_value
 
 import pyroflows.jax as pf
 from pyroflows.jax.transforms import LogTails
-from tests.backend_checks import two_sites_model
+from tests.backend_checks import TAIL_OPTIONS, chosen_iterate, record_tail_choice, two_sites_model
 
 SMALL = dict(num_layers=2, hidden_dims=(8,))  # fit_posterior calls also shorten the report to 2000 draws
 
@@ -55,6 +55,13 @@ def test_fit_posterior_stops_on_a_plateau_within_max_steps():
     y = jnp.linspace(-1.0, 3.0, 20)
     _, _, report = pf.fit_posterior(normal_mean, y, progress=False, window=20, max_steps=200, **SMALL, num_samples=2000)
     assert report["stopped"] in ("plateau", "max_steps") and report["num_steps"] <= 200
+
+
+def test_fit_posterior_ends_on_the_tail_iterate_with_the_lowest_khat(monkeypatch):
+    tails, scores = record_tail_choice(monkeypatch)
+    _, params, report = pf.fit_posterior(normal_mean, jnp.linspace(-1.0, 3.0, 20), **TAIL_OPTIONS, **SMALL)
+    jax.tree.map(np.testing.assert_array_equal, params, chosen_iterate(tails, scores))
+    assert report["tail_khats"] == scores[0]
 
 
 def test_fit_posterior_warns_when_khat_says_the_guide_misses_mass():

@@ -12,7 +12,7 @@ from pyro.infer.autoguide.initialization import init_to_value
 
 import pyroflows.torch as pf
 from pyroflows.torch.transforms import LogTails
-from tests.backend_checks import two_sites_model
+from tests.backend_checks import TAIL_OPTIONS, chosen_iterate, record_tail_choice, two_sites_model
 
 SMALL = dict(num_layers=2, hidden_dims=(8,))  # fit_posterior calls also shorten the report to 2000 draws
 
@@ -63,6 +63,14 @@ def test_fit_posterior_stops_on_a_plateau_within_max_steps():
         normal_mean, y, progress=False, seed=0, window=20, max_steps=200, **SMALL, num_samples=2000
     )
     assert report["stopped"] in ("plateau", "max_steps") and report["num_steps"] <= 200
+
+
+def test_fit_posterior_ends_on_the_tail_iterate_with_the_lowest_khat(monkeypatch):
+    tails, scores = record_tail_choice(monkeypatch)
+    guide, report = pf.fit_posterior(normal_mean, torch.linspace(-1.0, 3.0, 20), seed=0, **TAIL_OPTIONS, **SMALL)
+    assert report["tail_khats"] == scores[0]
+    for p, value in zip([p for p in guide.parameters() if p.requires_grad], chosen_iterate(tails, scores)):
+        torch.testing.assert_close(p.detach(), value, rtol=0, atol=0)
 
 
 def test_fit_posterior_warns_when_khat_says_the_guide_misses_mass():
